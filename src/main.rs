@@ -1,1 +1,334 @@
-fn main() {}
+//! `coevo`: big/small model co-evolution over MQTT. Thin CLI over the workspace crates.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use coevo::provision::{read_key, read_public, write_key_pair};
+use coevo_coordinator::{Coordinator, CoordinatorConfig, FleetRegistry, RoundEvent};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "coevo",
+    version,
+    about = "Federated co-evolution of a teacher and edge students over MQTT",
+    long_about = "coevo runs federated rounds over MQTT: the coordinator publishes a signed \
+                  student model, edge clients fine-tune it on local data and upload signed \
+                  deltas, the coordinator verifies, merges and reports.\n\n\
+                  Quick start: `coevo demo` runs a broker, a coordinator and 10 edge clients \
+                  on this machine."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the embedded MQTT broker (rumqttd) with password auth.
+    Broker {
+        /// Broker config (see broker/broker.sample.toml).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run the coordinator: rounds of publish, collect, verify, aggregate, report.
+    Coordinator {
+        /// Coordinator config (see coordinator/coordinator.sample.toml).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run an edge agent on this device.
+    Edge(coevo_edge::cli::EdgeArgs),
+    /// Manage Ed25519 signing keys.
+    #[command(subcommand)]
+    Keys(KeysCmd),
+    /// Manage the fleet registry and broker credentials.
+    #[command(subcommand)]
+    Fleet(FleetCmd),
+    /// Print the round reports of a run as a table.
+    Report {
+        /// A coordinator output directory (or its reports/ folder).
+        dir: PathBuf,
+        /// Print the reports as JSON lines instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run broker, coordinator and N edge clients on this machine (real MQTT over 127.0.0.1).
+    Demo(coevo::demo::DemoOptions),
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// Generate a key pair: OUT (PKCS#8, 0600) and OUT with extension .pub (hex public key).
+    Gen {
+        /// Private key path, e.g. keys/cam-001.pk8.
+        out: PathBuf,
+        /// Overwrite an existing key.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the public key of a private key file.
+    Show { key: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum FleetCmd {
+    /// Register a client: its public key in the registry, its broker password in the
+    /// credential file (hashed). Prints the generated password unless --password is given.
+    Add {
+        id: String,
+        /// Public key: hex, or a .pub file from `coevo keys gen`.
+        #[arg(long)]
+        key: String,
+        #[arg(long, default_value = "fleet.toml")]
+        registry: PathBuf,
+        #[arg(long, default_value = "credentials.toml")]
+        credentials: PathBuf,
+        /// Broker password to set (default: generate one and print it).
+        #[arg(long, env = "COEVO_NEW_PASSWORD")]
+        password: Option<String>,
+    },
+    /// Remove a client from the registry and the credential file (effective next round).
+    Remove {
+        id: String,
+        #[arg(long, default_value = "fleet.toml")]
+        registry: PathBuf,
+        #[arg(long, default_value = "credentials.toml")]
+        credentials: PathBuf,
+    },
+    /// List registered clients.
+    List {
+        #[arg(long, default_value = "fleet.toml")]
+        registry: PathBuf,
+    },
+    /// Give a non-client (e.g. the coordinator) a broker password.
+    Password {
+        id: String,
+        #[arg(long, default_value = "credentials.toml")]
+        credentials: PathBuf,
+        #[arg(long, env = "COEVO_NEW_PASSWORD")]
+        password: Option<String>,
+    },
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| default.into());
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    match cli.command {
+        Command::Broker { config } => {
+            init_tracing("info,rumqttd=warn");
+            let cfg = coevo_broker::BrokerConfig::from_toml_file(&config)?;
+            let handle = coevo_broker::start(cfg)?;
+            println!("coevo broker listening on {}", handle.addr);
+            rt.block_on(tokio::signal::ctrl_c())?;
+            Ok(())
+        }
+        Command::Coordinator { config } => {
+            init_tracing("info,rumqttc=warn");
+            let cfg = CoordinatorConfig::load(&config)?;
+            let key = read_key(&cfg.key)?;
+            let split = coevo_models::data::load_dir(&cfg.data.path)
+                .with_context(|| format!("loading {}", cfg.data.path.display()))?;
+            let mut test = split.test;
+            if cfg.data.test_limit > 0 && cfg.data.test_limit < test.len() {
+                let idx: Vec<usize> = (0..cfg.data.test_limit).collect();
+                test = test.subset(&idx);
+            }
+            let out = cfg.out.clone();
+            let coordinator = Coordinator::new(cfg, key, test)?;
+            let reports = rt.block_on(coordinator.run(async {
+                let _ = tokio::signal::ctrl_c().await;
+            }))?;
+            print!("{}", coevo::table::render(&reports));
+            println!("reports in {}", out.join("reports").display());
+            Ok(())
+        }
+        Command::Edge(args) => {
+            init_tracing("info,rumqttc=warn");
+            rt.block_on(coevo_edge::cli::run(&args))?;
+            Ok(())
+        }
+        Command::Keys(cmd) => keys(cmd),
+        Command::Fleet(cmd) => fleet(cmd),
+        Command::Report { dir, json } => {
+            let reports = coevo_coordinator::report::load_reports(&dir)?;
+            if reports.is_empty() {
+                bail!("no round-NNNN.json reports under {}", dir.display());
+            }
+            if json {
+                for r in &reports {
+                    println!("{}", serde_json::to_string(r)?);
+                }
+            } else {
+                print!("{}", coevo::table::render(&reports));
+            }
+            Ok(())
+        }
+        Command::Demo(opts) => {
+            init_tracing("warn");
+            demo(&rt, &opts)
+        }
+    }
+}
+
+fn keys(cmd: KeysCmd) -> Result<()> {
+    match cmd {
+        KeysCmd::Gen { out, force } => {
+            if out.exists() && !force {
+                bail!("{} exists; pass --force to overwrite", out.display());
+            }
+            let key = write_key_pair(&out)?;
+            println!("{}", key.public_key());
+            eprintln!(
+                "wrote {} and {}",
+                out.display(),
+                out.with_extension("pub").display()
+            );
+        }
+        KeysCmd::Show { key } => println!("{}", read_key(&key)?.public_key()),
+    }
+    Ok(())
+}
+
+fn load_credentials(path: &std::path::Path) -> Result<coevo_broker::Credentials> {
+    if path.exists() {
+        Ok(coevo_broker::Credentials::load(path)?)
+    } else {
+        Ok(coevo_broker::Credentials::default())
+    }
+}
+
+fn fleet(cmd: FleetCmd) -> Result<()> {
+    let load_registry = |p: &std::path::Path| -> Result<FleetRegistry> {
+        if p.exists() {
+            Ok(FleetRegistry::load(p)?)
+        } else {
+            Ok(FleetRegistry::default())
+        }
+    };
+    match cmd {
+        FleetCmd::Add {
+            id,
+            key,
+            registry,
+            credentials,
+            password,
+        } => {
+            let pk = read_public(&key)?;
+            let mut reg = load_registry(&registry)?;
+            reg.add(&id, &pk)?;
+            let mut creds = load_credentials(&credentials)?;
+            let generated = password.is_none();
+            let pw = password.unwrap_or_else(coevo_broker::generate_password);
+            creds.set_password(&id, &pw)?;
+            reg.save(&registry)?;
+            creds.save(&credentials)?;
+            eprintln!("added {id} to {} and {}", registry.display(), credentials.display());
+            if generated {
+                println!("{pw}");
+            }
+        }
+        FleetCmd::Remove {
+            id,
+            registry,
+            credentials,
+        } => {
+            let mut reg = load_registry(&registry)?;
+            let mut creds = load_credentials(&credentials)?;
+            let removed = reg.remove(&id) | creds.remove(&id);
+            if !removed {
+                bail!("{id} is not registered");
+            }
+            reg.save(&registry)?;
+            creds.save(&credentials)?;
+            eprintln!("removed {id}; it is refused from the next round on");
+        }
+        FleetCmd::List { registry } => {
+            let reg = load_registry(&registry)?;
+            for (id, e) in &reg.clients {
+                println!("{id}\t{}", e.public_key);
+            }
+            eprintln!("{} clients", reg.len());
+        }
+        FleetCmd::Password {
+            id,
+            credentials,
+            password,
+        } => {
+            let mut creds = load_credentials(&credentials)?;
+            let generated = password.is_none();
+            let pw = password.unwrap_or_else(coevo_broker::generate_password);
+            creds.set_password(&id, &pw)?;
+            creds.save(&credentials)?;
+            if generated {
+                println!("{pw}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn demo(rt: &tokio::runtime::Runtime, opts: &coevo::demo::DemoOptions) -> Result<()> {
+    println!(
+        "coevo demo: {} clients, {} rounds, split {}, data {}",
+        opts.clients,
+        opts.rounds,
+        opts.split,
+        opts.data.display()
+    );
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("  round {msg} [{bar:30}] {pos}/{len} deltas  {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let rounds = opts.rounds;
+    let reports = rt.block_on(coevo::demo::run(opts, |ev| match ev {
+        RoundEvent::Started {
+            round, registered, ..
+        } => {
+            bar.reset();
+            bar.set_length(*registered as u64);
+            bar.set_position(0);
+            bar.set_message(format!("{round}/{rounds}"));
+        }
+        RoundEvent::Accepted { accepted, .. } => bar.set_position(*accepted as u64),
+        RoundEvent::Rejected { client, reason, .. } => {
+            bar.println(format!("  rejected {client}: {reason}"))
+        }
+        RoundEvent::Finished(r) => {
+            bar.println(format!(
+                "round {:>3}/{rounds}  accepted {:>3}/{:<3} rejected {:>2}  student acc {:.4}  teacher acc {}  up {:>8} B  down {:>8} B  {:.1}s",
+                r.round,
+                r.accepted,
+                r.registered,
+                r.rejected.len(),
+                r.student.test_accuracy.unwrap_or(f64::NAN),
+                r.teacher
+                    .test_accuracy
+                    .map_or_else(|| "-".to_string(), |a| format!("{a:.4}")),
+                r.bytes_up,
+                r.bytes_down,
+                r.duration_ms as f64 / 1000.0
+            ));
+        }
+    }))?;
+    bar.finish_and_clear();
+    if let Some(last) = reports.last() {
+        println!(
+            "done: round {} student test accuracy {:.4}; reports in {}",
+            last.round,
+            last.student.test_accuracy.unwrap_or(f64::NAN),
+            opts.out.join("reports").display()
+        );
+    }
+    Ok(())
+}

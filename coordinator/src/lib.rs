@@ -1,1 +1,42 @@
-//! placeholder
+//! The coevo coordinator: runs rounds (publish model and signed manifest, collect and verify
+//! deltas, aggregate, evaluate, report, checkpoint) over MQTT.
+//!
+//! # Layout
+//! - [`config`]: the TOML configuration.
+//! - [`registry`]: the fleet registry (client ids and their public keys).
+//! - [`verify`]: pure checks of a delta upload, each failure a [`coevo_protocol::RejectReason`].
+//! - [`strategy`]: aggregation rules as pure functions.
+//! - [`store`]: durable state (accepted deltas written before they are acknowledged).
+//! - [`report`]: the round report, a stable JSON interface for analysts.
+//! - [`server`]: the round loop, the only part doing I/O.
+
+pub mod config;
+pub mod registry;
+pub mod report;
+pub mod server;
+pub mod store;
+pub mod strategy;
+pub mod verify;
+
+pub use config::CoordinatorConfig;
+pub use registry::FleetRegistry;
+pub use report::RoundReport;
+pub use server::{Coordinator, RoundEvent};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("I/O: {0}")]
+    Io(String),
+    #[error("broker: {0}")]
+    Broker(String),
+    #[error("model: {0}")]
+    Model(#[from] coevo_models::ModelError),
+    #[error("aggregation: {0}")]
+    Strategy(#[from] strategy::StrategyError),
+    #[error("MQTT: {0}")]
+    Mqtt(#[from] coevo_mqtt::MqttError),
+    #[error("key: {0}")]
+    Key(#[from] coevo_protocol::CryptoError),
+}

@@ -1,1 +1,31 @@
-//! placeholder
+//! The coevo edge client: the agent a camera runs. It verifies the coordinator's signed round
+//! manifest, fetches and checks the model, fine-tunes it on local data with libtorch, and
+//! publishes a signed delta (trained − as-received weights), retrying until it gets a receipt.
+//!
+//! # Layout
+//! - [`config`]: the device's TOML configuration (`coevo edge --config edge.toml`).
+//! - [`agent`]: the MQTT round loop.
+//! - [`cli`]: the command line shared by `coevo edge` and the lean `coevo-edge` binary.
+
+pub mod agent;
+pub mod cli;
+pub mod config;
+
+pub use agent::{Agent, AgentOptions, AgentSummary};
+pub use config::EdgeConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("broker: {0}")]
+    Broker(String),
+    #[error("model: {0}")]
+    Model(#[from] coevo_models::ModelError),
+    #[error("MQTT: {0}")]
+    Mqtt(#[from] coevo_mqtt::MqttError),
+    #[error("key: {0}")]
+    Key(#[from] coevo_protocol::CryptoError),
+    #[error("training task: {0}")]
+    Task(String),
+}

@@ -1,1 +1,30 @@
-//! placeholder
+//! Models for coevo: datasets, client partitions, the student network, training/evaluation and a
+//! pure-Rust state dict with its wire codecs.
+//!
+//! This crate is the only place (besides the binaries' wiring) that talks to libtorch via `tch`;
+//! everything that crosses the network is first turned into a [`Weights`] value so aggregation
+//! code in the coordinator can stay plain Rust.
+//!
+//! # Layout
+//!
+//! - [`error`]: [`ModelError`], the single error type.
+//! - [`data`]: [`Dataset`] / [`DataSplit`] loading from IDX directories or image folders, plus a
+//!   tiny synthetic dataset for unit tests.
+//! - [`partition`]: [`partition::PartitionSpec`] and the natural / IID / Dirichlet / shards
+//!   partitioners that split a training set across clients.
+//! - [`net`]: the [`Student`] CNN, built from a [`DataShape`].
+//! - [`train`]: SGD (optionally FedProx) training and evaluation loops.
+//! - [`weights`]: [`Weights`] (named `f32` tensors), arithmetic used by aggregation, and the
+//!   bounded [`WeightCodec`] encoders/decoders.
+
+pub mod data;
+pub mod error;
+pub mod net;
+pub mod partition;
+pub mod train;
+pub mod weights;
+
+pub use data::{DataShape, DataSplit, Dataset};
+pub use error::ModelError;
+pub use net::Student;
+pub use weights::{ParamTensor, WeightCodec, Weights};

@@ -1,0 +1,208 @@
+//! Coordinator configuration (TOML). Every field has a default that works for `coevo demo`;
+//! `coordinator.sample.toml` documents them for operators.
+
+use crate::CoordinatorError;
+use coevo_protocol::WeightCodec;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// Fleet name: the topic namespace `coevo/v1/{fleet}/`.
+    pub fleet: String,
+    /// MQTT client id, also the signer id clients pin. Fixed, so the broker keeps our session.
+    pub client_id: String,
+    /// PKCS#8 Ed25519 private key (`coevo keys gen`).
+    pub key: PathBuf,
+    /// Fleet registry (`coevo fleet add`), re-read every round.
+    pub registry: PathBuf,
+    /// Output directory: reports, checkpoints, accepted deltas, state.
+    pub out: PathBuf,
+    /// Rounds to run (the coordinator resumes after the last completed one).
+    pub rounds: u64,
+    /// Seed for the initial student.
+    pub seed: u64,
+    pub broker: BrokerEndpoint,
+    pub data: DataConfig,
+    pub round: RoundPolicy,
+    pub task: TaskConfig,
+    pub transfer: TransferConfig,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        CoordinatorConfig {
+            fleet: "city".into(),
+            client_id: "coordinator".into(),
+            key: "keys/coordinator.pk8".into(),
+            registry: "fleet.toml".into(),
+            out: "out".into(),
+            rounds: 5,
+            seed: 1,
+            broker: BrokerEndpoint::default(),
+            data: DataConfig::default(),
+            round: RoundPolicy::default(),
+            task: TaskConfig::default(),
+            transfer: TransferConfig::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerEndpoint {
+    pub host: String,
+    pub port: u16,
+    /// Broker password for our client id (or set COEVO_BROKER_PASSWORD).
+    pub password: Option<String>,
+    /// Give up if the broker cannot be reached for this long at start-up (seconds).
+    pub connect_timeout_s: u64,
+}
+
+impl Default for BrokerEndpoint {
+    fn default() -> Self {
+        BrokerEndpoint {
+            host: "127.0.0.1".into(),
+            port: 1883,
+            password: None,
+            connect_timeout_s: 30,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// Dataset directory (IDX or image folder); its test split evaluates the global model.
+    pub path: PathBuf,
+    /// Evaluate on at most this many test samples (0 = all).
+    pub test_limit: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            path: "/usr/share/datasets/fashion-mnist".into(),
+            test_limit: 0,
+        }
+    }
+}
+
+/// What to do when the deadline passes below quorum.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BelowQuorum {
+    /// Extend the deadline (up to `max_extensions` times), then skip.
+    Extend,
+    /// Skip the round at once: the global model stays as it was.
+    Skip,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoundPolicy {
+    /// Minimum accepted deltas to aggregate.
+    pub quorum: u32,
+    /// Round deadline, seconds after the manifest is published. The round closes earlier once
+    /// every registered client has been accepted.
+    pub timeout_s: u64,
+    pub below_quorum: BelowQuorum,
+    pub max_extensions: u32,
+}
+
+impl Default for RoundPolicy {
+    fn default() -> Self {
+        RoundPolicy {
+            quorum: 1,
+            timeout_s: 300,
+            below_quorum: BelowQuorum::Extend,
+            max_extensions: 1,
+        }
+    }
+}
+
+/// Local training clients are asked to do (sent in the signed manifest).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TaskConfig {
+    pub epochs: u32,
+    pub batch_size: u32,
+    pub lr: f64,
+    pub momentum: f64,
+    pub prox_mu: f64,
+}
+
+impl Default for TaskConfig {
+    fn default() -> Self {
+        TaskConfig {
+            epochs: 1,
+            batch_size: 32,
+            lr: 0.05,
+            momentum: 0.9,
+            prox_mu: 0.0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TransferConfig {
+    /// Chunk size for model and delta payloads, bytes.
+    pub chunk_size: u32,
+    pub downlink_codec: WeightCodec,
+    pub uplink_codec: WeightCodec,
+    /// Largest delta payload accepted, bytes.
+    pub max_delta_bytes: u64,
+}
+
+impl Default for TransferConfig {
+    fn default() -> Self {
+        TransferConfig {
+            chunk_size: coevo_protocol::DEFAULT_CHUNK_SIZE as u32,
+            downlink_codec: WeightCodec::F32Zstd,
+            uplink_codec: WeightCodec::F32Zstd,
+            max_delta_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl CoordinatorConfig {
+    /// Loads a TOML file; relative paths inside it are taken relative to the file's folder.
+    pub fn load(path: &Path) -> Result<Self, CoordinatorError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| CoordinatorError::Config(format!("{}: {e}", path.display())))?;
+        let mut cfg: CoordinatorConfig = toml::from_str(&text)
+            .map_err(|e| CoordinatorError::Config(format!("{}: {e}", path.display())))?;
+        if let Some(base) = path.parent() {
+            for p in [&mut cfg.key, &mut cfg.registry, &mut cfg.out, &mut cfg.data.path] {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), CoordinatorError> {
+        let bad = |m: String| Err(CoordinatorError::Config(m));
+        coevo_protocol::topic::validate_id(&self.fleet)
+            .map_err(|e| CoordinatorError::Config(format!("fleet: {e}")))?;
+        coevo_protocol::topic::validate_id(&self.client_id)
+            .map_err(|e| CoordinatorError::Config(format!("client_id: {e}")))?;
+        if self.transfer.chunk_size < 1024 {
+            return bad("transfer.chunk_size must be at least 1024 bytes".into());
+        }
+        if self.task.epochs == 0 || self.task.batch_size == 0 {
+            return bad("task.epochs and task.batch_size must be positive".into());
+        }
+        if !(self.task.lr.is_finite() && self.task.lr > 0.0) {
+            return bad(format!("task.lr must be a positive number, got {}", self.task.lr));
+        }
+        if self.round.timeout_s == 0 {
+            return bad("round.timeout_s must be positive".into());
+        }
+        Ok(())
+    }
+}

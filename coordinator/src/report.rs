@@ -1,0 +1,103 @@
+//! Round reports: what analysts read. Field names are a stable interface (scripts parse them).
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Rejection {
+    pub client: String,
+    /// Stable code (`bad-signature`, `wrong-round`, …) followed by detail.
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ModelReport {
+    /// `null` when there is no such model (e.g. no teacher in `fedavg` mode).
+    pub test_accuracy: Option<f64>,
+    pub test_loss: Option<f64>,
+    pub per_class_accuracy: Vec<f64>,
+    pub params: Option<usize>,
+}
+
+impl ModelReport {
+    pub fn absent() -> Self {
+        ModelReport {
+            test_accuracy: None,
+            test_loss: None,
+            per_class_accuracy: Vec::new(),
+            params: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ClientReport {
+    pub client: String,
+    pub samples: u64,
+    pub local_loss: f64,
+    pub local_accuracy: f64,
+    pub train_ms: u64,
+    pub bytes_up: u64,
+    pub delta_norm: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RoundReport {
+    pub round: u64,
+    pub fleet: String,
+    pub mode: String,
+    pub strategy: String,
+    /// `completed`, or `skipped` when quorum was not met.
+    pub outcome: String,
+    pub accepted: usize,
+    pub quorum: u32,
+    pub registered: usize,
+    pub rejected: Vec<Rejection>,
+    /// Deadline extensions used (below-quorum policy).
+    pub extensions: u32,
+    pub model_digest: String,
+    pub uplink_codec: String,
+    pub downlink_codec: String,
+    /// Model bytes published once (retained) for the round.
+    pub bytes_down: u64,
+    /// Accepted delta payload bytes.
+    pub bytes_up: u64,
+    pub duration_ms: u64,
+    pub phase_ms: PhaseTimings,
+    pub student: ModelReport,
+    pub teacher: ModelReport,
+    pub clients: Vec<ClientReport>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct PhaseTimings {
+    pub publish: u64,
+    pub collect: u64,
+    pub aggregate: u64,
+    pub evaluate: u64,
+}
+
+/// Reads every `round-NNNN.json` under `dir/reports` (or `dir` itself), sorted by round.
+pub fn load_reports(dir: &std::path::Path) -> Result<Vec<RoundReport>, crate::CoordinatorError> {
+    let reports_dir = if dir.join("reports").is_dir() {
+        dir.join("reports")
+    } else {
+        dir.to_path_buf()
+    };
+    let entries = std::fs::read_dir(&reports_dir)
+        .map_err(|e| crate::CoordinatorError::Io(format!("{}: {e}", reports_dir.display())))?;
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let p = e.path();
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if !(name.starts_with("round-") && name.ends_with(".json")) {
+            continue;
+        }
+        let bytes = std::fs::read(&p)
+            .map_err(|e| crate::CoordinatorError::Io(format!("{}: {e}", p.display())))?;
+        let r: RoundReport = serde_json::from_slice(&bytes)
+            .map_err(|e| crate::CoordinatorError::Io(format!("{}: {e}", p.display())))?;
+        out.push(r);
+    }
+    out.sort_by_key(|r| r.round);
+    Ok(out)
+}

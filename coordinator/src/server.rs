@@ -1,0 +1,691 @@
+//! The round loop: the only part of the coordinator that does I/O (MQTT, disk, the clock).
+
+use crate::config::{BelowQuorum, CoordinatorConfig};
+use crate::registry::FleetRegistry;
+use crate::report::{ClientReport, ModelReport, PhaseTimings, Rejection, RoundReport};
+use crate::store::{write_atomic, State, Store};
+use crate::strategy::{FedAvg, Strategy, Update};
+use crate::verify::{model_codec, verify_signer, verify_upload, RoundContext};
+use crate::CoordinatorError;
+use coevo_models::{train::evaluate, Dataset, Student, Weights};
+use coevo_mqtt::{Incoming, Publish, Session, Settings};
+use coevo_protocol::chunk::{split, Reassembler};
+use coevo_protocol::envelope::{self, Kind};
+use coevo_protocol::{
+    digest, DeltaChunk, DeltaHeader, Digest, ModelArch, ModelChunk, ModelRef, Receipt,
+    ReceiptOutcome, RejectReason, RoundManifest, Signed, SigningKey, Topic, TrainTask,
+};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+
+/// Architecture name clients must build for the weights in a manifest.
+pub const STUDENT_ARCH: &str = "student-cnn-v1";
+
+/// Progress notifications, for the demo's display and for tests that wait on events.
+#[derive(Clone, Debug)]
+pub enum RoundEvent {
+    Started {
+        round: u64,
+        registered: usize,
+        model_bytes: u64,
+    },
+    Accepted {
+        round: u64,
+        client: String,
+        accepted: usize,
+    },
+    Rejected {
+        round: u64,
+        client: String,
+        reason: String,
+    },
+    Finished(Box<RoundReport>),
+}
+
+/// The student net used to evaluate global weights; behind a mutex so evaluation can run on a
+/// blocking thread without holding up MQTT.
+struct Evaluator {
+    vs: tch::nn::VarStore,
+    net: Student,
+    test: Dataset,
+}
+
+// SAFETY-free note: tch tensors are Send; the mutex serialises all access.
+type SharedEvaluator = Arc<Mutex<Evaluator>>;
+
+struct Accepted {
+    header: DeltaHeader,
+    delta: Weights,
+    bytes: u64,
+}
+
+/// Per-round bookkeeping.
+#[derive(Default)]
+struct RoundBook {
+    accepted: BTreeMap<String, Accepted>,
+    rejected: Vec<Rejection>,
+    seen_rejections: HashSet<(String, String)>,
+}
+
+pub struct Coordinator {
+    cfg: CoordinatorConfig,
+    key: SigningKey,
+    test: Option<Dataset>,
+    events: Option<mpsc::UnboundedSender<RoundEvent>>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Coordinator {
+    /// `test` evaluates the global model every round and defines the model's input shape.
+    pub fn new(
+        cfg: CoordinatorConfig,
+        key: SigningKey,
+        test: Dataset,
+    ) -> Result<Self, CoordinatorError> {
+        cfg.validate()?;
+        Ok(Coordinator {
+            cfg,
+            key,
+            test: Some(test),
+            events: None,
+        })
+    }
+
+    /// Sends [`RoundEvent`]s to `tx` as the rounds progress.
+    pub fn with_events(mut self, tx: mpsc::UnboundedSender<RoundEvent>) -> Self {
+        self.events = Some(tx);
+        self
+    }
+
+    fn emit(&self, ev: RoundEvent) {
+        if let Some(tx) = &self.events {
+            let _ = tx.send(ev);
+        }
+    }
+
+    /// Runs rounds until `cfg.rounds` are complete or `shutdown` resolves. Resumes after the
+    /// last completed round found in `cfg.out`. Returns the reports of all rounds on disk.
+    pub async fn run(
+        mut self,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<Vec<RoundReport>, CoordinatorError> {
+        let out = self.cfg.out.clone();
+        tokio::select! {
+            r = self.run_rounds() => r?,
+            _ = shutdown => tracing::info!("coordinator shutting down"),
+        }
+        crate::report::load_reports(&out)
+    }
+
+    async fn run_rounds(&mut self) -> Result<(), CoordinatorError> {
+        let cfg = self.cfg.clone();
+        let store = Store::new(&cfg.out);
+        let state = store.load_state()?;
+        let test = self
+            .test
+            .take()
+            .ok_or_else(|| CoordinatorError::Config("coordinator already ran".into()))?;
+        let shape = test.shape;
+        tch::manual_seed(cfg.seed as i64);
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        let net = Student::new(&vs.root(), &shape);
+        let mut global = Weights::from_var_store(&vs);
+        let f32_cap = global.num_params() * 4 + 64 * 1024;
+        if state.completed_round > 0 {
+            let path = store.checkpoint_path(state.completed_round);
+            let bytes = std::fs::read(&path)
+                .map_err(|e| CoordinatorError::Io(format!("{}: {e}", path.display())))?;
+            global = Weights::decode(&bytes, coevo_models::WeightCodec::F32, f32_cap)?;
+            tracing::info!(round = state.completed_round, "resuming from checkpoint");
+        }
+        let evaluator: SharedEvaluator = Arc::new(Mutex::new(Evaluator { vs, net, test }));
+        let arch = ModelArch {
+            name: STUDENT_ARCH.into(),
+            channels: shape.channels as u32,
+            height: shape.height as u32,
+            width: shape.width as u32,
+            classes: shape.classes as u32,
+        };
+
+        let mut settings = Settings::new(&cfg.broker.host, cfg.broker.port, &cfg.client_id);
+        settings.password = cfg
+            .broker
+            .password
+            .clone()
+            .or_else(|| std::env::var("COEVO_BROKER_PASSWORD").ok());
+        settings.clean_session = false;
+        settings.max_packet_bytes = cfg.transfer.chunk_size as usize + 64 * 1024;
+        let mut session = Session::start(&settings, vec![Topic::all_deltas_filter(&cfg.fleet)]);
+        wait_connected(&mut session, &cfg).await?;
+
+        let mut previous_model: Option<(Digest, u32)> = None;
+        for round in state.completed_round + 1..=cfg.rounds {
+            let registry = FleetRegistry::load(&cfg.registry)?;
+            let ctx = RoundInputs {
+                round,
+                arch: arch.clone(),
+                registry,
+            };
+            let (report, model) = self
+                .run_round(
+                    &ctx,
+                    &mut session,
+                    &mut global,
+                    &evaluator,
+                    &store,
+                    previous_model,
+                )
+                .await?;
+            previous_model = Some(model);
+            self.emit(RoundEvent::Finished(Box::new(report)));
+        }
+        session.close().await;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn run_round(
+        &self,
+        inputs: &RoundInputs,
+        session: &mut Session,
+        global: &mut Weights,
+        evaluator: &SharedEvaluator,
+        store: &Store,
+        previous_model: Option<(Digest, u32)>,
+    ) -> Result<(RoundReport, (Digest, u32)), CoordinatorError> {
+        let cfg = &self.cfg;
+        let round = inputs.round;
+        let t0 = Instant::now();
+        let mut phases = PhaseTimings::default();
+
+        // 1. Publish the model (retained chunks) and the signed manifest.
+        let model_bytes = global.encode(model_codec(cfg.transfer.downlink_codec))?;
+        let model_digest = digest(&model_bytes);
+        let chunk_size = cfg.transfer.chunk_size as usize;
+        let chunks = split(&model_bytes, chunk_size);
+        let manifest = RoundManifest {
+            fleet: cfg.fleet.clone(),
+            round,
+            coordinator: cfg.client_id.clone(),
+            model: ModelRef {
+                digest: model_digest,
+                size: model_bytes.len() as u64,
+                codec: cfg.transfer.downlink_codec,
+                chunks: chunks.len() as u32,
+                arch: inputs.arch.clone(),
+            },
+            task: TrainTask {
+                epochs: cfg.task.epochs,
+                batch_size: cfg.task.batch_size,
+                lr: cfg.task.lr,
+                momentum: cfg.task.momentum,
+                prox_mu: cfg.task.prox_mu,
+            },
+            uplink_codec: cfg.transfer.uplink_codec,
+            max_delta_bytes: cfg.transfer.max_delta_bytes,
+            chunk_size: cfg.transfer.chunk_size,
+            deadline_unix_ms: now_ms() + cfg.round.timeout_s * 1000,
+            quorum: cfg.round.quorum,
+            issued_unix_ms: now_ms(),
+        };
+        let signed = Signed::sign(Kind::Manifest, &manifest, &cfg.client_id, &self.key);
+        let manifest_wire = envelope::encode(Kind::Manifest, &signed);
+        let model_wire: Vec<(String, Vec<u8>)> = chunks
+            .iter()
+            .enumerate()
+            .map(|(i, data)| {
+                let c = ModelChunk {
+                    digest: model_digest,
+                    index: i as u32,
+                    total: chunks.len() as u32,
+                    data: data.to_vec(),
+                };
+                (
+                    Topic::ModelChunk {
+                        digest: model_digest,
+                        index: i as u32,
+                    }
+                    .path(&cfg.fleet),
+                    envelope::encode(Kind::ModelChunk, &c),
+                )
+            })
+            .collect();
+        publish_round(session, &cfg.fleet, &model_wire, &manifest_wire).await?;
+        if let Some((old, n)) = previous_model {
+            if old != model_digest {
+                // Clear the old model's retained chunks: an empty retained payload deletes them.
+                for i in 0..n {
+                    let t = Topic::ModelChunk {
+                        digest: old,
+                        index: i,
+                    };
+                    session.publish(t.path(&cfg.fleet), Vec::new(), true).await?;
+                }
+            }
+        }
+        phases.publish = t0.elapsed().as_millis() as u64;
+        self.emit(RoundEvent::Started {
+            round,
+            registered: inputs.registry.len(),
+            model_bytes: model_bytes.len() as u64,
+        });
+        tracing::info!(round, model = %model_digest.short(), bytes = model_bytes.len(), clients = inputs.registry.len(), "round published");
+
+        // 2. Collect.
+        let t_collect = Instant::now();
+        let ctx = RoundContext {
+            fleet: &cfg.fleet,
+            round,
+            base_digest: model_digest,
+            uplink_codec: cfg.transfer.uplink_codec,
+            max_delta_bytes: cfg.transfer.max_delta_bytes,
+            layout: global,
+            registry: &inputs.registry,
+        };
+        let mut book = RoundBook::default();
+        // Deltas accepted before a restart are already on disk: take them back.
+        for rec in store.load_deltas(round, cfg.transfer.max_delta_bytes as usize + 64 * 1024)? {
+            if let Ok(v) = verify_upload(&ctx, &rec.client, rec.header.as_ref(), &rec.data) {
+                book.accepted.insert(
+                    rec.client.clone(),
+                    Accepted {
+                        header: v.header,
+                        delta: v.delta,
+                        bytes: rec.data.len() as u64,
+                    },
+                );
+            }
+        }
+        let max_chunks = (cfg.transfer.max_delta_bytes / cfg.transfer.chunk_size as u64 + 1) as u32;
+        let mut reasm: Reassembler<(String, u64)> = Reassembler::new(
+            (inputs.registry.len() * 2).max(64),
+            cfg.transfer.max_delta_bytes as usize,
+            max_chunks,
+        );
+        let mut headers: HashMap<(String, u64), Signed> = HashMap::new();
+        let timeout = Duration::from_secs(cfg.round.timeout_s);
+        let mut deadline = tokio::time::Instant::now() + timeout;
+        let mut extensions = 0u32;
+        let chunk_limit = chunk_size + 16 * 1024;
+        let outcome = loop {
+            if !inputs.registry.is_empty() && book.accepted.len() >= inputs.registry.len() {
+                break "completed";
+            }
+            let ev = tokio::select! {
+                ev = session.recv() => ev,
+                _ = tokio::time::sleep_until(deadline) => {
+                    if book.accepted.len() >= cfg.round.quorum.max(1) as usize {
+                        break "completed";
+                    }
+                    if cfg.round.below_quorum == BelowQuorum::Extend && extensions < cfg.round.max_extensions {
+                        extensions += 1;
+                        deadline += timeout;
+                        tracing::warn!(round, accepted = book.accepted.len(), quorum = cfg.round.quorum, "below quorum at the deadline: extending");
+                        continue;
+                    }
+                    tracing::warn!(round, accepted = book.accepted.len(), quorum = cfg.round.quorum, "below quorum at the deadline: skipping the round");
+                    break "skipped";
+                }
+            };
+            match ev {
+                None => return Err(CoordinatorError::Broker("MQTT session ended".into())),
+                Some(Incoming::Connected { .. }) => {
+                    // The broker may have restarted and lost our retained messages.
+                    publish_round(session, &cfg.fleet, &model_wire, &manifest_wire).await?;
+                }
+                Some(Incoming::Disconnected(e)) => {
+                    tracing::warn!(error = %e, "broker connection lost; reconnecting")
+                }
+                Some(Incoming::Publish(p)) => {
+                    let Some((client, upload_round, header, payload)) =
+                        self.on_chunk(&p, &mut reasm, &mut headers, chunk_limit, &mut book, session, round)
+                            .await?
+                    else {
+                        continue;
+                    };
+                    self.on_upload(
+                        &ctx, session, store, &mut book, client, upload_round, header,
+                        payload,
+                    )
+                    .await?;
+                }
+            }
+        };
+        headers.clear();
+        reasm.retain(|k| k.1 > round);
+        phases.collect = t_collect.elapsed().as_millis() as u64;
+
+        // 3. Aggregate.
+        let t_agg = Instant::now();
+        let strategy = FedAvg;
+        let updates: Vec<Update> = book
+            .accepted
+            .iter()
+            .map(|(c, a)| Update {
+                client: c.clone(),
+                samples: a.header.samples,
+                delta: a.delta.clone(),
+            })
+            .collect();
+        if outcome == "completed" && !updates.is_empty() {
+            *global = strategy.aggregate(global, &updates)?;
+        }
+        phases.aggregate = t_agg.elapsed().as_millis() as u64;
+
+        // 4. Evaluate, report, checkpoint.
+        let t_eval = Instant::now();
+        let eval = {
+            let evaluator = evaluator.clone();
+            let weights = global.clone();
+            tokio::task::spawn_blocking(move || -> Result<_, CoordinatorError> {
+                let mut ev = evaluator
+                    .lock()
+                    .map_err(|_| CoordinatorError::Io("evaluator lock poisoned".into()))?;
+                let Evaluator { vs, net, test } = &mut *ev;
+                weights.load_into(vs)?;
+                Ok(evaluate(&*net, test, 1000))
+            })
+            .await
+            .map_err(|e| CoordinatorError::Io(format!("evaluation task: {e}")))??
+        };
+        phases.evaluate = t_eval.elapsed().as_millis() as u64;
+        let clients: Vec<ClientReport> = book
+            .accepted
+            .iter()
+            .map(|(c, a)| ClientReport {
+                client: c.clone(),
+                samples: a.header.samples,
+                local_loss: a.header.metrics.loss,
+                local_accuracy: a.header.metrics.accuracy,
+                train_ms: a.header.metrics.train_ms,
+                bytes_up: a.bytes,
+                delta_norm: a.delta.l2_norm(),
+            })
+            .collect();
+        let report = RoundReport {
+            round,
+            fleet: cfg.fleet.clone(),
+            mode: "fedavg".into(),
+            strategy: strategy.name().into(),
+            outcome: outcome.into(),
+            accepted: book.accepted.len(),
+            quorum: cfg.round.quorum,
+            registered: inputs.registry.len(),
+            rejected: book.rejected.clone(),
+            extensions,
+            model_digest: model_digest.to_string(),
+            uplink_codec: cfg.transfer.uplink_codec.to_string(),
+            downlink_codec: cfg.transfer.downlink_codec.to_string(),
+            bytes_down: model_bytes.len() as u64 * inputs.registry.len() as u64,
+            bytes_up: clients.iter().map(|c| c.bytes_up).sum(),
+            duration_ms: t0.elapsed().as_millis() as u64,
+            phase_ms: phases,
+            student: ModelReport {
+                test_accuracy: Some(eval.accuracy),
+                test_loss: Some(eval.loss),
+                per_class_accuracy: eval.per_class.clone(),
+                params: Some(global.num_params()),
+            },
+            teacher: ModelReport::absent(),
+            clients,
+        };
+        let json = serde_json::to_vec_pretty(&report)
+            .map_err(|e| CoordinatorError::Io(format!("report: {e}")))?;
+        write_atomic(&store.checkpoint_path(round), &global.encode(coevo_models::WeightCodec::F32)?)?;
+        write_atomic(&store.report_path(round), &json)?;
+        store.save_state(&State {
+            completed_round: round,
+        })?;
+        session
+            .publish(Topic::Report { round }.path(&cfg.fleet), json, true)
+            .await?;
+        tracing::info!(
+            round,
+            accepted = report.accepted,
+            rejected = report.rejected.len(),
+            accuracy = eval.accuracy,
+            "round {outcome}"
+        );
+        Ok((report, (model_digest, chunks.len() as u32)))
+    }
+
+    /// Handles one delta chunk; returns a complete upload when its last chunk arrives.
+    #[allow(clippy::too_many_arguments)]
+    async fn on_chunk(
+        &self,
+        p: &Publish,
+        reasm: &mut Reassembler<(String, u64)>,
+        headers: &mut HashMap<(String, u64), Signed>,
+        chunk_limit: usize,
+        book: &mut RoundBook,
+        session: &Session,
+        round: u64,
+    ) -> Result<Option<(String, u64, Option<Signed>, Vec<u8>)>, CoordinatorError> {
+        let (client, t_round, t_index) = match Topic::parse(&self.cfg.fleet, &p.topic) {
+            Ok(Topic::DeltaChunk {
+                client,
+                round,
+                index,
+            }) => (client, round, index),
+            Ok(_) => return Ok(None),
+            Err(e) => {
+                tracing::debug!(topic = %p.topic, error = %e, "ignoring message");
+                return Ok(None);
+            }
+        };
+        let chunk: DeltaChunk = match envelope::decode(&p.payload, Kind::DeltaChunk, chunk_limit) {
+            Ok(c) => c,
+            Err(e) => {
+                let reason = RejectReason::Malformed(format!("delta chunk: {e}"));
+                self.reject(session, book, &client, round, digest(&p.payload), reason)
+                    .await?;
+                return Ok(None);
+            }
+        };
+        if chunk.client != client || chunk.round != t_round || chunk.index != t_index {
+            let reason = RejectReason::Malformed("chunk does not match its topic".into());
+            self.reject(session, book, &client, round, digest(&p.payload), reason)
+                .await?;
+            return Ok(None);
+        }
+        let key = (client.clone(), t_round);
+        if chunk.index == 0 {
+            if let Some(h) = chunk.header {
+                headers.insert(key.clone(), h);
+            }
+        }
+        match reasm.insert(key.clone(), chunk.index, chunk.total, chunk.data) {
+            Ok(None) => Ok(None),
+            Ok(Some(payload)) => {
+                let header = headers.remove(&key);
+                Ok(Some((client, t_round, header, payload)))
+            }
+            Err(e) => {
+                headers.remove(&key);
+                let reason = RejectReason::Malformed(format!("delta chunk: {e}"));
+                self.reject(session, book, &client, round, digest(&p.payload), reason)
+                    .await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Verifies a complete upload; persists and acknowledges it, or rejects it with a reason.
+    #[allow(clippy::too_many_arguments)]
+    async fn on_upload(
+        &self,
+        ctx: &RoundContext<'_>,
+        session: &Session,
+        store: &Store,
+        book: &mut RoundBook,
+        client: String,
+        upload_round: u64,
+        header: Option<Signed>,
+        payload: Vec<u8>,
+    ) -> Result<(), CoordinatorError> {
+        let payload_digest = digest(&payload);
+        if let Some(h) = &header {
+            if let Ok(hd) = verify_signer(ctx.registry, &client, h) {
+                // A retry of an upload accepted this round (its receipt was lost): acknowledge
+                // again, count once. Uploads for earlier rounds fail the round check below, so a
+                // replay is always listed as rejected.
+                if let Some(prev) = book.accepted.get(&client).filter(|_| hd.round == ctx.round) {
+                    if prev.header.payload_digest == payload_digest {
+                        return self
+                            .receipt(session, &client, hd.round, payload_digest, ReceiptOutcome::Accepted)
+                            .await;
+                    }
+                    return self
+                        .reject(session, book, &client, hd.round, payload_digest, RejectReason::ConflictingUpload)
+                        .await;
+                }
+            }
+        }
+        match verify_upload(ctx, &client, header.as_ref(), &payload) {
+            Ok(v) => {
+                let Some(h) = header.as_ref() else {
+                    return Ok(());
+                };
+                // Durable before acknowledged: a crash after this line loses nothing.
+                store.save_delta(ctx.round, &client, h, &payload)?;
+                book.accepted.insert(
+                    client.clone(),
+                    Accepted {
+                        header: v.header,
+                        delta: v.delta,
+                        bytes: payload.len() as u64,
+                    },
+                );
+                self.receipt(session, &client, ctx.round, payload_digest, ReceiptOutcome::Accepted)
+                    .await?;
+                tracing::info!(round = ctx.round, client = %client, accepted = book.accepted.len(), "delta accepted");
+                self.emit(RoundEvent::Accepted {
+                    round: ctx.round,
+                    client,
+                    accepted: book.accepted.len(),
+                });
+                Ok(())
+            }
+            Err(reason) => {
+                self.reject(session, book, &client, upload_round, payload_digest, reason)
+                    .await
+            }
+        }
+    }
+
+    /// Records a rejection in the round report (once per client and reason) and tells the
+    /// client, so it stops retrying.
+    async fn reject(
+        &self,
+        session: &Session,
+        book: &mut RoundBook,
+        client: &str,
+        round: u64,
+        payload_digest: Digest,
+        reason: RejectReason,
+    ) -> Result<(), CoordinatorError> {
+        let text = reason.to_string();
+        tracing::warn!(client, round, reason = %text, "delta rejected");
+        if book
+            .seen_rejections
+            .insert((client.to_string(), text.clone()))
+        {
+            book.rejected.push(Rejection {
+                client: client.to_string(),
+                reason: text.clone(),
+            });
+            self.emit(RoundEvent::Rejected {
+                round,
+                client: client.to_string(),
+                reason: text,
+            });
+        }
+        self.receipt(session, client, round, payload_digest, ReceiptOutcome::Rejected(reason))
+            .await
+    }
+
+    async fn receipt(
+        &self,
+        session: &Session,
+        client: &str,
+        round: u64,
+        payload_digest: Digest,
+        outcome: ReceiptOutcome,
+    ) -> Result<(), CoordinatorError> {
+        if coevo_protocol::topic::validate_id(client).is_err() {
+            return Ok(());
+        }
+        let r = Receipt {
+            fleet: self.cfg.fleet.clone(),
+            round,
+            client: client.to_string(),
+            payload_digest,
+            outcome,
+        };
+        let signed = Signed::sign(Kind::Receipt, &r, &self.cfg.client_id, &self.key);
+        session
+            .publish(
+                Topic::Receipt {
+                    client: client.to_string(),
+                }
+                .path(&self.cfg.fleet),
+                envelope::encode(Kind::Receipt, &signed),
+                false,
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+struct RoundInputs {
+    round: u64,
+    arch: ModelArch,
+    registry: FleetRegistry,
+}
+
+async fn publish_round(
+    session: &Session,
+    fleet: &str,
+    model: &[(String, Vec<u8>)],
+    manifest: &[u8],
+) -> Result<(), CoordinatorError> {
+    // Model first, so a client that sees the manifest can already fetch every chunk.
+    for (topic, bytes) in model {
+        session.publish(topic.clone(), bytes.clone(), true).await?;
+    }
+    session
+        .publish(Topic::RoundCurrent.path(fleet), manifest.to_vec(), true)
+        .await?;
+    Ok(())
+}
+
+async fn wait_connected(session: &mut Session, cfg: &CoordinatorConfig) -> Result<(), CoordinatorError> {
+    let limit = Duration::from_secs(cfg.broker.connect_timeout_s);
+    let mut last_error = String::from("no answer");
+    let wait = async {
+        while let Some(ev) = session.recv().await {
+            match ev {
+                Incoming::Connected { .. } => return true,
+                Incoming::Disconnected(e) => last_error = e,
+                Incoming::Publish(_) => {}
+            }
+        }
+        false
+    };
+    match tokio::time::timeout(limit, wait).await {
+        Ok(true) => Ok(()),
+        _ => Err(CoordinatorError::Broker(format!(
+            "cannot connect to the broker at {}:{} within {}s: {last_error}",
+            cfg.broker.host, cfg.broker.port, cfg.broker.connect_timeout_s
+        ))),
+    }
+}

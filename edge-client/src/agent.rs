@@ -1,0 +1,475 @@
+//! The edge agent's round loop.
+
+use crate::EdgeError;
+use coevo_models::train::{train, TrainConfig};
+use coevo_models::{DataShape, Dataset, Student, WeightCodec as ModelCodec, Weights};
+use coevo_mqtt::{Incoming, Session, Settings};
+use coevo_protocol::chunk::{split, Reassembler};
+use coevo_protocol::envelope::{self, Kind};
+use coevo_protocol::{
+    digest, DeltaChunk, DeltaHeader, Digest, LocalMetrics, ModelChunk, PublicKey, Receipt,
+    ReceiptOutcome, RoundManifest, Signed, SigningKey, Status, StatusState, Topic, WeightCodec,
+};
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+/// Largest manifest or receipt we decode.
+const MAX_CONTROL_BYTES: usize = 64 * 1024;
+/// Largest model we accept, whatever a manifest claims.
+const MAX_MODEL_BYTES: u64 = 512 * 1024 * 1024;
+
+/// How an agent connects and whom it trusts.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    pub fleet: String,
+    pub client_id: String,
+    pub broker_host: String,
+    pub broker_port: u16,
+    pub password: Option<String>,
+    /// Signer id of the coordinator, and its pinned public key.
+    pub coordinator_id: String,
+    pub coordinator_key: PublicKey,
+    /// Stop after this many rounds (None: run until shut down).
+    pub max_rounds: Option<u64>,
+    pub seed: u64,
+    /// First wait for a receipt before re-sending; doubles up to `max_retry_wait`.
+    pub retry_wait: Duration,
+    pub max_retry_wait: Duration,
+}
+
+impl AgentOptions {
+    pub fn new(fleet: &str, client_id: &str, coordinator_id: &str, coordinator_key: PublicKey) -> Self {
+        AgentOptions {
+            fleet: fleet.into(),
+            client_id: client_id.into(),
+            broker_host: "127.0.0.1".into(),
+            broker_port: 1883,
+            password: None,
+            coordinator_id: coordinator_id.into(),
+            coordinator_key,
+            max_rounds: None,
+            seed: 0,
+            retry_wait: Duration::from_secs(10),
+            max_retry_wait: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What an agent did, for the demo and tests.
+#[derive(Clone, Debug, Default)]
+pub struct AgentSummary {
+    /// Rounds whose delta was accepted.
+    pub accepted_rounds: Vec<u64>,
+    /// Rounds whose delta was rejected, with the coordinator's reason.
+    pub rejected_rounds: Vec<(u64, String)>,
+    /// Manifests or receipts that failed verification and were ignored.
+    pub ignored_messages: u64,
+}
+
+/// Typed view of what arrives on our subscriptions.
+enum Event {
+    Connected,
+    Manifest(Box<RoundManifest>),
+    ModelChunk(ModelChunk),
+    Receipt(Receipt),
+    Other,
+}
+
+enum Upload {
+    Receipt(ReceiptOutcome),
+    Newer(Box<RoundManifest>),
+}
+
+pub struct Agent {
+    opts: AgentOptions,
+    key: SigningKey,
+    data: Dataset,
+    summary: AgentSummary,
+}
+
+impl Agent {
+    /// `data` is this device's local training data.
+    pub fn new(opts: AgentOptions, key: SigningKey, data: Dataset) -> Result<Self, EdgeError> {
+        coevo_protocol::topic::validate_id(&opts.client_id)
+            .map_err(|e| EdgeError::Config(format!("client_id: {e}")))?;
+        coevo_protocol::topic::validate_id(&opts.fleet)
+            .map_err(|e| EdgeError::Config(format!("fleet: {e}")))?;
+        if data.is_empty() {
+            return Err(EdgeError::Config("the local dataset is empty".into()));
+        }
+        Ok(Agent {
+            opts,
+            key,
+            data,
+            summary: AgentSummary::default(),
+        })
+    }
+
+    /// Runs rounds until `max_rounds` or `shutdown`.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<AgentSummary, EdgeError> {
+        let o = &self.opts;
+        let status_topic = Topic::Status {
+            client: o.client_id.clone(),
+        }
+        .path(&o.fleet);
+        let mut settings = Settings::new(&o.broker_host, o.broker_port, &o.client_id);
+        settings.password = o.password.clone();
+        settings.max_packet_bytes = 2 * 1024 * 1024;
+        settings.last_will = Some((status_topic, self.status(StatusState::Offline, None)));
+        let filters = vec![
+            Topic::RoundCurrent.path(&o.fleet),
+            Topic::Receipt {
+                client: o.client_id.clone(),
+            }
+            .path(&o.fleet),
+        ];
+        let mut session = Session::start(&settings, filters);
+        let result = tokio::select! {
+            r = self.rounds(&mut session) => r,
+            _ = shutdown => Ok(()),
+        };
+        let status = self.status(StatusState::Offline, self.summary.accepted_rounds.last().copied());
+        let _ = session.publish(self.status_topic(), status, true).await;
+        session.close().await;
+        result.map(|_| self.summary)
+    }
+
+    fn status_topic(&self) -> String {
+        Topic::Status {
+            client: self.opts.client_id.clone(),
+        }
+        .path(&self.opts.fleet)
+    }
+
+    fn status(&self, state: StatusState, last_round: Option<u64>) -> Vec<u8> {
+        envelope::encode(
+            Kind::Status,
+            &Status {
+                client: self.opts.client_id.clone(),
+                state,
+                last_round,
+                error: None,
+            },
+        )
+    }
+
+    async fn rounds(&mut self, session: &mut Session) -> Result<(), EdgeError> {
+        let mut last_done = 0u64;
+        let mut pending: Option<Box<RoundManifest>> = None;
+        let mut done = 0u64;
+        loop {
+            if self.opts.max_rounds.is_some_and(|m| done >= m) {
+                return Ok(());
+            }
+            let manifest = match pending.take() {
+                Some(m) => m,
+                None => self.next_manifest(session, last_done).await?,
+            };
+            let round = manifest.round;
+            let base = match self.fetch_model(session, &manifest).await? {
+                Ok(bytes) => bytes,
+                Err(newer) => {
+                    pending = Some(newer);
+                    continue;
+                }
+            };
+            let (delta, metrics) = match self.train_round(&manifest, &base).await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::error!(client = %self.opts.client_id, round, error = %e, "cannot train on this round's model");
+                    last_done = round;
+                    continue;
+                }
+            };
+            match self.upload(session, &manifest, &delta, metrics).await? {
+                Upload::Receipt(ReceiptOutcome::Accepted) => {
+                    tracing::info!(client = %self.opts.client_id, round, "delta accepted");
+                    self.summary.accepted_rounds.push(round);
+                    let s = self.status(StatusState::Online, Some(round));
+                    session.publish(self.status_topic(), s, true).await?;
+                }
+                Upload::Receipt(ReceiptOutcome::Rejected(reason)) => {
+                    tracing::error!(client = %self.opts.client_id, round, reason = %reason, "delta rejected");
+                    self.summary.rejected_rounds.push((round, reason.to_string()));
+                }
+                Upload::Newer(m) => {
+                    tracing::warn!(client = %self.opts.client_id, round, "round closed before a receipt arrived");
+                    pending = Some(m);
+                }
+            }
+            last_done = round;
+            done += 1;
+        }
+    }
+
+    /// Decodes and verifies one incoming message.
+    fn classify(&mut self, ev: Incoming) -> Event {
+        let p = match ev {
+            Incoming::Connected { .. } => return Event::Connected,
+            Incoming::Disconnected(e) => {
+                tracing::debug!(client = %self.opts.client_id, error = %e, "disconnected; reconnecting");
+                return Event::Other;
+            }
+            Incoming::Publish(p) => p,
+        };
+        let topic = match Topic::parse(&self.opts.fleet, &p.topic) {
+            Ok(t) => t,
+            Err(_) => return Event::Other,
+        };
+        if p.payload.is_empty() {
+            return Event::Other; // a cleared retained message
+        }
+        match topic {
+            Topic::RoundCurrent => match self.verify_manifest(&p.payload) {
+                Ok(m) => Event::Manifest(Box::new(m)),
+                Err(e) => {
+                    self.summary.ignored_messages += 1;
+                    tracing::warn!(client = %self.opts.client_id, error = %e, "ignoring a manifest that does not verify");
+                    Event::Other
+                }
+            },
+            Topic::ModelChunk { .. } => {
+                match envelope::decode::<ModelChunk>(&p.payload, Kind::ModelChunk, 4 * 1024 * 1024) {
+                    Ok(c) => Event::ModelChunk(c),
+                    Err(e) => {
+                        self.summary.ignored_messages += 1;
+                        tracing::warn!(error = %e, "ignoring a malformed model chunk");
+                        Event::Other
+                    }
+                }
+            }
+            Topic::Receipt { .. } => {
+                let r = envelope::decode::<Signed>(&p.payload, Kind::Receipt, MAX_CONTROL_BYTES)
+                    .and_then(|s| {
+                        s.verify_from::<Receipt>(
+                            Kind::Receipt,
+                            &self.opts.coordinator_id,
+                            &self.opts.coordinator_key,
+                            MAX_CONTROL_BYTES,
+                        )
+                    });
+                match r {
+                    Ok(r) if r.client == self.opts.client_id && r.fleet == self.opts.fleet => {
+                        Event::Receipt(r)
+                    }
+                    Ok(_) => Event::Other,
+                    Err(e) => {
+                        self.summary.ignored_messages += 1;
+                        tracing::warn!(error = %e, "ignoring a receipt that does not verify");
+                        Event::Other
+                    }
+                }
+            }
+            _ => Event::Other,
+        }
+    }
+
+    fn verify_manifest(&self, bytes: &[u8]) -> Result<RoundManifest, String> {
+        let signed: Signed = envelope::decode(bytes, Kind::Manifest, MAX_CONTROL_BYTES)
+            .map_err(|e| e.to_string())?;
+        let m: RoundManifest = signed
+            .verify_from(
+                Kind::Manifest,
+                &self.opts.coordinator_id,
+                &self.opts.coordinator_key,
+                MAX_CONTROL_BYTES,
+            )
+            .map_err(|e| e.to_string())?;
+        if m.fleet != self.opts.fleet || m.coordinator != self.opts.coordinator_id {
+            return Err(format!("manifest for fleet {} from {}", m.fleet, m.coordinator));
+        }
+        if m.model.size > MAX_MODEL_BYTES {
+            return Err(format!("model of {} bytes is over our limit", m.model.size));
+        }
+        Ok(m)
+    }
+
+    async fn next_event(&mut self, session: &mut Session) -> Result<Event, EdgeError> {
+        let ev = session
+            .recv()
+            .await
+            .ok_or_else(|| EdgeError::Broker("MQTT session ended".into()))?;
+        let ev = self.classify(ev);
+        if let Event::Connected = ev {
+            let s = self.status(StatusState::Online, self.summary.accepted_rounds.last().copied());
+            session.publish(self.status_topic(), s, true).await?;
+        }
+        Ok(ev)
+    }
+
+    async fn next_manifest(&mut self, session: &mut Session, after: u64) -> Result<Box<RoundManifest>, EdgeError> {
+        loop {
+            if let Event::Manifest(m) = self.next_event(session).await? {
+                if m.round > after {
+                    return Ok(m);
+                }
+            }
+        }
+    }
+
+    /// Fetches and checks the manifest's model; a newer manifest arriving meanwhile wins.
+    async fn fetch_model(
+        &mut self,
+        session: &mut Session,
+        m: &RoundManifest,
+    ) -> Result<Result<Vec<u8>, Box<RoundManifest>>, EdgeError> {
+        let filter = Topic::model_filter(&self.opts.fleet, &m.model.digest);
+        session.subscribe(&filter).await?;
+        let mut reasm: Reassembler<Digest> = Reassembler::new(1, m.model.size as usize, m.model.chunks.max(1));
+        let result = loop {
+            match self.next_event(session).await? {
+                Event::Manifest(newer) if newer.round > m.round => break Err(newer),
+                Event::ModelChunk(c) if c.digest == m.model.digest => {
+                    match reasm.insert(c.digest, c.index, c.total, c.data) {
+                        Ok(Some(bytes)) => {
+                            if bytes.len() as u64 == m.model.size && digest(&bytes) == m.model.digest {
+                                break Ok(bytes);
+                            }
+                            tracing::warn!(client = %self.opts.client_id, "model bytes do not match the signed digest; waiting for a re-publish");
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(error = %e, "bad model chunk"),
+                    }
+                }
+                _ => {}
+            }
+        };
+        session.unsubscribe(&filter).await?;
+        Ok(result)
+    }
+
+    /// Fine-tunes on local data; returns the encoded delta against the weights as received.
+    async fn train_round(&self, m: &RoundManifest, base: &[u8]) -> Result<(Vec<u8>, LocalMetrics), EdgeError> {
+        let shape = DataShape {
+            channels: m.model.arch.channels as usize,
+            height: m.model.arch.height as usize,
+            width: m.model.arch.width as usize,
+            classes: m.model.arch.classes as usize,
+        };
+        if shape != self.data.shape {
+            return Err(EdgeError::Config(format!(
+                "the round's model expects {shape:?}, local data is {:?}",
+                self.data.shape
+            )));
+        }
+        let cfg = TrainConfig {
+            epochs: m.task.epochs as usize,
+            batch_size: m.task.batch_size as usize,
+            lr: m.task.lr,
+            momentum: m.task.momentum,
+            prox_mu: m.task.prox_mu,
+            seed: self.opts.seed.wrapping_mul(1_000_003).wrapping_add(m.round),
+        };
+        let codec = model_codec(m.model.codec);
+        let up_codec = model_codec(m.uplink_codec);
+        let base = base.to_vec();
+        let data = self.data.shallow_clone();
+        tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, LocalMetrics), EdgeError> {
+            let t0 = Instant::now();
+            let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
+            let net = Student::new(&vs.root(), &shape);
+            let cap = Weights::from_var_store(&vs).num_params() * 4 + 64 * 1024;
+            let received = Weights::decode(&base, codec, cap)?;
+            received.load_into(&mut vs)?;
+            // The delta is taken against the weights exactly as loaded (DESIGN §5.3).
+            let received = Weights::from_var_store(&vs);
+            let stats = train(&net, &vs, &data, &cfg)?;
+            let delta = Weights::from_var_store(&vs).sub(&received)?;
+            let bytes = delta.encode(up_codec)?;
+            Ok((
+                bytes,
+                LocalMetrics {
+                    loss: stats.loss,
+                    accuracy: stats.accuracy,
+                    train_ms: t0.elapsed().as_millis() as u64,
+                },
+            ))
+        })
+        .await
+        .map_err(|e| EdgeError::Task(e.to_string()))?
+    }
+
+    /// Publishes the signed delta and re-sends it with backoff until a receipt arrives or a
+    /// newer round starts.
+    async fn upload(
+        &mut self,
+        session: &mut Session,
+        m: &RoundManifest,
+        payload: &[u8],
+        metrics: LocalMetrics,
+    ) -> Result<Upload, EdgeError> {
+        let o = &self.opts;
+        let parts = split(payload, m.chunk_size as usize);
+        let payload_digest = digest(payload);
+        let header = DeltaHeader {
+            fleet: o.fleet.clone(),
+            round: m.round,
+            client: o.client_id.clone(),
+            base_digest: m.model.digest,
+            samples: self.data.len() as u64,
+            metrics,
+            codec: m.uplink_codec,
+            payload_digest,
+            payload_len: payload.len() as u64,
+            chunks: parts.len() as u32,
+        };
+        let signed = Signed::sign(Kind::DeltaHeader, &header, &o.client_id, &self.key);
+        let wire: Vec<(String, Vec<u8>)> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, data)| {
+                let c = DeltaChunk {
+                    client: o.client_id.clone(),
+                    round: m.round,
+                    index: i as u32,
+                    total: parts.len() as u32,
+                    header: (i == 0).then(|| signed.clone()),
+                    data: data.to_vec(),
+                };
+                (
+                    Topic::DeltaChunk {
+                        client: o.client_id.clone(),
+                        round: m.round,
+                        index: i as u32,
+                    }
+                    .path(&o.fleet),
+                    envelope::encode(Kind::DeltaChunk, &c),
+                )
+            })
+            .collect();
+        let mut wait = self.opts.retry_wait;
+        let max_wait = self.opts.max_retry_wait;
+        loop {
+            for (topic, bytes) in &wire {
+                session.publish(topic.clone(), bytes.clone(), false).await?;
+            }
+            let until = tokio::time::Instant::now() + wait;
+            loop {
+                let ev = tokio::select! {
+                    ev = self.next_event(session) => ev?,
+                    _ = tokio::time::sleep_until(until) => break,
+                };
+                match ev {
+                    Event::Receipt(r) if r.round == m.round && r.payload_digest == payload_digest => {
+                        return Ok(Upload::Receipt(r.outcome));
+                    }
+                    Event::Manifest(newer) if newer.round > m.round => {
+                        return Ok(Upload::Newer(newer));
+                    }
+                    // After a reconnect the broker may have lost our in-flight chunks.
+                    Event::Connected => break,
+                    _ => {}
+                }
+            }
+            tracing::debug!(client = %self.opts.client_id, round = m.round, "no receipt yet; re-sending");
+            wait = (wait * 2).min(max_wait);
+        }
+    }
+}
+
+fn model_codec(c: WeightCodec) -> ModelCodec {
+    match c {
+        WeightCodec::F32 => ModelCodec::F32,
+        WeightCodec::F32Zstd => ModelCodec::F32Zstd,
+    }
+}

@@ -1,0 +1,109 @@
+//! The device's configuration file (`coevo edge --config edge.toml`); see `edge.sample.toml`.
+
+use crate::EdgeError;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeConfig {
+    /// Fleet name (topic namespace).
+    pub fleet: String,
+    /// This device's id: its MQTT client id, broker user name and signer id.
+    pub client_id: String,
+    /// PKCS#8 Ed25519 private key of this device (`coevo keys gen`).
+    pub key: PathBuf,
+    /// Signer id of the coordinator.
+    #[serde(default = "default_coordinator")]
+    pub coordinator_id: String,
+    /// The coordinator's public key, pinned: hex, or a path to a file holding the hex.
+    pub coordinator_key: String,
+    #[serde(default)]
+    pub broker: Broker,
+    pub data: Data,
+    /// Stop after this many rounds (default: run until stopped).
+    #[serde(default)]
+    pub max_rounds: Option<u64>,
+    /// Seed for local shuffling.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn default_coordinator() -> String {
+    "coordinator".into()
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Broker {
+    pub host: String,
+    pub port: u16,
+    /// Broker password (or set COEVO_BROKER_PASSWORD).
+    pub password: Option<String>,
+}
+
+impl Default for Broker {
+    fn default() -> Self {
+        Broker {
+            host: "127.0.0.1".into(),
+            port: 1883,
+            password: None,
+        }
+    }
+}
+
+/// Which local data to train on: a dataset directory and which part of it is this device's.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Data {
+    /// IDX directory or image folder.
+    pub path: PathBuf,
+    /// How the dataset is split over devices: `natural`, `iid:N`, `dirichlet:N:ALPHA`,
+    /// `shards:N:K` (for simulating a fleet from one dataset).
+    #[serde(default = "default_partition")]
+    pub partition: String,
+    /// This device's part: a client id (natural partition) or a part number from 0.
+    pub part: String,
+    /// Seed of the partition (must be the same on every device).
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn default_partition() -> String {
+    "natural".into()
+}
+
+impl EdgeConfig {
+    /// Loads a TOML file; relative paths are taken relative to the file's folder.
+    pub fn load(path: &Path) -> Result<Self, EdgeError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| EdgeError::Config(format!("{}: {e}", path.display())))?;
+        let mut cfg: EdgeConfig = toml::from_str(&text)
+            .map_err(|e| EdgeError::Config(format!("{}: {e}", path.display())))?;
+        if let Some(base) = path.parent() {
+            for p in [&mut cfg.key, &mut cfg.data.path] {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
+            let k = base.join(&cfg.coordinator_key);
+            if k.is_file() {
+                cfg.coordinator_key = k.display().to_string();
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// The pinned coordinator key, read from the hex string or the file it names.
+    pub fn coordinator_public_key(&self) -> Result<coevo_protocol::PublicKey, EdgeError> {
+        let text = if Path::new(&self.coordinator_key).is_file() {
+            std::fs::read_to_string(&self.coordinator_key)
+                .map_err(|e| EdgeError::Config(format!("{}: {e}", self.coordinator_key)))?
+        } else {
+            self.coordinator_key.clone()
+        };
+        text.trim()
+            .parse()
+            .map_err(|e| EdgeError::Config(format!("coordinator_key: {e}")))
+    }
+}

@@ -1,0 +1,523 @@
+//! A pure-Rust state dict and its wire codecs.
+//!
+//! Aggregation (FedAvg, deltas, norms) is plain arithmetic over named `f32` arrays; keeping it
+//! out of libtorch lets the coordinator's strategies be tested without tensors and keeps the
+//! only tch ↔ bytes bridge in one place ([`Weights::from_var_store`] / [`Weights::load_into`]).
+//! On the wire, weights are safetensors bytes (a documented, self-describing format), optionally
+//! zstd-compressed; decoding is bounded because payloads come from untrusted peers.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use tch::{nn, Kind, Tensor};
+
+use crate::ModelError;
+
+/// zstd level for [`WeightCodec::F32Zstd`]: level 3 is zstd's default speed/ratio trade-off.
+const ZSTD_LEVEL: i32 = 3;
+
+/// One named parameter: row-major `f32` data with its shape.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamTensor {
+    /// Dimensions; the empty shape is a scalar.
+    pub shape: Vec<usize>,
+    /// `shape.iter().product()` values, row-major.
+    pub data: Vec<f32>,
+}
+
+/// Named parameters, ordered by name so iteration (and therefore encoding) is deterministic.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Weights {
+    /// Parameter name (`conv1.weight`, …) → tensor.
+    pub tensors: BTreeMap<String, ParamTensor>,
+}
+
+/// How [`Weights`] are turned into bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum WeightCodec {
+    /// safetensors bytes, all tensors `F32`.
+    F32,
+    /// zstd (level 3) of the [`WeightCodec::F32`] bytes.
+    F32Zstd,
+}
+
+fn layout_error(what: &str, a: &Weights, b: &Weights) -> ModelError {
+    let names = |w: &Weights| w.tensors.keys().cloned().collect::<Vec<_>>().join(",");
+    ModelError::Shape(format!(
+        "{what}: layouts differ ({} tensors [{}] vs {} tensors [{}])",
+        a.tensors.len(),
+        names(a),
+        b.tensors.len(),
+        names(b)
+    ))
+}
+
+fn tensor_to_param(t: &Tensor) -> Result<ParamTensor, ModelError> {
+    let shape = t
+        .size()
+        .iter()
+        .map(|&d| usize::try_from(d))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| ModelError::Shape("negative dimension".into()))?;
+    let flat = t.f_detach()?.f_to_kind(Kind::Float)?.f_reshape([-1])?;
+    let data = Vec::<f32>::try_from(&flat)?;
+    Ok(ParamTensor { shape, data })
+}
+
+impl Weights {
+    /// Snapshots every variable of the store (trainable or not, e.g. batch-norm statistics)
+    /// as `f32`. A variable libtorch cannot read back is logged and skipped; this cannot happen
+    /// for CPU float stores.
+    pub fn from_var_store(vs: &nn::VarStore) -> Weights {
+        let mut tensors = BTreeMap::new();
+        for (name, t) in vs.variables() {
+            match tensor_to_param(&t) {
+                Ok(p) => {
+                    tensors.insert(name, p);
+                }
+                Err(e) => tracing::error!(%name, error = %e, "cannot read variable"),
+            }
+        }
+        Weights { tensors }
+    }
+
+    /// Copies these weights into `vs`. Names and shapes must match exactly (no missing, no
+    /// extra) — checked before anything is written, so a rejected update leaves `vs` untouched.
+    pub fn load_into(&self, vs: &mut nn::VarStore) -> Result<(), ModelError> {
+        let vars = vs.variables();
+        let mut problems = Vec::new();
+        for (name, var) in &vars {
+            match self.tensors.get(name) {
+                None => problems.push(format!("missing {name}")),
+                Some(p) => {
+                    let want: Vec<i64> = var.size();
+                    let have: Vec<i64> = p.shape.iter().map(|&d| d as i64).collect();
+                    if want != have {
+                        problems.push(format!("{name}: model {want:?}, weights {have:?}"));
+                    } else if p.data.len() != var.numel() {
+                        problems.push(format!(
+                            "{name}: {} values for shape {want:?}",
+                            p.data.len()
+                        ));
+                    }
+                }
+            }
+        }
+        for name in self.tensors.keys() {
+            if !vars.contains_key(name) {
+                problems.push(format!("unexpected {name}"));
+            }
+        }
+        if !problems.is_empty() {
+            problems.sort();
+            return Err(ModelError::Shape(problems.join("; ")));
+        }
+        tch::no_grad(|| -> Result<(), ModelError> {
+            for (name, var) in &vars {
+                if let Some(p) = self.tensors.get(name) {
+                    let src = Tensor::f_from_slice(&p.data)?
+                        .f_reshape(var.size())?
+                        .f_to_kind(var.kind())?
+                        .f_to_device(var.device())?;
+                    let mut dst = var.shallow_clone();
+                    dst.f_copy_(&src)?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Total scalar count.
+    pub fn num_params(&self) -> usize {
+        self.tensors.values().map(|t| t.data.len()).sum()
+    }
+
+    /// False if any value is NaN or infinite (a diverged or malicious update).
+    pub fn all_finite(&self) -> bool {
+        self.tensors
+            .values()
+            .all(|t| t.data.iter().all(|v| v.is_finite()))
+    }
+
+    /// Same names and shapes (values may differ).
+    pub fn same_layout(&self, other: &Weights) -> bool {
+        self.tensors.len() == other.tensors.len()
+            && self
+                .tensors
+                .iter()
+                .zip(&other.tensors)
+                .all(|((n1, t1), (n2, t2))| {
+                    n1 == n2 && t1.shape == t2.shape && t1.data.len() == t2.data.len()
+                })
+    }
+
+    /// Same layout, all values zero (the accumulator of a weighted average).
+    pub fn zeros_like(&self) -> Weights {
+        Weights {
+            tensors: self
+                .tensors
+                .iter()
+                .map(|(n, t)| {
+                    (
+                        n.clone(),
+                        ParamTensor {
+                            shape: t.shape.clone(),
+                            data: vec![0.0; t.data.len()],
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// `self − other` (a client's update delta).
+    pub fn sub(&self, other: &Weights) -> Result<Weights, ModelError> {
+        let mut out = self.clone();
+        out.add_scaled(other, -1.0)?;
+        Ok(out)
+    }
+
+    /// `self += scale · other`.
+    pub fn add_scaled(&mut self, other: &Weights, scale: f32) -> Result<(), ModelError> {
+        if !self.same_layout(other) {
+            return Err(layout_error("add_scaled", self, other));
+        }
+        for (a, b) in self.tensors.values_mut().zip(other.tensors.values()) {
+            for (x, y) in a.data.iter_mut().zip(&b.data) {
+                *x += scale * y;
+            }
+        }
+        Ok(())
+    }
+
+    /// `self *= factor`.
+    pub fn scale(&mut self, factor: f32) {
+        for t in self.tensors.values_mut() {
+            t.data.iter_mut().for_each(|x| *x *= factor);
+        }
+    }
+
+    /// Euclidean norm over all values (accumulated in f64 to avoid f32 round-off).
+    pub fn l2_norm(&self) -> f64 {
+        self.tensors
+            .values()
+            .flat_map(|t| t.data.iter())
+            .map(|&v| f64::from(v) * f64::from(v))
+            .sum::<f64>()
+            .sqrt()
+    }
+
+    /// Serialises with `codec`.
+    pub fn encode(&self, codec: WeightCodec) -> Result<Vec<u8>, ModelError> {
+        let mut bytes = Vec::with_capacity(self.tensors.len());
+        for (name, t) in &self.tensors {
+            if t.shape.iter().product::<usize>() != t.data.len() {
+                return Err(ModelError::Shape(format!(
+                    "{name}: {} values for shape {:?}",
+                    t.data.len(),
+                    t.shape
+                )));
+            }
+            let raw: Vec<u8> = t.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+            bytes.push((name, t.shape.clone(), raw));
+        }
+        let views = bytes
+            .iter()
+            .map(|(name, shape, raw)| {
+                TensorView::new(Dtype::F32, shape.clone(), raw)
+                    .map(|v| (name.as_str(), v))
+                    .map_err(|e| ModelError::Codec(format!("{name}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let st =
+            safetensors::serialize(views, None).map_err(|e| ModelError::Codec(e.to_string()))?;
+        match codec {
+            WeightCodec::F32 => Ok(st),
+            WeightCodec::F32Zstd => zstd::bulk::compress(&st, ZSTD_LEVEL)
+                .map_err(|e| ModelError::Codec(format!("zstd: {e}"))),
+        }
+    }
+
+    /// Decodes bytes produced by [`Weights::encode`].
+    ///
+    /// Bounded: refuses input over `max_bytes`, and stops zstd decompression as soon as the
+    /// output would exceed `max_bytes` (a small bomb cannot allocate gigabytes). Rejects non-f32
+    /// dtypes and shape/length mismatches with a typed error; never panics on any input.
+    pub fn decode(
+        bytes: &[u8],
+        codec: WeightCodec,
+        max_bytes: usize,
+    ) -> Result<Weights, ModelError> {
+        if bytes.len() > max_bytes {
+            return Err(ModelError::Limit(format!(
+                "payload of {} bytes exceeds {max_bytes}",
+                bytes.len()
+            )));
+        }
+        let owned;
+        let st_bytes: &[u8] = match codec {
+            WeightCodec::F32 => bytes,
+            WeightCodec::F32Zstd => {
+                let decoder = zstd::stream::read::Decoder::new(bytes)
+                    .map_err(|e| ModelError::Codec(format!("zstd: {e}")))?;
+                let mut out = Vec::new();
+                let cap = u64::try_from(max_bytes)
+                    .unwrap_or(u64::MAX)
+                    .saturating_add(1);
+                decoder
+                    .take(cap)
+                    .read_to_end(&mut out)
+                    .map_err(|e| ModelError::Codec(format!("zstd: {e}")))?;
+                if out.len() > max_bytes {
+                    return Err(ModelError::Limit(format!(
+                        "decompressed payload exceeds {max_bytes} bytes"
+                    )));
+                }
+                owned = out;
+                &owned
+            }
+        };
+        let st = SafeTensors::deserialize(st_bytes)
+            .map_err(|e| ModelError::Codec(format!("safetensors: {e}")))?;
+        let mut tensors = BTreeMap::new();
+        for (name, view) in st.iter() {
+            if view.dtype() != Dtype::F32 {
+                return Err(ModelError::Codec(format!(
+                    "{name}: dtype {:?}, only F32 is accepted",
+                    view.dtype()
+                )));
+            }
+            let shape = view.shape().to_vec();
+            let numel = shape
+                .iter()
+                .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+                .ok_or_else(|| ModelError::Codec(format!("{name}: shape {shape:?} overflows")))?;
+            let raw = view.data();
+            if numel.checked_mul(4) != Some(raw.len()) {
+                return Err(ModelError::Codec(format!(
+                    "{name}: {} bytes for shape {shape:?}",
+                    raw.len()
+                )));
+            }
+            let data = raw
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            tensors.insert(name.to_string(), ParamTensor { shape, data });
+        }
+        Ok(Weights { tensors })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DataShape, Student};
+    use proptest::prelude::*;
+    use tch::Device;
+
+    fn sample() -> Weights {
+        let mut w = Weights::default();
+        w.tensors.insert(
+            "a.weight".into(),
+            ParamTensor {
+                shape: vec![2, 3],
+                data: vec![1.0, -2.0, 3.5, 0.0, 1e-7, -1e9],
+            },
+        );
+        w.tensors.insert(
+            "b.bias".into(),
+            ParamTensor {
+                shape: vec![1],
+                data: vec![0.25],
+            },
+        );
+        w.tensors.insert(
+            "s".into(),
+            ParamTensor {
+                shape: vec![],
+                data: vec![7.0],
+            },
+        );
+        w
+    }
+
+    #[test]
+    fn encode_decode_round_trip_both_codecs() {
+        let w = sample();
+        for codec in [WeightCodec::F32, WeightCodec::F32Zstd] {
+            let bytes = w.encode(codec).unwrap();
+            assert_eq!(Weights::decode(&bytes, codec, 1 << 20).unwrap(), w);
+            // Limits apply to input and to decompressed output.
+            assert!(matches!(
+                Weights::decode(&bytes, codec, 10),
+                Err(ModelError::Limit(_))
+            ));
+        }
+        let empty = Weights::default();
+        let bytes = empty.encode(WeightCodec::F32Zstd).unwrap();
+        assert_eq!(
+            Weights::decode(&bytes, WeightCodec::F32Zstd, 1024).unwrap(),
+            empty
+        );
+    }
+
+    #[test]
+    fn zstd_bomb_is_capped() {
+        let mut w = Weights::default();
+        w.tensors.insert(
+            "z".into(),
+            ParamTensor {
+                shape: vec![1 << 20],
+                data: vec![0.0; 1 << 20],
+            },
+        );
+        let bytes = w.encode(WeightCodec::F32Zstd).unwrap();
+        assert!(bytes.len() < 10_000, "{}", bytes.len());
+        assert!(matches!(
+            Weights::decode(&bytes, WeightCodec::F32Zstd, 100_000),
+            Err(ModelError::Limit(_))
+        ));
+        assert_eq!(
+            Weights::decode(&bytes, WeightCodec::F32Zstd, 8 << 20).unwrap(),
+            w
+        );
+    }
+
+    #[test]
+    fn rejects_non_f32_and_corrupt() {
+        let raw = [0u8; 8];
+        let view = TensorView::new(Dtype::I32, vec![2], &raw).unwrap();
+        let bytes = safetensors::serialize([("x", view)], None).unwrap();
+        assert!(matches!(
+            Weights::decode(&bytes, WeightCodec::F32, 1 << 20),
+            Err(ModelError::Codec(_))
+        ));
+        let good = sample().encode(WeightCodec::F32).unwrap();
+        assert!(matches!(
+            Weights::decode(&good[..good.len() - 1], WeightCodec::F32, 1 << 20),
+            Err(ModelError::Codec(_))
+        ));
+        assert!(matches!(
+            Weights::decode(&good, WeightCodec::F32Zstd, 1 << 20),
+            Err(ModelError::Codec(_))
+        ));
+        let mut inconsistent = sample();
+        inconsistent
+            .tensors
+            .get_mut("b.bias")
+            .unwrap()
+            .data
+            .push(1.0);
+        assert!(matches!(
+            inconsistent.encode(WeightCodec::F32),
+            Err(ModelError::Shape(_))
+        ));
+    }
+
+    #[test]
+    fn arithmetic() {
+        let w = sample();
+        let mut acc = w.zeros_like();
+        assert!(acc.same_layout(&w));
+        assert_eq!(acc.l2_norm(), 0.0);
+        acc.add_scaled(&w, 0.5).unwrap();
+        acc.add_scaled(&w, 0.5).unwrap();
+        assert_eq!(acc, w);
+        let d = w.sub(&w).unwrap();
+        assert_eq!(d.l2_norm(), 0.0);
+        let mut s = sample();
+        s.scale(2.0);
+        assert_eq!(s.tensors["b.bias"].data, vec![0.5]);
+        assert_eq!(w.num_params(), 8);
+        assert!(w.all_finite());
+        s.tensors.get_mut("s").unwrap().data[0] = f32::NAN;
+        assert!(!s.all_finite());
+        let mut other = sample();
+        other.tensors.remove("s");
+        assert!(!w.same_layout(&other));
+        assert!(matches!(w.sub(&other), Err(ModelError::Shape(_))));
+        let one = Weights {
+            tensors: [(
+                "x".to_string(),
+                ParamTensor {
+                    shape: vec![2],
+                    data: vec![3.0, 4.0],
+                },
+            )]
+            .into(),
+        };
+        assert!((one.l2_norm() - 5.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn var_store_round_trip_and_mismatch() {
+        let shape = DataShape {
+            channels: 1,
+            height: 8,
+            width: 8,
+            classes: 4,
+        };
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _a = Student::new(&vs.root(), &shape);
+        let w = Weights::from_var_store(&vs);
+        assert_eq!(w.num_params(), crate::net::param_count(&vs));
+        let mut vs2 = nn::VarStore::new(Device::Cpu);
+        let _b = Student::new(&vs2.root(), &shape);
+        assert_ne!(Weights::from_var_store(&vs2), w);
+        w.load_into(&mut vs2).unwrap();
+        assert_eq!(Weights::from_var_store(&vs2), w);
+
+        // Different class count → fc2 shapes differ → typed error and vs untouched.
+        let mut vs3 = nn::VarStore::new(Device::Cpu);
+        let _c = Student::new(
+            &vs3.root(),
+            &DataShape {
+                classes: 5,
+                ..shape
+            },
+        );
+        let before = Weights::from_var_store(&vs3);
+        let err = w.load_into(&mut vs3).unwrap_err();
+        assert!(
+            matches!(&err, ModelError::Shape(m) if m.contains("fc2")),
+            "{err}"
+        );
+        assert_eq!(Weights::from_var_store(&vs3), before);
+        // Missing tensor.
+        let mut partial = w.clone();
+        partial.tensors.remove("conv1.bias");
+        assert!(matches!(
+            partial.load_into(&mut vs2),
+            Err(ModelError::Shape(_))
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn decode_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Weights::decode(&bytes, WeightCodec::F32, 4096);
+            let _ = Weights::decode(&bytes, WeightCodec::F32Zstd, 4096);
+        }
+
+        #[test]
+        fn decode_mutated_valid_payload_never_panics(idx in 0usize..4096, byte: u8, zstd: bool) {
+            let codec = if zstd { WeightCodec::F32Zstd } else { WeightCodec::F32 };
+            let mut bytes = sample().encode(codec).unwrap();
+            let i = idx % bytes.len();
+            bytes[i] = byte;
+            let _ = Weights::decode(&bytes, codec, 1 << 16);
+        }
+
+        #[test]
+        fn round_trip_random(data in proptest::collection::vec(-1e6f32..1e6, 1..64)) {
+            let mut w = Weights::default();
+            w.tensors.insert("t".into(), ParamTensor { shape: vec![data.len()], data });
+            for codec in [WeightCodec::F32, WeightCodec::F32Zstd] {
+                let bytes = w.encode(codec).unwrap();
+                prop_assert_eq!(&Weights::decode(&bytes, codec, 1 << 16).unwrap(), &w);
+            }
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! coevo's MQTT session: one rumqttc connection whose event loop is polled continuously on its
+//! own task, so callers can `publish().await` freely (publishing from the polling task would
+//! deadlock), with reconnect backoff and re-subscription after every CONNACK (a restarted
+//! rumqttd remembers no subscriptions).
+//!
+//! Shared by the edge client and the coordinator so both survive broker restarts the same way.
+//!
+//! # Layout
+//! - [`Settings`]: where and how to connect.
+//! - [`Session`]: the client handle plus the stream of [`Incoming`] events.
+
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+pub use rumqttc::Publish;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MqttError {
+    #[error("MQTT client: {0}")]
+    Client(#[from] rumqttc::ClientError),
+    #[error("MQTT session closed")]
+    Closed,
+}
+
+/// Where and how to connect.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+    /// Broker credentials; coevo brokers require user name == client id.
+    pub password: Option<String>,
+    pub keep_alive: Duration,
+    /// Largest packet either way. rumqttc's 10 KiB default is far below a model chunk.
+    pub max_packet_bytes: usize,
+    /// `false` asks the broker to keep our subscriptions and queued QoS 1 messages while we
+    /// are away (the coordinator's fixed-id persistent session).
+    pub clean_session: bool,
+    /// Retained message the broker publishes if we vanish (topic, payload).
+    pub last_will: Option<(String, Vec<u8>)>,
+    /// Longest wait between reconnect attempts.
+    pub max_backoff: Duration,
+}
+
+impl Settings {
+    pub fn new(host: impl Into<String>, port: u16, client_id: impl Into<String>) -> Self {
+        Settings {
+            host: host.into(),
+            port,
+            client_id: client_id.into(),
+            password: None,
+            keep_alive: Duration::from_secs(30),
+            max_packet_bytes: 2 * 1024 * 1024,
+            clean_session: true,
+            last_will: None,
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What the session hands to its owner.
+#[derive(Debug)]
+pub enum Incoming {
+    /// A (re)connection was acknowledged; subscriptions have been re-sent. Owners republish
+    /// what the broker may have lost (e.g. retained state after a broker restart).
+    Connected { session_present: bool },
+    /// The connection dropped; the session keeps retrying with backoff.
+    Disconnected(String),
+    Publish(Publish),
+}
+
+/// A live MQTT session.
+pub struct Session {
+    client: AsyncClient,
+    filters: Arc<Mutex<Vec<String>>>,
+    incoming: mpsc::UnboundedReceiver<Incoming>,
+    poller: tokio::task::JoinHandle<()>,
+}
+
+impl Session {
+    /// Starts connecting in the background and returns at once; [`Incoming::Connected`] tells
+    /// when the broker answered. `filters` are subscribed (QoS 1) on every connection.
+    pub fn start(settings: &Settings, filters: Vec<String>) -> Session {
+        let mut opts = MqttOptions::new(&settings.client_id, &settings.host, settings.port);
+        opts.set_keep_alive(settings.keep_alive)
+            .set_max_packet_size(settings.max_packet_bytes, settings.max_packet_bytes)
+            .set_clean_session(settings.clean_session)
+            .set_inflight(100);
+        if let Some(pw) = &settings.password {
+            opts.set_credentials(&settings.client_id, pw);
+        }
+        if let Some((topic, payload)) = &settings.last_will {
+            opts.set_last_will(LastWill::new(
+                topic,
+                payload.clone(),
+                QoS::AtLeastOnce,
+                true,
+            ));
+        }
+        let (client, mut eventloop) = AsyncClient::new(opts, 256);
+        let filters = Arc::new(Mutex::new(filters));
+        let (tx, incoming) = mpsc::unbounded_channel();
+        let poll_client = client.clone();
+        let poll_filters = filters.clone();
+        let id = settings.client_id.clone();
+        let max_backoff = settings.max_backoff;
+        let poller = tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                        backoff = Duration::from_millis(100);
+                        let list = poll_filters.lock().map(|f| f.clone()).unwrap_or_default();
+                        for f in list {
+                            // try_: awaiting here, on the polling task, could deadlock.
+                            if let Err(e) = poll_client.try_subscribe(f, QoS::AtLeastOnce) {
+                                tracing::warn!(client = %id, error = %e, "re-subscribe failed");
+                            }
+                        }
+                        tracing::debug!(client = %id, "connected");
+                        if tx
+                            .send(Incoming::Connected {
+                                session_present: ack.session_present,
+                            })
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if tx.send(Incoming::Publish(p)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(rumqttc::ConnectionError::RequestsDone) => return,
+                    Err(e) => {
+                        tracing::debug!(client = %id, error = %e, "connection lost; retrying in {backoff:?}");
+                        if tx.send(Incoming::Disconnected(e.to_string())).is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(max_backoff);
+                    }
+                }
+            }
+        });
+        Session {
+            client,
+            filters,
+            incoming,
+            poller,
+        }
+    }
+
+    /// Adds a filter: subscribed now and after every reconnection.
+    pub async fn subscribe(&self, filter: &str) -> Result<(), MqttError> {
+        if let Ok(mut f) = self.filters.lock() {
+            if !f.iter().any(|x| x == filter) {
+                f.push(filter.to_string());
+            }
+        }
+        self.client.subscribe(filter, QoS::AtLeastOnce).await?;
+        Ok(())
+    }
+
+    /// Drops a filter.
+    pub async fn unsubscribe(&self, filter: &str) -> Result<(), MqttError> {
+        if let Ok(mut f) = self.filters.lock() {
+            f.retain(|x| x != filter);
+        }
+        self.client.unsubscribe(filter).await?;
+        Ok(())
+    }
+
+    /// Publishes at QoS 1.
+    pub async fn publish(&self, topic: String, payload: Vec<u8>, retain: bool) -> Result<(), MqttError> {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, retain, payload)
+            .await?;
+        Ok(())
+    }
+
+    /// Next event; `None` once the session is closed.
+    pub async fn recv(&mut self) -> Option<Incoming> {
+        self.incoming.recv().await
+    }
+
+    /// Next event if one is ready now.
+    pub fn try_recv(&mut self) -> Option<Incoming> {
+        self.incoming.try_recv().ok()
+    }
+
+    /// The underlying client, for callers that need a raw operation (e.g. manual acks).
+    pub fn client(&self) -> &AsyncClient {
+        &self.client
+    }
+
+    /// Sends DISCONNECT (so no last will is published) and stops polling.
+    pub async fn close(mut self) {
+        let _ = self.client.disconnect().await;
+        // The poller ends when it has sent the DISCONNECT (RequestsDone) or errors out.
+        let _ = tokio::time::timeout(Duration::from_secs(2), &mut self.poller).await;
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.poller.abort();
+    }
+}

@@ -1,0 +1,175 @@
+//! `coevo demo`: a whole fleet on one machine. An embedded rumqttd broker with password auth,
+//! the coordinator and N edge agents, each agent its own MQTT connection over 127.0.0.1 with its
+//! own key; the dataset is split over the agents (Dirichlet by label by default).
+
+use crate::provision::provision;
+use anyhow::{bail, Context, Result};
+use coevo_broker::BrokerConfig;
+use coevo_coordinator::config::{BelowQuorum, CoordinatorConfig};
+use coevo_coordinator::{Coordinator, RoundEvent, RoundReport};
+use coevo_edge::{Agent, AgentOptions};
+use coevo_models::partition::{partition, PartitionSpec};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Demo settings (the `coevo demo` flags).
+#[derive(Clone, Debug, clap::Args)]
+pub struct DemoOptions {
+    /// Rounds to run.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: u64,
+    /// Edge clients (each a real MQTT connection).
+    #[arg(long, default_value_t = 10)]
+    pub clients: usize,
+    /// How the training set is split over clients: `dirichlet:ALPHA`, `iid`, `shards:K`, or
+    /// `natural` (the dataset's clients file; --clients is then ignored).
+    #[arg(long, default_value = "dirichlet:0.5")]
+    pub split: String,
+    /// Dataset directory (IDX or image folder).
+    #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
+    pub data: PathBuf,
+    /// Output directory: reports, checkpoints, keys, registry. Must not hold a previous run.
+    #[arg(long, default_value = "out/demo")]
+    pub out: PathBuf,
+    /// Local epochs per round.
+    #[arg(long, default_value_t = 1)]
+    pub epochs: u32,
+    /// Local learning rate (SGD with momentum 0.9).
+    #[arg(long, default_value_t = 0.02)]
+    pub lr: f64,
+    /// Local batch size.
+    #[arg(long, default_value_t = 32)]
+    pub batch: u32,
+    /// Seed for the split and the initial model.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Round deadline in seconds (rounds close earlier once every client is in).
+    #[arg(long, default_value_t = 600)]
+    pub round_timeout: u64,
+}
+
+impl DemoOptions {
+    fn partition_spec(&self) -> Result<PartitionSpec> {
+        let n = self.clients;
+        let spec = match self.split.split(':').collect::<Vec<_>>().as_slice() {
+            ["natural"] => PartitionSpec::Natural,
+            ["iid"] => PartitionSpec::Iid { clients: n },
+            ["dirichlet", a] => PartitionSpec::Dirichlet {
+                clients: n,
+                alpha: a.parse().context("--split dirichlet:ALPHA")?,
+            },
+            ["shards", k] => PartitionSpec::Shards {
+                clients: n,
+                shards_per_client: k.parse().context("--split shards:K")?,
+            },
+            _ => bail!(
+                "--split {:?}: use dirichlet:ALPHA, iid, shards:K or natural",
+                self.split
+            ),
+        };
+        Ok(spec)
+    }
+}
+
+/// Runs the demo; `on_event` sees every coordinator event (the CLI prints progress from it).
+pub async fn run(opts: &DemoOptions, mut on_event: impl FnMut(&RoundEvent)) -> Result<Vec<RoundReport>> {
+    let spec = opts.partition_spec()?;
+    if opts.out.join("state.json").exists() {
+        bail!(
+            "{} already holds a run; choose another --out or delete it",
+            opts.out.display()
+        );
+    }
+    let t0 = Instant::now();
+    let split = coevo_models::data::load_dir(&opts.data)
+        .with_context(|| format!("loading {} (run scripts/setup?)", opts.data.display()))?;
+    let parts = partition(
+        &split.train.labels_vec(),
+        split.train.clients.as_deref(),
+        &spec,
+        opts.seed,
+    )?;
+    tracing::info!(
+        train = split.train.len(),
+        test = split.test.len(),
+        clients = parts.len(),
+        secs = t0.elapsed().as_secs_f64(),
+        "data loaded"
+    );
+    let ids: Vec<String> = parts.iter().map(|(name, _)| name.clone()).collect();
+    let fleet = provision(&opts.out, "coordinator", &ids)?;
+
+    let broker = coevo_broker::start(BrokerConfig {
+        listen: coevo_broker::free_local_addr()?,
+        credentials: Some(fleet.credentials_path.clone()),
+        ..BrokerConfig::default()
+    })?;
+    let addr = broker.addr;
+
+    let cfg = CoordinatorConfig {
+        fleet: "demo".into(),
+        client_id: fleet.coordinator_id.clone(),
+        registry: fleet.registry_path.clone(),
+        out: opts.out.clone(),
+        rounds: opts.rounds,
+        seed: opts.seed,
+        broker: coevo_coordinator::config::BrokerEndpoint {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+            password: Some(fleet.coordinator_password.clone()),
+            connect_timeout_s: 30,
+        },
+        round: coevo_coordinator::config::RoundPolicy {
+            quorum: (parts.len() as u32).div_ceil(2),
+            timeout_s: opts.round_timeout,
+            below_quorum: BelowQuorum::Extend,
+            max_extensions: 1,
+        },
+        task: coevo_coordinator::config::TaskConfig {
+            epochs: opts.epochs,
+            batch_size: opts.batch,
+            lr: opts.lr,
+            momentum: 0.9,
+            prox_mu: 0.0,
+        },
+        ..CoordinatorConfig::default()
+    };
+    let coordinator = Coordinator::new(cfg, fleet.coordinator_key, split.test)?;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut agents = Vec::new();
+    let coordinator_public = coordinator_public_key(&fleet.dir)?;
+    for ((id, key, password), (_, indices)) in fleet.clients.into_iter().zip(parts.iter()) {
+        let mut o = AgentOptions::new("demo", &id, &fleet.coordinator_id, coordinator_public);
+        o.broker_host = addr.ip().to_string();
+        o.broker_port = addr.port();
+        o.password = Some(password);
+        o.seed = opts.seed;
+        let agent = Agent::new(o, key, split.train.subset(indices))?;
+        let mut rx = stop_rx.clone();
+        agents.push(tokio::spawn(agent.run(async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        })));
+    }
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let coord = tokio::spawn(coordinator.with_events(tx).run(std::future::pending()));
+    while let Some(ev) = rx.recv().await {
+        on_event(&ev);
+    }
+    let reports = coord.await.context("coordinator task")??;
+    let _ = stop_tx.send(true);
+    for a in agents {
+        match tokio::time::timeout(Duration::from_secs(10), a).await {
+            Ok(Ok(Ok(_))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "edge agent ended with an error"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "edge agent task failed"),
+            Err(_) => tracing::warn!("edge agent did not stop in time"),
+        }
+    }
+    Ok(reports)
+}
+
+fn coordinator_public_key(dir: &std::path::Path) -> Result<coevo_protocol::PublicKey> {
+    crate::provision::read_public(&dir.join("keys/coordinator.pub").display().to_string())
+}

@@ -1,0 +1,11 @@
+//! The `coevo` command: thin wiring of the workspace crates into subcommands, plus the pieces
+//! that assemble a whole fleet on one machine (`coevo demo`, end-to-end tests).
+//!
+//! # Layout
+//! - [`provision`]: keys, fleet registry and broker credentials for a fleet, written to a folder.
+//! - [`demo`]: embedded broker + coordinator + N edge agents over real MQTT on 127.0.0.1.
+//! - [`table`]: the round table printed by `coevo report`.
+
+pub mod demo;
+pub mod provision;
+pub mod table;

@@ -1,0 +1,108 @@
+//! Provisioning: the files a fleet needs, as `coevo keys` and `coevo fleet` write them.
+//!
+//! ```text
+//! DIR/keys/coordinator.pk8   coordinator signing key (PKCS#8)   DIR/keys/coordinator.pub (hex)
+//! DIR/keys/CLIENT.pk8        one per client                     DIR/keys/CLIENT.pub
+//! DIR/fleet.toml             registry: client id → public key
+//! DIR/credentials.toml       broker passwords (argon2id hashes)
+//! DIR/passwords/CLIENT       the plaintext passwords, for the devices (0600)
+//! ```
+
+use anyhow::{Context, Result};
+use coevo_broker::Credentials;
+use coevo_coordinator::FleetRegistry;
+use coevo_protocol::{PublicKey, SigningKey};
+use std::path::{Path, PathBuf};
+
+/// Writes a new key pair: `path` (PKCS#8, mode 0600) and `path` with extension `pub` (hex).
+pub fn write_key_pair(path: &Path) -> Result<SigningKey> {
+    let key = SigningKey::generate()?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    write_private(path, key.pkcs8())?;
+    std::fs::write(path.with_extension("pub"), format!("{}\n", key.public_key()))
+        .with_context(|| format!("writing {}", path.with_extension("pub").display()))?;
+    Ok(key)
+}
+
+fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    opts.mode(0o600);
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(data)?;
+    Ok(())
+}
+
+/// Reads a PKCS#8 private key file.
+pub fn read_key(path: &Path) -> Result<SigningKey> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading key {}", path.display()))?;
+    SigningKey::from_pkcs8(&bytes).with_context(|| format!("key {}", path.display()))
+}
+
+/// Reads a public key: hex text, or the `.pub` file written beside a private key.
+pub fn read_public(path_or_hex: &str) -> Result<PublicKey> {
+    let p = Path::new(path_or_hex);
+    let text = if p.is_file() {
+        std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
+    } else {
+        path_or_hex.to_string()
+    };
+    text.trim()
+        .parse()
+        .with_context(|| format!("public key {path_or_hex:?}"))
+}
+
+/// Everything a provisioned fleet consists of.
+pub struct Fleet {
+    pub dir: PathBuf,
+    pub coordinator_id: String,
+    pub coordinator_key: SigningKey,
+    pub coordinator_password: String,
+    /// (client id, signing key, broker password)
+    pub clients: Vec<(String, SigningKey, String)>,
+    pub registry_path: PathBuf,
+    pub credentials_path: PathBuf,
+}
+
+/// Creates keys, registry and credentials for a coordinator and `ids` in `dir`.
+pub fn provision(dir: &Path, coordinator_id: &str, ids: &[String]) -> Result<Fleet> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let coordinator_key = write_key_pair(&dir.join("keys").join(format!("{coordinator_id}.pk8")))?;
+    let mut registry = FleetRegistry::default();
+    let mut creds = Credentials::default();
+    let coordinator_password = coevo_broker::generate_password();
+    creds.set_password(coordinator_id, &coordinator_password)?;
+    let pw_dir = dir.join("passwords");
+    std::fs::create_dir_all(&pw_dir)?;
+    write_private(&pw_dir.join(coordinator_id), coordinator_password.as_bytes())?;
+    let mut clients = Vec::new();
+    for id in ids {
+        let key = write_key_pair(&dir.join("keys").join(format!("{id}.pk8")))?;
+        registry.add(id, &key.public_key())?;
+        let pw = coevo_broker::generate_password();
+        creds.set_password(id, &pw)?;
+        write_private(&pw_dir.join(id), pw.as_bytes())?;
+        clients.push((id.clone(), key, pw));
+    }
+    let registry_path = dir.join("fleet.toml");
+    registry.save(&registry_path)?;
+    let credentials_path = dir.join("credentials.toml");
+    creds.save(&credentials_path)?;
+    Ok(Fleet {
+        dir: dir.to_path_buf(),
+        coordinator_id: coordinator_id.to_string(),
+        coordinator_key,
+        coordinator_password,
+        clients,
+        registry_path,
+        credentials_path,
+    })
+}
