@@ -125,7 +125,7 @@ fn main() -> Result<()> {
         .context("starting the async runtime")?;
     match cli.command {
         Command::Broker { config } => {
-            init_tracing("info,rumqttd=warn");
+            init_tracing("info,rumqttd=error");
             let cfg = coevo_broker::BrokerConfig::from_toml_file(&config)?;
             let handle = coevo_broker::start(cfg)?;
             println!("coevo broker listening on {}", handle.addr);
@@ -174,7 +174,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Demo(opts) => {
-            init_tracing("warn");
+            init_tracing("warn,rumqttd=off");
             demo(&rt, &opts)
         }
     }
@@ -277,6 +277,16 @@ fn fleet(cmd: FleetCmd) -> Result<()> {
     Ok(())
 }
 
+/// Prints above the progress bar, or plainly when there is no terminal (the bar is hidden then,
+/// and so would be its `println`).
+fn say(bar: &ProgressBar, line: String) {
+    if bar.is_hidden() {
+        println!("{line}");
+    } else {
+        bar.println(line);
+    }
+}
+
 fn demo(rt: &tokio::runtime::Runtime, opts: &coevo::demo::DemoOptions) -> Result<()> {
     println!(
         "coevo demo: {} clients, {} rounds, split {}, data {}",
@@ -302,10 +312,10 @@ fn demo(rt: &tokio::runtime::Runtime, opts: &coevo::demo::DemoOptions) -> Result
         }
         RoundEvent::Accepted { accepted, .. } => bar.set_position(*accepted as u64),
         RoundEvent::Rejected { client, reason, .. } => {
-            bar.println(format!("  rejected {client}: {reason}"))
+            say(&bar, format!("  rejected {client}: {reason}"))
         }
         RoundEvent::Finished(r) => {
-            bar.println(format!(
+            say(&bar, format!(
                 "round {:>3}/{rounds}  accepted {:>3}/{:<3} rejected {:>2}  student acc {:.4}  teacher acc {}  up {:>8} B  down {:>8} B  {:.1}s",
                 r.round,
                 r.accepted,

@@ -73,7 +73,9 @@ struct RoundBook {
 pub struct Coordinator {
     cfg: CoordinatorConfig,
     key: SigningKey,
-    test: Option<Dataset>,
+    /// Taken by `run`. In a mutex because tch tensors are `Send` but not `Sync`, and the round
+    /// futures borrow `self` across awaits.
+    test: Mutex<Option<Dataset>>,
     events: Option<mpsc::UnboundedSender<RoundEvent>>,
 }
 
@@ -95,7 +97,7 @@ impl Coordinator {
         Ok(Coordinator {
             cfg,
             key,
-            test: Some(test),
+            test: Mutex::new(Some(test)),
             events: None,
         })
     }
@@ -132,7 +134,9 @@ impl Coordinator {
         let state = store.load_state()?;
         let test = self
             .test
-            .take()
+            .lock()
+            .ok()
+            .and_then(|mut t| t.take())
             .ok_or_else(|| CoordinatorError::Config("coordinator already ran".into()))?;
         let shape = test.shape;
         tch::manual_seed(cfg.seed as i64);

@@ -83,7 +83,11 @@ enum Upload {
 pub struct Agent {
     opts: AgentOptions,
     key: SigningKey,
-    data: Dataset,
+    /// In a mutex because tch tensors are `Send` but not `Sync`, and the round futures borrow
+    /// `self` across awaits.
+    data: std::sync::Mutex<Dataset>,
+    samples: usize,
+    shape: DataShape,
     summary: AgentSummary,
 }
 
@@ -100,7 +104,9 @@ impl Agent {
         Ok(Agent {
             opts,
             key,
-            data,
+            samples: data.len(),
+            shape: data.shape,
+            data: std::sync::Mutex::new(data),
             summary: AgentSummary::default(),
         })
     }
@@ -346,10 +352,10 @@ impl Agent {
             width: m.model.arch.width as usize,
             classes: m.model.arch.classes as usize,
         };
-        if shape != self.data.shape {
+        if shape != self.shape {
             return Err(EdgeError::Config(format!(
                 "the round's model expects {shape:?}, local data is {:?}",
-                self.data.shape
+                self.shape
             )));
         }
         let cfg = TrainConfig {
@@ -363,7 +369,11 @@ impl Agent {
         let codec = model_codec(m.model.codec);
         let up_codec = model_codec(m.uplink_codec);
         let base = base.to_vec();
-        let data = self.data.shallow_clone();
+        let data = self
+            .data
+            .lock()
+            .map_err(|_| EdgeError::Task("dataset lock poisoned".into()))?
+            .shallow_clone();
         tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, LocalMetrics), EdgeError> {
             let t0 = Instant::now();
             let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
@@ -406,7 +416,7 @@ impl Agent {
             round: m.round,
             client: o.client_id.clone(),
             base_digest: m.model.digest,
-            samples: self.data.len() as u64,
+            samples: self.samples as u64,
             metrics,
             codec: m.uplink_codec,
             payload_digest,

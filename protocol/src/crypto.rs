@@ -135,6 +135,20 @@ impl SigningKey {
     }
 }
 
+impl Clone for SigningKey {
+    fn clone(&self) -> Self {
+        // ring's key pair is not Clone; re-parse the PKCS#8 document, which was validated
+        // when this key was made, so this cannot fail.
+        match Ed25519KeyPair::from_pkcs8_maybe_unchecked(&self.pkcs8) {
+            Ok(pair) => SigningKey {
+                pair,
+                pkcs8: self.pkcs8.clone(),
+            },
+            Err(_) => unreachable!("PKCS#8 document validated at construction"),
+        }
+    }
+}
+
 impl fmt::Debug for SigningKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "SigningKey(public {:?})", self.public_key())
