@@ -9,7 +9,7 @@ use coevo_coordinator::config::{BelowQuorum, CoordinatorConfig};
 use coevo_coordinator::{Coordinator, RoundEvent, RoundReport};
 use coevo_edge::{Agent, AgentOptions};
 use coevo_models::partition::{partition, PartitionSpec};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Demo settings (the `coevo demo` flags).
@@ -28,9 +28,10 @@ pub struct DemoOptions {
     /// Dataset directory (IDX or image folder).
     #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
     pub data: PathBuf,
-    /// Output directory: reports, checkpoints, keys, registry. Must not hold a previous run.
-    #[arg(long, default_value = "out/demo")]
-    pub out: PathBuf,
+    /// Output directory: reports, checkpoints, keys, registry (default: a new
+    /// out/demo-<unix time>). Must not hold a previous run.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
     /// Local epochs per round.
     #[arg(long, default_value_t = 1)]
     pub epochs: u32,
@@ -49,35 +50,40 @@ pub struct DemoOptions {
 }
 
 impl DemoOptions {
+    /// `--split` names the kind without the client count, which comes from `--clients`.
     fn partition_spec(&self) -> Result<PartitionSpec> {
         let n = self.clients;
-        let spec = match self.split.split(':').collect::<Vec<_>>().as_slice() {
-            ["natural"] => PartitionSpec::Natural,
-            ["iid"] => PartitionSpec::Iid { clients: n },
-            ["dirichlet", a] => PartitionSpec::Dirichlet {
-                clients: n,
-                alpha: a.parse().context("--split dirichlet:ALPHA")?,
-            },
-            ["shards", k] => PartitionSpec::Shards {
-                clients: n,
-                shards_per_client: k.parse().context("--split shards:K")?,
-            },
-            _ => bail!(
-                "--split {:?}: use dirichlet:ALPHA, iid, shards:K or natural",
-                self.split
-            ),
+        let full = match self.split.split_once(':') {
+            _ if self.split == "natural" => self.split.clone(),
+            None => format!("{}:{n}", self.split),
+            Some((kind, rest)) => format!("{kind}:{n}:{rest}"),
         };
-        Ok(spec)
+        Ok(full.parse()?)
+    }
+
+    /// The output directory: `--out`, or a new `out/demo-<unix time>`.
+    pub fn out_dir(&self) -> PathBuf {
+        self.out.clone().unwrap_or_else(|| {
+            let secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            PathBuf::from(format!("out/demo-{secs}"))
+        })
     }
 }
 
 /// Runs the demo; `on_event` sees every coordinator event (the CLI prints progress from it).
-pub async fn run(opts: &DemoOptions, mut on_event: impl FnMut(&RoundEvent)) -> Result<Vec<RoundReport>> {
+pub async fn run(
+    opts: &DemoOptions,
+    out: &Path,
+    mut on_event: impl FnMut(&RoundEvent),
+) -> Result<Vec<RoundReport>> {
     let spec = opts.partition_spec()?;
-    if opts.out.join("state.json").exists() {
+    if out.join("state.json").exists() {
         bail!(
             "{} already holds a run; choose another --out or delete it",
-            opts.out.display()
+            out.display()
         );
     }
     let t0 = Instant::now();
@@ -97,7 +103,7 @@ pub async fn run(opts: &DemoOptions, mut on_event: impl FnMut(&RoundEvent)) -> R
         "data loaded"
     );
     let ids: Vec<String> = parts.iter().map(|(name, _)| name.clone()).collect();
-    let fleet = provision(&opts.out, "coordinator", &ids)?;
+    let fleet = provision(out, "coordinator", &ids)?;
 
     let broker = coevo_broker::start(BrokerConfig {
         listen: coevo_broker::free_local_addr()?,
@@ -110,7 +116,7 @@ pub async fn run(opts: &DemoOptions, mut on_event: impl FnMut(&RoundEvent)) -> R
         fleet: "demo".into(),
         client_id: fleet.coordinator_id.clone(),
         registry: fleet.registry_path.clone(),
-        out: opts.out.clone(),
+        out: out.to_path_buf(),
         rounds: opts.rounds,
         seed: opts.seed,
         broker: coevo_coordinator::config::BrokerEndpoint {

@@ -112,8 +112,8 @@ enum FleetCmd {
 }
 
 fn init_tracing(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| default.into());
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
     tracing_subscriber::fmt().with_env_filter(filter).init();
 }
 
@@ -232,7 +232,11 @@ fn fleet(cmd: FleetCmd) -> Result<()> {
             creds.set_password(&id, &pw)?;
             reg.save(&registry)?;
             creds.save(&credentials)?;
-            eprintln!("added {id} to {} and {}", registry.display(), credentials.display());
+            eprintln!(
+                "added {id} to {} and {}",
+                registry.display(),
+                credentials.display()
+            );
             if generated {
                 println!("{pw}");
             }
@@ -288,12 +292,14 @@ fn say(bar: &ProgressBar, line: String) {
 }
 
 fn demo(rt: &tokio::runtime::Runtime, opts: &coevo::demo::DemoOptions) -> Result<()> {
+    let out = opts.out_dir();
     println!(
-        "coevo demo: {} clients, {} rounds, split {}, data {}",
+        "coevo demo: {} clients, {} rounds, split {}, data {}, output {}",
         opts.clients,
         opts.rounds,
         opts.split,
-        opts.data.display()
+        opts.data.display(),
+        out.display()
     );
     let bar = ProgressBar::new(0);
     bar.set_style(
@@ -301,7 +307,7 @@ fn demo(rt: &tokio::runtime::Runtime, opts: &coevo::demo::DemoOptions) -> Result
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let rounds = opts.rounds;
-    let reports = rt.block_on(coevo::demo::run(opts, |ev| match ev {
+    let reports = rt.block_on(coevo::demo::run(opts, &out, |ev| match ev {
         RoundEvent::Started {
             round, registered, ..
         } => {
@@ -337,7 +343,7 @@ fn demo(rt: &tokio::runtime::Runtime, opts: &coevo::demo::DemoOptions) -> Result
             "done: round {} student test accuracy {:.4}; reports in {}",
             last.round,
             last.student.test_accuracy.unwrap_or(f64::NAN),
-            opts.out.join("reports").display()
+            out.join("reports").display()
         );
     }
     Ok(())

@@ -21,8 +21,11 @@ pub fn write_key_pair(path: &Path) -> Result<SigningKey> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     write_private(path, key.pkcs8())?;
-    std::fs::write(path.with_extension("pub"), format!("{}\n", key.public_key()))
-        .with_context(|| format!("writing {}", path.with_extension("pub").display()))?;
+    std::fs::write(
+        path.with_extension("pub"),
+        format!("{}\n", key.public_key()),
+    )
+    .with_context(|| format!("writing {}", path.with_extension("pub").display()))?;
     Ok(key)
 }
 
@@ -82,7 +85,10 @@ pub fn provision(dir: &Path, coordinator_id: &str, ids: &[String]) -> Result<Fle
     creds.set_password(coordinator_id, &coordinator_password)?;
     let pw_dir = dir.join("passwords");
     std::fs::create_dir_all(&pw_dir)?;
-    write_private(&pw_dir.join(coordinator_id), coordinator_password.as_bytes())?;
+    write_private(
+        &pw_dir.join(coordinator_id),
+        coordinator_password.as_bytes(),
+    )?;
     let mut clients = Vec::new();
     for id in ids {
         let key = write_key_pair(&dir.join("keys").join(format!("{id}.pk8")))?;

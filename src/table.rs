@@ -21,7 +21,15 @@ pub fn render(reports: &[RoundReport]) -> String {
     let _ = writeln!(
         s,
         "{:>5}  {:<9}  {:>8}  {:>8}  {:>8}  {:>8}  {:>11}  {:>11}  {:>9}",
-        "round", "outcome", "accepted", "rejected", "student", "teacher", "bytes down", "bytes up", "time"
+        "round",
+        "outcome",
+        "accepted",
+        "rejected",
+        "student",
+        "teacher",
+        "bytes down",
+        "bytes up",
+        "time"
     );
     for r in reports {
         let _ = writeln!(

@@ -15,7 +15,9 @@ use coevo_models::partition::{partition, PartitionSpec};
 use coevo_models::{DataShape, WeightCodec as ModelCodec, Weights};
 use coevo_mqtt::{Incoming, Session, Settings};
 use coevo_protocol::envelope::{self, Kind};
-use coevo_protocol::{digest, DeltaChunk, DeltaHeader, LocalMetrics, Signed, SigningKey, Topic, WeightCodec};
+use coevo_protocol::{
+    digest, DeltaChunk, DeltaHeader, LocalMetrics, Signed, SigningKey, Topic, WeightCodec,
+};
 use std::time::Duration;
 
 const FLEET: &str = "e2e";
@@ -84,7 +86,13 @@ async fn two_rounds_with_attacks_rejected() {
         classes: 10,
     };
     let data = synthetic(900, 300, shape, 7);
-    let parts = partition(&data.train.labels_vec(), None, &PartitionSpec::Iid { clients: 3 }, 3).unwrap();
+    let parts = partition(
+        &data.train.labels_vec(),
+        None,
+        &PartitionSpec::Iid { clients: 3 },
+        3,
+    )
+    .unwrap();
 
     let coordinator_public = fleet.coordinator_key.public_key();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -170,7 +178,12 @@ async fn two_rounds_with_attacks_rejected() {
                 let stranger = SigningKey::generate().unwrap();
                 let mut attacks = vec![
                     // 1. signed with a key the registry doesn't know
-                    chunk_message("mallory", 2, header(payload.len() as u64, &stranger, "mallory"), payload.clone()),
+                    chunk_message(
+                        "mallory",
+                        2,
+                        header(payload.len() as u64, &stranger, "mallory"),
+                        payload.clone(),
+                    ),
                     // 2. truncated: the signed header promises more bytes than arrive
                     chunk_message(
                         "mallory",
@@ -179,7 +192,12 @@ async fn two_rounds_with_attacks_rejected() {
                         payload[..payload.len() / 2].to_vec(),
                     ),
                     // 3. a client id that is not in the registry
-                    chunk_message("intruder", 2, header(payload.len() as u64, &stranger, "intruder"), payload.clone()),
+                    chunk_message(
+                        "intruder",
+                        2,
+                        header(payload.len() as u64, &stranger, "intruder"),
+                        payload.clone(),
+                    ),
                 ];
                 // 4. cam-0's real round-1 delta, replayed verbatim into round 2
                 attacks.extend(captured.iter().cloned());
@@ -198,14 +216,24 @@ async fn two_rounds_with_attacks_rejected() {
             .unwrap()
             .unwrap()
             .unwrap();
-        assert_eq!(summary.accepted_rounds, vec![1, 2], "every honest delta accepted");
+        assert_eq!(
+            summary.accepted_rounds,
+            vec![1, 2],
+            "every honest delta accepted"
+        );
     }
 
     assert_eq!(reports.len(), 2);
     for r in &reports {
-        assert!(out.join(format!("reports/round-{:04}.json", r.round)).is_file());
+        assert!(out
+            .join(format!("reports/round-{:04}.json", r.round))
+            .is_file());
         assert_eq!(r.outcome, "completed");
-        assert_eq!(r.accepted, 3, "round {} accepted the 3 honest deltas", r.round);
+        assert_eq!(
+            r.accepted, 3,
+            "round {} accepted the 3 honest deltas",
+            r.round
+        );
         let mut clients: Vec<&str> = r.clients.iter().map(|c| c.client.as_str()).collect();
         clients.sort();
         assert_eq!(clients, vec!["cam-0", "cam-1", "cam-2"]);
@@ -218,7 +246,10 @@ async fn two_rounds_with_attacks_rejected() {
     );
     let chance = 1.0 / shape.classes as f64;
     assert!(a1 > chance + 0.2, "round 1 learned something: {a1}");
-    assert!(a2 >= a1 - 0.02 && a2 > chance + 0.3, "accuracy rose: {a1} -> {a2}");
+    assert!(
+        a2 >= a1 - 0.02 && a2 > chance + 0.3,
+        "accuracy rose: {a1} -> {a2}"
+    );
 
     assert!(reports[0].rejected.is_empty(), "{:?}", reports[0].rejected);
     let rejected = &reports[1].rejected;

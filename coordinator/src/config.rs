@@ -175,7 +175,12 @@ impl CoordinatorConfig {
         let mut cfg: CoordinatorConfig = toml::from_str(&text)
             .map_err(|e| CoordinatorError::Config(format!("{}: {e}", path.display())))?;
         if let Some(base) = path.parent() {
-            for p in [&mut cfg.key, &mut cfg.registry, &mut cfg.out, &mut cfg.data.path] {
+            for p in [
+                &mut cfg.key,
+                &mut cfg.registry,
+                &mut cfg.out,
+                &mut cfg.data.path,
+            ] {
                 if p.is_relative() {
                     *p = base.join(&*p);
                 }
@@ -198,11 +203,42 @@ impl CoordinatorConfig {
             return bad("task.epochs and task.batch_size must be positive".into());
         }
         if !(self.task.lr.is_finite() && self.task.lr > 0.0) {
-            return bad(format!("task.lr must be a positive number, got {}", self.task.lr));
+            return bad(format!(
+                "task.lr must be a positive number, got {}",
+                self.task.lr
+            ));
         }
         if self.round.timeout_s == 0 {
             return bad("round.timeout_s must be positive".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_config_parses_and_matches_defaults() {
+        let sample: CoordinatorConfig =
+            toml::from_str(include_str!("../coordinator.sample.toml")).unwrap();
+        sample.validate().unwrap();
+        let d = CoordinatorConfig::default();
+        assert_eq!(sample.rounds, d.rounds);
+        assert_eq!(sample.transfer.chunk_size, d.transfer.chunk_size);
+        assert_eq!(sample.round.timeout_s, d.round.timeout_s);
+        assert_eq!(sample.task.lr, d.task.lr);
+    }
+
+    #[test]
+    fn typos_and_bad_values_are_errors() {
+        assert!(toml::from_str::<CoordinatorConfig>("roundz = 3").is_err());
+        let mut c = CoordinatorConfig::default();
+        c.task.lr = f64::NAN;
+        assert!(c.validate().is_err());
+        c = CoordinatorConfig::default();
+        c.fleet = "a/b".into();
+        assert!(c.validate().is_err());
     }
 }

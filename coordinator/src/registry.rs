@@ -23,10 +23,12 @@ pub struct FleetRegistry {
 
 impl FleetRegistry {
     pub fn load(path: &Path) -> Result<Self, CoordinatorError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| CoordinatorError::Config(format!("fleet registry {}: {e}", path.display())))?;
-        let reg: FleetRegistry = toml::from_str(&text)
-            .map_err(|e| CoordinatorError::Config(format!("fleet registry {}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            CoordinatorError::Config(format!("fleet registry {}: {e}", path.display()))
+        })?;
+        let reg: FleetRegistry = toml::from_str(&text).map_err(|e| {
+            CoordinatorError::Config(format!("fleet registry {}: {e}", path.display()))
+        })?;
         for (id, entry) in &reg.clients {
             validate_id(id).map_err(|e| CoordinatorError::Config(e.to_string()))?;
             entry.public_key.parse::<PublicKey>().map_err(|e| {

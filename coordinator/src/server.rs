@@ -272,7 +272,9 @@ impl Coordinator {
                         digest: old,
                         index: i,
                     };
-                    session.publish(t.path(&cfg.fleet), Vec::new(), true).await?;
+                    session
+                        .publish(t.path(&cfg.fleet), Vec::new(), true)
+                        .await?;
                 }
             }
         }
@@ -350,14 +352,28 @@ impl Coordinator {
                     tracing::warn!(error = %e, "broker connection lost; reconnecting")
                 }
                 Some(Incoming::Publish(p)) => {
-                    let Some((client, upload_round, header, payload)) =
-                        self.on_chunk(&p, &mut reasm, &mut headers, chunk_limit, &mut book, session, round)
-                            .await?
+                    let Some((client, upload_round, header, payload)) = self
+                        .on_chunk(
+                            &p,
+                            &mut reasm,
+                            &mut headers,
+                            chunk_limit,
+                            &mut book,
+                            session,
+                            round,
+                        )
+                        .await?
                     else {
                         continue;
                     };
                     self.on_upload(
-                        &ctx, session, store, &mut book, client, upload_round, header,
+                        &ctx,
+                        session,
+                        store,
+                        &mut book,
+                        client,
+                        upload_round,
+                        header,
                         payload,
                     )
                     .await?;
@@ -444,7 +460,10 @@ impl Coordinator {
         };
         let json = serde_json::to_vec_pretty(&report)
             .map_err(|e| CoordinatorError::Io(format!("report: {e}")))?;
-        write_atomic(&store.checkpoint_path(round), &global.encode(coevo_models::WeightCodec::F32)?)?;
+        write_atomic(
+            &store.checkpoint_path(round),
+            &global.encode(coevo_models::WeightCodec::F32)?,
+        )?;
         write_atomic(&store.report_path(round), &json)?;
         store.save_state(&State {
             completed_round: round,
@@ -545,11 +564,24 @@ impl Coordinator {
                 if let Some(prev) = book.accepted.get(&client).filter(|_| hd.round == ctx.round) {
                     if prev.header.payload_digest == payload_digest {
                         return self
-                            .receipt(session, &client, hd.round, payload_digest, ReceiptOutcome::Accepted)
+                            .receipt(
+                                session,
+                                &client,
+                                hd.round,
+                                payload_digest,
+                                ReceiptOutcome::Accepted,
+                            )
                             .await;
                     }
                     return self
-                        .reject(session, book, &client, hd.round, payload_digest, RejectReason::ConflictingUpload)
+                        .reject(
+                            session,
+                            book,
+                            &client,
+                            hd.round,
+                            payload_digest,
+                            RejectReason::ConflictingUpload,
+                        )
                         .await;
                 }
             }
@@ -569,8 +601,14 @@ impl Coordinator {
                         bytes: payload.len() as u64,
                     },
                 );
-                self.receipt(session, &client, ctx.round, payload_digest, ReceiptOutcome::Accepted)
-                    .await?;
+                self.receipt(
+                    session,
+                    &client,
+                    ctx.round,
+                    payload_digest,
+                    ReceiptOutcome::Accepted,
+                )
+                .await?;
                 tracing::info!(round = ctx.round, client = %client, accepted = book.accepted.len(), "delta accepted");
                 self.emit(RoundEvent::Accepted {
                     round: ctx.round,
@@ -613,8 +651,14 @@ impl Coordinator {
                 reason: text,
             });
         }
-        self.receipt(session, client, round, payload_digest, ReceiptOutcome::Rejected(reason))
-            .await
+        self.receipt(
+            session,
+            client,
+            round,
+            payload_digest,
+            ReceiptOutcome::Rejected(reason),
+        )
+        .await
     }
 
     async fn receipt(
@@ -672,7 +716,10 @@ async fn publish_round(
     Ok(())
 }
 
-async fn wait_connected(session: &mut Session, cfg: &CoordinatorConfig) -> Result<(), CoordinatorError> {
+async fn wait_connected(
+    session: &mut Session,
+    cfg: &CoordinatorConfig,
+) -> Result<(), CoordinatorError> {
     let limit = Duration::from_secs(cfg.broker.connect_timeout_s);
     let mut last_error = String::from("no answer");
     let wait = async {

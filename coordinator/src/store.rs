@@ -66,11 +66,16 @@ impl Store {
     }
 
     pub fn report_path(&self, round: u64) -> PathBuf {
-        self.root.join("reports").join(format!("round-{round:04}.json"))
+        self.root
+            .join("reports")
+            .join(format!("round-{round:04}.json"))
     }
 
     pub fn delta_dir(&self, round: u64) -> PathBuf {
-        self.root.join("rounds").join(format!("{round:04}")).join("deltas")
+        self.root
+            .join("rounds")
+            .join(format!("{round:04}"))
+            .join("deltas")
     }
 
     pub fn load_state(&self) -> Result<State, CoordinatorError> {
@@ -107,7 +112,10 @@ impl Store {
                 data: payload.to_vec(),
             },
         );
-        write_atomic(&self.delta_dir(round).join(format!("{client}.bin")), &record)
+        write_atomic(
+            &self.delta_dir(round).join(format!("{client}.bin")),
+            &record,
+        )
     }
 
     /// Reads back the accepted deltas of a round (after a restart).
@@ -130,8 +138,9 @@ impl Store {
             }
             let bytes = std::fs::read(&path)
                 .map_err(|e| CoordinatorError::Io(format!("{}: {e}", path.display())))?;
-            let rec = coevo_protocol::envelope::decode(&bytes, coevo_protocol::Kind::DeltaChunk, limit)
-                .map_err(|e| CoordinatorError::Io(format!("{}: {e}", path.display())))?;
+            let rec =
+                coevo_protocol::envelope::decode(&bytes, coevo_protocol::Kind::DeltaChunk, limit)
+                    .map_err(|e| CoordinatorError::Io(format!("{}: {e}", path.display())))?;
             out.push(rec);
         }
         out.sort_by(|a, b| a.client.cmp(&b.client));

@@ -130,7 +130,10 @@ mod tests {
     #[test]
     fn empty_and_mismatched_layouts_are_errors() {
         let base = w(&[1.0, 1.0]);
-        assert!(matches!(FedAvg.aggregate(&base, &[]), Err(StrategyError::Empty)));
+        assert!(matches!(
+            FedAvg.aggregate(&base, &[]),
+            Err(StrategyError::Empty)
+        ));
         let bad = vec![Update {
             client: "x".into(),
             samples: 1,

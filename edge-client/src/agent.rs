@@ -38,7 +38,12 @@ pub struct AgentOptions {
 }
 
 impl AgentOptions {
-    pub fn new(fleet: &str, client_id: &str, coordinator_id: &str, coordinator_key: PublicKey) -> Self {
+    pub fn new(
+        fleet: &str,
+        client_id: &str,
+        coordinator_id: &str,
+        coordinator_key: PublicKey,
+    ) -> Self {
         AgentOptions {
             fleet: fleet.into(),
             client_id: client_id.into(),
@@ -112,7 +117,10 @@ impl Agent {
     }
 
     /// Runs rounds until `max_rounds` or `shutdown`.
-    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<AgentSummary, EdgeError> {
+    pub async fn run(
+        mut self,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<AgentSummary, EdgeError> {
         let o = &self.opts;
         let status_topic = Topic::Status {
             client: o.client_id.clone(),
@@ -134,7 +142,10 @@ impl Agent {
             r = self.rounds(&mut session) => r,
             _ = shutdown => Ok(()),
         };
-        let status = self.status(StatusState::Offline, self.summary.accepted_rounds.last().copied());
+        let status = self.status(
+            StatusState::Offline,
+            self.summary.accepted_rounds.last().copied(),
+        );
         let _ = session.publish(self.status_topic(), status, true).await;
         session.close().await;
         result.map(|_| self.summary)
@@ -196,7 +207,9 @@ impl Agent {
                 }
                 Upload::Receipt(ReceiptOutcome::Rejected(reason)) => {
                     tracing::error!(client = %self.opts.client_id, round, reason = %reason, "delta rejected");
-                    self.summary.rejected_rounds.push((round, reason.to_string()));
+                    self.summary
+                        .rejected_rounds
+                        .push((round, reason.to_string()));
                 }
                 Upload::Newer(m) => {
                     tracing::warn!(client = %self.opts.client_id, round, "round closed before a receipt arrived");
@@ -235,7 +248,8 @@ impl Agent {
                 }
             },
             Topic::ModelChunk { .. } => {
-                match envelope::decode::<ModelChunk>(&p.payload, Kind::ModelChunk, 4 * 1024 * 1024) {
+                match envelope::decode::<ModelChunk>(&p.payload, Kind::ModelChunk, 4 * 1024 * 1024)
+                {
                     Ok(c) => Event::ModelChunk(c),
                     Err(e) => {
                         self.summary.ignored_messages += 1;
@@ -282,7 +296,10 @@ impl Agent {
             )
             .map_err(|e| e.to_string())?;
         if m.fleet != self.opts.fleet || m.coordinator != self.opts.coordinator_id {
-            return Err(format!("manifest for fleet {} from {}", m.fleet, m.coordinator));
+            return Err(format!(
+                "manifest for fleet {} from {}",
+                m.fleet, m.coordinator
+            ));
         }
         if m.model.size > MAX_MODEL_BYTES {
             return Err(format!("model of {} bytes is over our limit", m.model.size));
@@ -297,13 +314,20 @@ impl Agent {
             .ok_or_else(|| EdgeError::Broker("MQTT session ended".into()))?;
         let ev = self.classify(ev);
         if let Event::Connected = ev {
-            let s = self.status(StatusState::Online, self.summary.accepted_rounds.last().copied());
+            let s = self.status(
+                StatusState::Online,
+                self.summary.accepted_rounds.last().copied(),
+            );
             session.publish(self.status_topic(), s, true).await?;
         }
         Ok(ev)
     }
 
-    async fn next_manifest(&mut self, session: &mut Session, after: u64) -> Result<Box<RoundManifest>, EdgeError> {
+    async fn next_manifest(
+        &mut self,
+        session: &mut Session,
+        after: u64,
+    ) -> Result<Box<RoundManifest>, EdgeError> {
         loop {
             if let Event::Manifest(m) = self.next_event(session).await? {
                 if m.round > after {
@@ -321,14 +345,17 @@ impl Agent {
     ) -> Result<Result<Vec<u8>, Box<RoundManifest>>, EdgeError> {
         let filter = Topic::model_filter(&self.opts.fleet, &m.model.digest);
         session.subscribe(&filter).await?;
-        let mut reasm: Reassembler<Digest> = Reassembler::new(1, m.model.size as usize, m.model.chunks.max(1));
+        let mut reasm: Reassembler<Digest> =
+            Reassembler::new(1, m.model.size as usize, m.model.chunks.max(1));
         let result = loop {
             match self.next_event(session).await? {
                 Event::Manifest(newer) if newer.round > m.round => break Err(newer),
                 Event::ModelChunk(c) if c.digest == m.model.digest => {
                     match reasm.insert(c.digest, c.index, c.total, c.data) {
                         Ok(Some(bytes)) => {
-                            if bytes.len() as u64 == m.model.size && digest(&bytes) == m.model.digest {
+                            if bytes.len() as u64 == m.model.size
+                                && digest(&bytes) == m.model.digest
+                            {
                                 break Ok(bytes);
                             }
                             tracing::warn!(client = %self.opts.client_id, "model bytes do not match the signed digest; waiting for a re-publish");
@@ -345,7 +372,11 @@ impl Agent {
     }
 
     /// Fine-tunes on local data; returns the encoded delta against the weights as received.
-    async fn train_round(&self, m: &RoundManifest, base: &[u8]) -> Result<(Vec<u8>, LocalMetrics), EdgeError> {
+    async fn train_round(
+        &self,
+        m: &RoundManifest,
+        base: &[u8],
+    ) -> Result<(Vec<u8>, LocalMetrics), EdgeError> {
         let shape = DataShape {
             channels: m.model.arch.channels as usize,
             height: m.model.arch.height as usize,
@@ -460,7 +491,9 @@ impl Agent {
                     _ = tokio::time::sleep_until(until) => break,
                 };
                 match ev {
-                    Event::Receipt(r) if r.round == m.round && r.payload_digest == payload_digest => {
+                    Event::Receipt(r)
+                        if r.round == m.round && r.payload_digest == payload_digest =>
+                    {
                         return Ok(Upload::Receipt(r.outcome));
                     }
                     Event::Manifest(newer) if newer.round > m.round => {

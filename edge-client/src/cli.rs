@@ -37,7 +37,13 @@ pub async fn run(args: &EdgeArgs) -> Result<(), EdgeError> {
     let indices = parts
         .iter()
         .find(|(name, _)| *name == cfg.data.part)
-        .or_else(|| cfg.data.part.parse::<usize>().ok().and_then(|i| parts.get(i)))
+        .or_else(|| {
+            cfg.data
+                .part
+                .parse::<usize>()
+                .ok()
+                .and_then(|i| parts.get(i))
+        })
         .map(|(_, idx)| idx.clone())
         .ok_or_else(|| {
             EdgeError::Config(format!(

@@ -107,3 +107,34 @@ impl EdgeConfig {
             .map_err(|e| EdgeError::Config(format!("coordinator_key: {e}")))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_config_parses() {
+        let cfg: EdgeConfig = toml::from_str(include_str!("../edge.sample.toml")).unwrap();
+        assert_eq!(cfg.client_id, "cam-001");
+        assert_eq!(cfg.data.partition, "dirichlet:10:0.5");
+        let spec: Result<coevo_models::partition::PartitionSpec, _> = cfg.data.partition.parse();
+        assert!(spec.is_ok());
+    }
+
+    #[test]
+    fn coordinator_key_from_hex_or_file() {
+        let key = coevo_protocol::SigningKey::generate().unwrap().public_key();
+        let dir = std::env::temp_dir().join(format!("coevo-edge-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.pub");
+        std::fs::write(&file, format!("{key}\n")).unwrap();
+        let mut cfg: EdgeConfig = toml::from_str(include_str!("../edge.sample.toml")).unwrap();
+        cfg.coordinator_key = key.to_string();
+        assert_eq!(cfg.coordinator_public_key().unwrap(), key);
+        cfg.coordinator_key = file.display().to_string();
+        assert_eq!(cfg.coordinator_public_key().unwrap(), key);
+        cfg.coordinator_key = "not hex".into();
+        assert!(cfg.coordinator_public_key().is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -3,7 +3,10 @@
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(version, about = "coevo edge agent: fine-tunes the fleet's student on local data and uploads signed deltas")]
+#[command(
+    version,
+    about = "coevo edge agent: fine-tunes the fleet's student on local data and uploads signed deltas"
+)]
 struct Cli {
     #[command(flatten)]
     edge: coevo_edge::cli::EdgeArgs,

@@ -65,7 +65,9 @@ impl Settings {
 pub enum Incoming {
     /// A (re)connection was acknowledged; subscriptions have been re-sent. Owners republish
     /// what the broker may have lost (e.g. retained state after a broker restart).
-    Connected { session_present: bool },
+    Connected {
+        session_present: bool,
+    },
     /// The connection dropped; the session keeps retrying with backoff.
     Disconnected(String),
     Publish(Publish),
@@ -176,7 +178,12 @@ impl Session {
     }
 
     /// Publishes at QoS 1.
-    pub async fn publish(&self, topic: String, payload: Vec<u8>, retain: bool) -> Result<(), MqttError> {
+    pub async fn publish(
+        &self,
+        topic: String,
+        payload: Vec<u8>,
+        retain: bool,
+    ) -> Result<(), MqttError> {
         self.client
             .publish(topic, QoS::AtLeastOnce, retain, payload)
             .await?;

@@ -91,12 +91,15 @@ impl<K: Eq + Hash + Clone> Reassembler<K> {
                 max: self.max_transfers,
             });
         }
-        let t = self.transfers.entry(key.clone()).or_insert_with(|| Transfer {
-            parts: vec![None; total as usize],
-            received: 0,
-            bytes: 0,
-            started: Instant::now(),
-        });
+        let t = self
+            .transfers
+            .entry(key.clone())
+            .or_insert_with(|| Transfer {
+                parts: vec![None; total as usize],
+                received: 0,
+                bytes: 0,
+                started: Instant::now(),
+            });
         if t.parts.len() != total as usize {
             let expected = t.parts.len() as u32;
             self.transfers.remove(&key);
@@ -189,7 +192,10 @@ mod tests {
             Err(ChunkError::IndexOutOfRange { index: 2, total: 2 })
         );
         assert_eq!(r.insert(1, 0, 2, vec![0; 4]), Ok(None));
-        assert_eq!(r.insert(2, 0, 2, vec![0; 4]), Err(ChunkError::Busy { max: 1 }));
+        assert_eq!(
+            r.insert(2, 0, 2, vec![0; 4]),
+            Err(ChunkError::Busy { max: 1 })
+        );
         assert_eq!(
             r.insert(1, 1, 3, vec![0; 4]),
             Err(ChunkError::TotalMismatch {
@@ -199,7 +205,10 @@ mod tests {
         );
         assert_eq!(r.in_flight(), 0);
         assert_eq!(r.insert(1, 0, 2, vec![0; 5]), Ok(None));
-        assert_eq!(r.insert(1, 1, 2, vec![0; 5]), Err(ChunkError::TooLarge { max: 8 }));
+        assert_eq!(
+            r.insert(1, 1, 2, vec![0; 5]),
+            Err(ChunkError::TooLarge { max: 8 })
+        );
         assert_eq!(r.in_flight(), 0);
         r.insert(3, 0, 2, vec![1]).unwrap();
         assert_eq!(r.expire(Duration::ZERO), vec![3]);

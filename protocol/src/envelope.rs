@@ -90,7 +90,11 @@ pub fn peek_kind(bytes: &[u8], limit: usize) -> Result<Kind, DecodeError> {
 }
 
 /// Decodes a `kind` message of at most `limit` bytes.
-pub fn decode<T: DeserializeOwned>(bytes: &[u8], kind: Kind, limit: usize) -> Result<T, DecodeError> {
+pub fn decode<T: DeserializeOwned>(
+    bytes: &[u8],
+    kind: Kind,
+    limit: usize,
+) -> Result<T, DecodeError> {
     let got = peek_kind(bytes, limit)?;
     if got != kind {
         return Err(DecodeError::WrongKind {
@@ -212,7 +216,10 @@ mod tests {
     fn round_trip_and_kind_checks() {
         let h = header();
         let bytes = encode(Kind::DeltaHeader, &h);
-        assert_eq!(decode::<DeltaHeader>(&bytes, Kind::DeltaHeader, LIMIT).unwrap(), h);
+        assert_eq!(
+            decode::<DeltaHeader>(&bytes, Kind::DeltaHeader, LIMIT).unwrap(),
+            h
+        );
         assert!(matches!(
             decode::<DeltaHeader>(&bytes, Kind::Receipt, LIMIT),
             Err(DecodeError::WrongKind { .. })
@@ -240,12 +247,18 @@ mod tests {
         let key = SigningKey::generate().unwrap();
         let signed = Signed::sign(Kind::DeltaHeader, &header(), "cam-1", &key);
         let pk = key.public_key();
-        let ok: DeltaHeader = signed.verify_from(Kind::DeltaHeader, "cam-1", &pk, LIMIT).unwrap();
+        let ok: DeltaHeader = signed
+            .verify_from(Kind::DeltaHeader, "cam-1", &pk, LIMIT)
+            .unwrap();
         assert_eq!(ok, header());
         for i in 0..signed.body.len() {
             let mut t = signed.clone();
             t.body[i] ^= 0x01;
-            assert!(t.verify::<DeltaHeader>(Kind::DeltaHeader, &pk, LIMIT).is_err(), "body byte {i}");
+            assert!(
+                t.verify::<DeltaHeader>(Kind::DeltaHeader, &pk, LIMIT)
+                    .is_err(),
+                "body byte {i}"
+            );
         }
         for i in 0..signed.signature.len() {
             let mut t = signed.clone();
@@ -269,7 +282,9 @@ mod tests {
         // A signature made for one kind never verifies as another.
         let mut as_receipt = signed.clone();
         as_receipt.kind = Kind::Receipt as u8;
-        assert!(as_receipt.verify::<DeltaHeader>(Kind::Receipt, &pk, LIMIT).is_err());
+        assert!(as_receipt
+            .verify::<DeltaHeader>(Kind::Receipt, &pk, LIMIT)
+            .is_err());
         // And the whole envelope, byte-flipped, never yields a verified header.
         let chunk = DeltaChunk {
             client: "cam-1".into(),

@@ -173,10 +173,16 @@ impl fmt::Display for RejectReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             RejectReason::WrongRound { got, current } => {
-                write!(f, "wrong-round: delta for round {got}, current round {current}")
+                write!(
+                    f,
+                    "wrong-round: delta for round {got}, current round {current}"
+                )
             }
             RejectReason::LengthMismatch { declared, got } => {
-                write!(f, "length-mismatch: header says {declared} bytes, got {got}")
+                write!(
+                    f,
+                    "length-mismatch: header says {declared} bytes, got {got}"
+                )
             }
             RejectReason::Oversized { bytes, max } => {
                 write!(f, "oversized: {bytes} bytes, limit {max}")
