@@ -4,8 +4,10 @@
 //! # Layout
 //! - [`provision`]: keys, fleet registry and broker credentials for a fleet, written to a folder.
 //! - [`demo`]: embedded broker + coordinator + N edge agents over real MQTT on 127.0.0.1.
+//! - [`mosquitto`]: export a fleet's passwords and per-client ACLs for Mosquitto.
 //! - [`table`]: the round table printed by `coevo report`.
 
 pub mod demo;
+pub mod mosquitto;
 pub mod provision;
 pub mod table;

@@ -101,6 +101,24 @@ enum FleetCmd {
         #[arg(long, default_value = "fleet.toml")]
         registry: PathBuf,
     },
+    /// Write a Mosquitto password file, ACL file (each client may publish only its own
+    /// delta/{client}/# and status/{client}) and mosquitto.conf for this fleet into DIR.
+    ExportMosquitto {
+        dir: PathBuf,
+        /// Fleet name (topic namespace) the ACLs are for.
+        #[arg(long)]
+        fleet: String,
+        /// The coordinator's client id (gets read/write on the whole fleet).
+        #[arg(long, default_value = "coordinator")]
+        coordinator: String,
+        #[arg(long, default_value = "fleet.toml")]
+        registry: PathBuf,
+        #[arg(long, default_value = "credentials.toml")]
+        credentials: PathBuf,
+        /// Listener address for mosquitto.conf.
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        listen: std::net::SocketAddr,
+    },
     /// Give a non-client (e.g. the coordinator) a broker password.
     Password {
         id: String,
@@ -262,6 +280,32 @@ fn fleet(cmd: FleetCmd) -> Result<()> {
                 println!("{id}\t{}", e.public_key);
             }
             eprintln!("{} clients", reg.len());
+        }
+        FleetCmd::ExportMosquitto {
+            dir,
+            fleet,
+            coordinator,
+            registry,
+            credentials,
+            listen,
+        } => {
+            let reg = FleetRegistry::load(&registry)?;
+            let creds = coevo_broker::Credentials::load(&credentials)?;
+            coevo::mosquitto::export(
+                &coevo::mosquitto::Export {
+                    fleet: &fleet,
+                    coordinator_id: &coordinator,
+                    registry: &reg,
+                    credentials: &creds,
+                    listen_host: &listen.ip().to_string(),
+                    listen_port: listen.port(),
+                },
+                &dir,
+            )?;
+            eprintln!(
+                "wrote {0}/passwd, {0}/acl and {0}/mosquitto.conf; run: mosquitto -c {0}/mosquitto.conf",
+                dir.display()
+            );
         }
         FleetCmd::Password {
             id,

@@ -29,6 +29,11 @@ pub struct Credentials {
     /// MQTT client id (which must also be the MQTT user name) → argon2id PHC string.
     #[serde(default)]
     pub clients: BTreeMap<String, String>,
+    /// The same passwords hashed the way Mosquitto's `password_file` wants them (`$7$`,
+    /// PBKDF2-SHA512), so `coevo fleet export-mosquitto` can hand the fleet to a Mosquitto
+    /// broker without ever storing a plaintext password.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub mosquitto: BTreeMap<String, String>,
 }
 
 impl Credentials {
@@ -87,11 +92,14 @@ impl Credentials {
         }
         let hash = hash_password(password)?;
         self.clients.insert(client_id.to_owned(), hash);
+        self.mosquitto
+            .insert(client_id.to_owned(), mosquitto_hash(password)?);
         Ok(())
     }
 
     /// Removes a client; returns whether it was present.
     pub fn remove(&mut self, client_id: &str) -> bool {
+        self.mosquitto.remove(client_id);
         self.clients.remove(client_id).is_some()
     }
 
@@ -194,4 +202,33 @@ fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
 #[cfg(not(unix))]
 fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
     std::fs::File::create(path)
+}
+
+/// Iterations Mosquitto 2's `mosquitto_passwd` uses for `$7$` hashes.
+const MOSQUITTO_ITERATIONS: u32 = 101;
+
+/// Hashes a password in Mosquitto's `$7$` format: `$7$ITER$base64(salt)$base64(PBKDF2-SHA512)`
+/// with a 12-byte random salt, as `mosquitto_passwd` writes it.
+pub fn mosquitto_hash(password: &str) -> Result<String, BrokerError> {
+    use base64::Engine as _;
+    let mut salt = [0u8; 12];
+    OsRng
+        .try_fill_bytes(&mut salt)
+        .map_err(|e| BrokerError::Credentials(format!("random salt: {e}")))?;
+    let mut out = [0u8; 64];
+    let iterations = std::num::NonZeroU32::new(MOSQUITTO_ITERATIONS)
+        .ok_or_else(|| BrokerError::Credentials("zero PBKDF2 iterations".into()))?;
+    ring::pbkdf2::derive(
+        ring::pbkdf2::PBKDF2_HMAC_SHA512,
+        iterations,
+        &salt,
+        password.as_bytes(),
+        &mut out,
+    );
+    let b64 = base64::engine::general_purpose::STANDARD;
+    Ok(format!(
+        "$7${MOSQUITTO_ITERATIONS}${}${}",
+        b64.encode(salt),
+        b64.encode(out)
+    ))
 }

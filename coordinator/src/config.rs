@@ -154,6 +154,8 @@ pub struct TransferConfig {
     pub uplink_codec: WeightCodec,
     /// Largest delta payload accepted, bytes.
     pub max_delta_bytes: u64,
+    /// Seconds after which an upload still missing chunks is dropped (the client re-sends).
+    pub stale_transfer_s: u64,
 }
 
 impl Default for TransferConfig {
@@ -163,6 +165,7 @@ impl Default for TransferConfig {
             downlink_codec: WeightCodec::F32Zstd,
             uplink_codec: WeightCodec::F32Zstd,
             max_delta_bytes: 64 * 1024 * 1024,
+            stale_transfer_s: 120,
         }
     }
 }

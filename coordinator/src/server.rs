@@ -144,11 +144,16 @@ impl Coordinator {
         let net = Student::new(&vs.root(), &shape);
         let mut global = Weights::from_var_store(&vs);
         let f32_cap = global.num_params() * 4 + 64 * 1024;
+        // The round's base model is always read back from disk, so a coordinator restarted
+        // mid-round publishes the very same model (same digest) and in-flight deltas stay valid.
+        let path = store.checkpoint_path(state.completed_round);
+        if state.completed_round == 0 && !path.exists() {
+            write_atomic(&path, &global.encode(coevo_models::WeightCodec::F32)?)?;
+        }
+        let bytes = std::fs::read(&path)
+            .map_err(|e| CoordinatorError::Io(format!("{}: {e}", path.display())))?;
+        global = Weights::decode(&bytes, coevo_models::WeightCodec::F32, f32_cap)?;
         if state.completed_round > 0 {
-            let path = store.checkpoint_path(state.completed_round);
-            let bytes = std::fs::read(&path)
-                .map_err(|e| CoordinatorError::Io(format!("{}: {e}", path.display())))?;
-            global = Weights::decode(&bytes, coevo_models::WeightCodec::F32, f32_cap)?;
             tracing::info!(round = state.completed_round, "resuming from checkpoint");
         }
         let evaluator: SharedEvaluator = Arc::new(Mutex::new(Evaluator { vs, net, test }));
@@ -166,7 +171,10 @@ impl Coordinator {
             .password
             .clone()
             .or_else(|| std::env::var("COEVO_BROKER_PASSWORD").ok());
+        // Fixed id + persistent session + manual acks: a delta is acknowledged to the broker
+        // only once it is durably on disk, so a crash before that makes the broker re-deliver.
         settings.clean_session = false;
+        settings.manual_acks = true;
         settings.max_packet_bytes = cfg.transfer.chunk_size as usize + 64 * 1024;
         let mut session = Session::start(&settings, vec![Topic::all_deltas_filter(&cfg.fleet)]);
         wait_connected(&mut session, &cfg).await?;
@@ -322,12 +330,21 @@ impl Coordinator {
         let mut deadline = tokio::time::Instant::now() + timeout;
         let mut extensions = 0u32;
         let chunk_limit = chunk_size + 16 * 1024;
+        let stale = Duration::from_secs(cfg.transfer.stale_transfer_s.max(1));
+        let mut sweep = tokio::time::interval(stale.min(Duration::from_secs(10)));
         let outcome = loop {
             if !inputs.registry.is_empty() && book.accepted.len() >= inputs.registry.len() {
                 break "completed";
             }
             let ev = tokio::select! {
                 ev = session.recv() => ev,
+                _ = sweep.tick() => {
+                    for key in reasm.expire(stale) {
+                        tracing::warn!(client = %key.0, round = key.1, "dropping a stale incomplete upload");
+                        headers.remove(&key);
+                    }
+                    continue;
+                }
                 _ = tokio::time::sleep_until(deadline) => {
                     if book.accepted.len() >= cfg.round.quorum.max(1) as usize {
                         break "completed";
@@ -352,7 +369,7 @@ impl Coordinator {
                     tracing::warn!(error = %e, "broker connection lost; reconnecting")
                 }
                 Some(Incoming::Publish(p)) => {
-                    let Some((client, upload_round, header, payload)) = self
+                    if let Some((client, upload_round, header, payload)) = self
                         .on_chunk(
                             &p,
                             &mut reasm,
@@ -363,20 +380,21 @@ impl Coordinator {
                             round,
                         )
                         .await?
-                    else {
-                        continue;
-                    };
-                    self.on_upload(
-                        &ctx,
-                        session,
-                        store,
-                        &mut book,
-                        client,
-                        upload_round,
-                        header,
-                        payload,
-                    )
-                    .await?;
+                    {
+                        self.on_upload(
+                            &ctx,
+                            session,
+                            store,
+                            &mut book,
+                            client,
+                            upload_round,
+                            header,
+                            payload,
+                        )
+                        .await?;
+                    }
+                    // Only now, with any accepted delta on disk, does the broker hear we have it.
+                    session.ack(&p).await?;
                 }
             }
         };
@@ -397,7 +415,7 @@ impl Coordinator {
             })
             .collect();
         if outcome == "completed" && !updates.is_empty() {
-            *global = strategy.aggregate(global, &updates)?;
+            *global = strategy.aggregate(global, &updates)?.weights;
         }
         phases.aggregate = t_agg.elapsed().as_millis() as u64;
 
@@ -727,7 +745,10 @@ async fn wait_connected(
             match ev {
                 Incoming::Connected { .. } => return true,
                 Incoming::Disconnected(e) => last_error = e,
-                Incoming::Publish(_) => {}
+                // Not ours to handle yet; the client re-sends until it has a receipt.
+                Incoming::Publish(p) => {
+                    let _ = session.ack(&p).await;
+                }
             }
         }
         false

@@ -42,6 +42,9 @@ pub struct Settings {
     pub last_will: Option<(String, Vec<u8>)>,
     /// Longest wait between reconnect attempts.
     pub max_backoff: Duration,
+    /// Acknowledge incoming QoS 1 messages only when the owner calls [`Session::ack`] (the
+    /// coordinator acks a delta once it is on disk, so the broker re-delivers it otherwise).
+    pub manual_acks: bool,
 }
 
 impl Settings {
@@ -56,6 +59,7 @@ impl Settings {
             clean_session: true,
             last_will: None,
             max_backoff: Duration::from_secs(5),
+            manual_acks: false,
         }
     }
 }
@@ -89,6 +93,7 @@ impl Session {
         opts.set_keep_alive(settings.keep_alive)
             .set_max_packet_size(settings.max_packet_bytes, settings.max_packet_bytes)
             .set_clean_session(settings.clean_session)
+            .set_manual_acks(settings.manual_acks)
             .set_inflight(100);
         if let Some(pw) = &settings.password {
             opts.set_credentials(&settings.client_id, pw);
@@ -187,6 +192,12 @@ impl Session {
         self.client
             .publish(topic, QoS::AtLeastOnce, retain, payload)
             .await?;
+        Ok(())
+    }
+
+    /// Acknowledges a QoS 1 message (only needed with `manual_acks`).
+    pub async fn ack(&self, publish: &Publish) -> Result<(), MqttError> {
+        self.client.ack(publish).await?;
         Ok(())
     }
 

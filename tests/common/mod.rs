@@ -1,0 +1,141 @@
+//! Shared pieces of the end-to-end and fault tests: a provisioned fleet, in-process agents and
+//! coordinators, waiting on files and events, and the merge-consistency check.
+#![allow(dead_code)]
+
+use coevo::provision::{provision, Fleet};
+use coevo_coordinator::config::{BelowQuorum, BrokerEndpoint, CoordinatorConfig, RoundPolicy};
+use coevo_coordinator::store::Store;
+use coevo_coordinator::strategy::{FedAvg, Strategy, Update};
+use coevo_edge::{Agent, AgentOptions, AgentSummary};
+use coevo_models::{Dataset, WeightCodec as ModelCodec, Weights};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
+
+pub const FLEET: &str = "fault";
+
+pub fn ids(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("cam-{i}")).collect()
+}
+
+pub fn fleet(dir: &Path, n: usize) -> Fleet {
+    provision(dir, "coordinator", &ids(n)).expect("provision fleet")
+}
+
+/// A coordinator config for `fleet` on `addr`, writing under `out`.
+pub fn coordinator_config(fleet: &Fleet, addr: SocketAddr, out: PathBuf, rounds: u64) -> CoordinatorConfig {
+    CoordinatorConfig {
+        fleet: FLEET.into(),
+        key: fleet.dir.join("keys/coordinator.pk8"),
+        registry: fleet.registry_path.clone(),
+        out,
+        rounds,
+        broker: BrokerEndpoint {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+            password: Some(fleet.coordinator_password.clone()),
+            connect_timeout_s: 30,
+        },
+        round: RoundPolicy {
+            quorum: 1,
+            timeout_s: 120,
+            below_quorum: BelowQuorum::Skip,
+            max_extensions: 0,
+        },
+        ..CoordinatorConfig::default()
+    }
+}
+
+/// Starts client `i` of `fleet` as an in-process agent with `data`; it stops when `stop` flips.
+pub fn spawn_agent(
+    fleet: &Fleet,
+    i: usize,
+    addr: SocketAddr,
+    data: Dataset,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> JoinHandle<Result<AgentSummary, coevo_edge::EdgeError>> {
+    let (id, key, pw) = fleet.clients[i].clone();
+    let mut o = AgentOptions::new(FLEET, &id, "coordinator", fleet.coordinator_key.public_key());
+    o.broker_host = addr.ip().to_string();
+    o.broker_port = addr.port();
+    o.password = Some(pw);
+    o.retry_wait = Duration::from_secs(2);
+    o.max_retry_wait = Duration::from_secs(4);
+    o.seed = i as u64;
+    let agent = Agent::new(o, key, data).expect("agent");
+    let mut rx = stop.clone();
+    tokio::spawn(agent.run(async move {
+        let _ = rx.wait_for(|s| *s).await;
+    }))
+}
+
+/// Polls `cond` every 50 ms until it holds or `limit` passes.
+pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn count_deltas(out: &Path, round: u64) -> usize {
+    std::fs::read_dir(Store::new(out).delta_dir(round))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "bin"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn read_weights(path: &Path) -> Weights {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    Weights::decode(&bytes, ModelCodec::F32, 1 << 30).expect("checkpoint decodes")
+}
+
+/// The merged model of `round` must be exactly base + FedAvg(accepted deltas on disk): every
+/// accepted delta is in it and none twice. Returns the clients whose deltas are in it.
+pub fn assert_merge_consistent(out: &Path, round: u64) -> Vec<String> {
+    let store = Store::new(out);
+    let base = read_weights(&store.checkpoint_path(round - 1));
+    let merged = read_weights(&store.checkpoint_path(round));
+    let records = store.load_deltas(round, 1 << 30).expect("deltas readable");
+    let mut updates = Vec::new();
+    for rec in &records {
+        let header = rec.header.as_ref().expect("stored header");
+        // The header is signed; here we only need its samples and codec, which the coordinator
+        // verified before storing.
+        let h: coevo_protocol::DeltaHeader =
+            coevo_protocol::envelope::decode(&header.body, coevo_protocol::Kind::DeltaHeader, 4096)
+                .expect("header decodes");
+        let codec = match h.codec {
+            coevo_protocol::WeightCodec::F32 => ModelCodec::F32,
+            coevo_protocol::WeightCodec::F32Zstd => ModelCodec::F32Zstd,
+        };
+        updates.push(Update {
+            client: rec.client.clone(),
+            samples: h.samples,
+            delta: Weights::decode(&rec.data, codec, 1 << 30).expect("delta decodes"),
+        });
+    }
+    let expected = FedAvg.aggregate(&base, &updates).expect("aggregate").weights;
+    let mut max_diff = 0f32;
+    for (name, t) in &expected.tensors {
+        let m = &merged.tensors[name];
+        for (a, b) in t.data.iter().zip(&m.data) {
+            max_diff = max_diff.max((a - b).abs());
+        }
+    }
+    assert!(
+        max_diff < 1e-5,
+        "round {round}: merged model differs from base + FedAvg(accepted deltas) by {max_diff}"
+    );
+    records.into_iter().map(|r| r.client).collect()
+}
+
+pub fn read_report(out: &Path, round: u64) -> coevo_coordinator::RoundReport {
+    let p = Store::new(out).report_path(round);
+    serde_json::from_slice(&std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
+        .expect("report parses")
+}

@@ -1,0 +1,296 @@
+//! Fault tests (issue: reliability). Real broker, real sockets, real processes where a process
+//! must die: each test injects a fault mid-round and then checks that the round completed and
+//! that the merged model is exactly base + FedAvg of the deltas the coordinator accepted (on
+//! disk), so no accepted delta was lost and none counted twice.
+
+mod common;
+
+use common::*;
+use coevo_broker::BrokerConfig;
+use coevo_coordinator::{Coordinator, RoundEvent};
+use coevo_models::data::synthetic;
+use coevo_models::partition::{partition, PartitionSpec};
+use coevo_models::DataShape;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SHAPE: DataShape = DataShape {
+    channels: 1,
+    height: 28,
+    width: 28,
+    classes: 10,
+};
+
+fn coevo_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_coevo")
+}
+
+fn spawn_logged(args: &[&str], log: &std::path::Path) -> Child {
+    let f = std::fs::File::create(log).expect("log file");
+    Command::new(coevo_bin())
+        .args(args)
+        .env("RUST_LOG", "info,rumqttd=warn")
+        .stdout(f.try_clone().expect("log"))
+        .stderr(f)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn coevo")
+}
+
+fn port_open(addr: std::net::SocketAddr) -> bool {
+    std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+}
+
+/// 1. The coordinator process is SIGKILLed mid-collection (2 of 3 deltas accepted) and
+///    restarted: the same round completes with all three, the two from before intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_sigkill_mid_collection_resumes_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = fleet(dir.path(), 3);
+    let broker = coevo_broker::start(BrokerConfig {
+        listen: coevo_broker::free_local_addr().unwrap(),
+        credentials: Some(fleet.credentials_path.clone()),
+        ..BrokerConfig::default()
+    })
+    .unwrap();
+    let addr = broker.addr;
+    let out = dir.path().join("out");
+
+    // The coordinator runs as its own process, on an IDX dataset written for it.
+    let data = synthetic(900, 200, SHAPE, 11);
+    let data_dir = dir.path().join("data");
+    write_idx(&data_dir, &data);
+    let mut cfg = coordinator_config(&fleet, addr, out.clone(), 1);
+    cfg.data.path = data_dir.clone();
+    let cfg_path = dir.path().join("coordinator.toml");
+    std::fs::write(&cfg_path, toml::to_string(&cfg).unwrap()).unwrap();
+    let args = ["coordinator", "--config", cfg_path.to_str().unwrap()];
+    let mut coordinator = spawn_logged(&args, &dir.path().join("coordinator-1.log"));
+
+    let parts = partition(&data.train.labels_vec(), None, &PartitionSpec::Iid { clients: 3 }, 1).unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut agents = vec![
+        spawn_agent(&fleet, 0, addr, data.train.subset(&parts[0].1), &stop_rx),
+        spawn_agent(&fleet, 1, addr, data.train.subset(&parts[1].1), &stop_rx),
+    ];
+    wait_until("2 accepted deltas on disk", Duration::from_secs(120), || {
+        count_deltas(&out, 1) >= 2
+    })
+    .await;
+    coordinator.kill().expect("SIGKILL coordinator");
+    let _ = coordinator.wait();
+    assert!(!Store::new(&out).report_path(1).exists(), "killed before the round closed");
+
+    let restart = Instant::now();
+    let mut coordinator = spawn_logged(&args, &dir.path().join("coordinator-2.log"));
+    agents.push(spawn_agent(&fleet, 2, addr, data.train.subset(&parts[2].1), &stop_rx));
+    let status = tokio::task::spawn_blocking(move || coordinator.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "restarted coordinator finished the round");
+    let recovered = restart.elapsed();
+
+    let report = read_report(&out, 1);
+    assert_eq!(report.outcome, "completed");
+    assert_eq!(report.accepted, 3, "{:?}", report.rejected);
+    let mut merged = assert_merge_consistent(&out, 1);
+    merged.sort();
+    assert_eq!(merged, ids(3));
+    let _ = stop_tx.send(true);
+    for a in agents {
+        let s = a.await.unwrap().unwrap();
+        assert_eq!(s.accepted_rounds, vec![1]);
+    }
+    eprintln!(
+        "FAULT coordinator-sigkill: accepted before kill 2, after restart 3, lost 0, \
+         restart-to-round-complete {:.2}s",
+        recovered.as_secs_f64()
+    );
+}
+
+/// 2. The broker process is SIGKILLed mid-round and restarted on the same port: clients and
+///    coordinator reconnect, the coordinator republishes the round, both rounds complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_mid_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = fleet(dir.path(), 4);
+    let addr = coevo_broker::free_local_addr().unwrap();
+    let broker_cfg = BrokerConfig {
+        listen: addr,
+        credentials: Some(fleet.credentials_path.clone()),
+        ..BrokerConfig::default()
+    };
+    let broker_path = dir.path().join("broker.toml");
+    std::fs::write(&broker_path, broker_cfg.to_toml_string().unwrap()).unwrap();
+    let bargs = ["broker", "--config", broker_path.to_str().unwrap()];
+    let mut broker = spawn_logged(&bargs, &dir.path().join("broker-1.log"));
+    wait_until("broker up", Duration::from_secs(30), || port_open(addr)).await;
+
+    let data = synthetic(1200, 200, SHAPE, 12);
+    let parts = partition(&data.train.labels_vec(), None, &PartitionSpec::Iid { clients: 4 }, 2).unwrap();
+    let out = dir.path().join("out");
+    let cfg = coordinator_config(&fleet, addr, out.clone(), 2);
+    let coordinator = Coordinator::new(cfg, fleet.coordinator_key.clone(), data.test.shallow_clone()).unwrap();
+    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let coord = tokio::spawn(coordinator.with_events(tx).run(std::future::pending()));
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut agents: Vec<_> = (0..3)
+        .map(|i| spawn_agent(&fleet, i, addr, data.train.subset(&parts[i].1), &stop_rx))
+        .collect();
+    // Wait for the first accepted delta of round 1, then pull the broker out from under it.
+    loop {
+        match tokio::time::timeout(Duration::from_secs(120), events.recv()).await {
+            Ok(Some(RoundEvent::Accepted { round: 1, .. })) => break,
+            Ok(Some(_)) => {}
+            other => panic!("no delta accepted in round 1: {other:?}"),
+        }
+    }
+    broker.kill().expect("SIGKILL broker");
+    let _ = broker.wait();
+    let down = Instant::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut broker = spawn_logged(&bargs, &dir.path().join("broker-2.log"));
+    wait_until("broker back", Duration::from_secs(30), || port_open(addr)).await;
+    // The fourth client only ever sees the restarted broker, so round 1 can't close before it.
+    agents.push(spawn_agent(&fleet, 3, addr, data.train.subset(&parts[3].1), &stop_rx));
+
+    let mut round1_done = None;
+    while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_secs(180), events.recv()).await {
+        if let RoundEvent::Finished(r) = ev {
+            if r.round == 1 {
+                round1_done = Some(down.elapsed());
+            }
+        }
+    }
+    coord.await.unwrap().unwrap();
+    let _ = stop_tx.send(true);
+    for a in agents {
+        let s = tokio::time::timeout(Duration::from_secs(20), a).await.unwrap().unwrap().unwrap();
+        assert_eq!(s.accepted_rounds, vec![1, 2]);
+    }
+    for round in 1..=2 {
+        let r = read_report(&out, round);
+        assert_eq!(r.outcome, "completed");
+        assert_eq!(r.accepted, 4, "round {round}: {:?}", r.rejected);
+        assert_eq!(assert_merge_consistent(&out, round).len(), 4);
+    }
+    let _ = broker.kill();
+    let _ = broker.wait();
+    eprintln!(
+        "FAULT broker-restart: deltas accepted 8/8 over 2 rounds, lost 0, \
+         broker-kill-to-round-1-complete {:.2}s",
+        round1_done.map_or(f64::NAN, |d| d.as_secs_f64())
+    );
+}
+
+/// Runs one round with 10 clients of which 3 die right after the round starts.
+async fn dropout_round(
+    quorum: u32,
+    below: coevo_coordinator::config::BelowQuorum,
+    extensions: u32,
+) -> (coevo_coordinator::RoundReport, std::path::PathBuf, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = fleet(dir.path(), 10);
+    let broker = coevo_broker::start(BrokerConfig {
+        listen: coevo_broker::free_local_addr().unwrap(),
+        credentials: Some(fleet.credentials_path.clone()),
+        ..BrokerConfig::default()
+    })
+    .unwrap();
+    let addr = broker.addr;
+    // The 3 doomed clients hold much more data, so they are still training when killed.
+    let data = synthetic(7 * 100 + 3 * 4000, 200, SHAPE, 13);
+    let n = data.train.len();
+    let mut slices: Vec<Vec<usize>> = (0..7).map(|i| (i * 100..(i + 1) * 100).collect()).collect();
+    for k in 0..3 {
+        slices.push((700 + k * 4000..(700 + (k + 1) * 4000).min(n)).collect());
+    }
+    let out = dir.path().join("out");
+    let mut cfg = coordinator_config(&fleet, addr, out.clone(), 1);
+    cfg.round.quorum = quorum;
+    cfg.round.timeout_s = 4;
+    cfg.round.below_quorum = below;
+    cfg.round.max_extensions = extensions;
+    let coordinator = Coordinator::new(cfg, fleet.coordinator_key.clone(), data.test.shallow_clone()).unwrap();
+    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let coord = tokio::spawn(coordinator.with_events(tx).run(std::future::pending()));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let agents: Vec<_> = (0..10)
+        .map(|i| spawn_agent(&fleet, i, addr, data.train.subset(&slices[i]), &stop_rx))
+        .collect();
+    let mut report = None;
+    while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_secs(120), events.recv()).await {
+        match ev {
+            RoundEvent::Started { round: 1, .. } => {
+                // Kill 30% of the fleet mid-round.
+                for a in &agents[7..] {
+                    a.abort();
+                }
+            }
+            RoundEvent::Finished(r) => report = Some(*r),
+            _ => {}
+        }
+    }
+    coord.await.unwrap().unwrap();
+    let _ = stop_tx.send(true);
+    (report.expect("round 1 finished"), out, dir)
+}
+
+/// 3a. 30% of clients killed mid-round: the round closes at the deadline with quorum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropouts_close_at_deadline_with_quorum() {
+    let t0 = Instant::now();
+    let (r, out, _dir) = dropout_round(7, coevo_coordinator::config::BelowQuorum::Skip, 0).await;
+    assert_eq!(r.outcome, "completed");
+    assert_eq!(r.accepted, 7);
+    assert_eq!(r.registered, 10);
+    assert_eq!(r.extensions, 0);
+    assert_eq!(assert_merge_consistent(&out, 1).len(), 7);
+    eprintln!("FAULT dropout-30%: accepted 7/10 at the deadline, lost 0, round {:.2}s", t0.elapsed().as_secs_f64());
+}
+
+/// 3b. Below quorum at the deadline, `extend` extends once, then the round is skipped and the
+///     global model is left as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn below_quorum_extends_then_skips() {
+    let (r, out, _dir) = dropout_round(8, coevo_coordinator::config::BelowQuorum::Extend, 1).await;
+    assert_eq!(r.outcome, "skipped");
+    assert_eq!(r.extensions, 1);
+    assert_eq!(r.accepted, 7);
+    let store = Store::new(&out);
+    assert_eq!(
+        std::fs::read(store.checkpoint_path(0)).unwrap(),
+        std::fs::read(store.checkpoint_path(1)).unwrap(),
+        "a skipped round leaves the model unchanged"
+    );
+}
+
+use coevo_coordinator::store::Store;
+
+/// Writes a dataset as an IDX directory (so a coordinator *process* can load it).
+fn write_idx(dir: &std::path::Path, data: &coevo_models::DataSplit) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (prefix, set) in [("train", &data.train), ("t10k", &data.test)] {
+        let n = set.len();
+        let (h, w) = (set.shape.height, set.shape.width);
+        // Undo the loader's normalisation: x = (p/255 - 0.5)/0.5.
+        let pixels: Vec<f32> = Vec::<f32>::try_from(
+            ((set.images.flatten(0, -1) * 0.5 + 0.5) * 255.0).clamp(0.0, 255.0).round(),
+        )
+        .unwrap();
+        let mut img = Vec::with_capacity(16 + pixels.len());
+        img.extend_from_slice(&0x0000_0803u32.to_be_bytes());
+        for d in [n, h, w] {
+            img.extend_from_slice(&(d as u32).to_be_bytes());
+        }
+        img.extend(pixels.iter().map(|&p| p as u8));
+        std::fs::write(dir.join(format!("{prefix}-images-idx3-ubyte")), img).unwrap();
+        let mut lab = Vec::with_capacity(8 + n);
+        lab.extend_from_slice(&0x0000_0801u32.to_be_bytes());
+        lab.extend_from_slice(&(n as u32).to_be_bytes());
+        lab.extend(set.labels_vec().iter().map(|&l| l as u8));
+        std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte")), lab).unwrap();
+    }
+}
