@@ -118,6 +118,10 @@ enum FleetCmd {
         /// Listener address for mosquitto.conf.
         #[arg(long, default_value = "127.0.0.1:1883")]
         listen: std::net::SocketAddr,
+        /// User Mosquitto switches to after start (must be able to read DIR/passwd, which is
+        /// 0600); default: Mosquitto's own (`mosquitto`).
+        #[arg(long)]
+        user: Option<String>,
     },
     /// Give a non-client (e.g. the coordinator) a broker password.
     Password {
@@ -288,6 +292,7 @@ fn fleet(cmd: FleetCmd) -> Result<()> {
             registry,
             credentials,
             listen,
+            user,
         } => {
             let reg = FleetRegistry::load(&registry)?;
             let creds = coevo_broker::Credentials::load(&credentials)?;
@@ -299,6 +304,7 @@ fn fleet(cmd: FleetCmd) -> Result<()> {
                     credentials: &creds,
                     listen_host: &listen.ip().to_string(),
                     listen_port: listen.port(),
+                    user: user.as_deref(),
                 },
                 &dir,
             )?;

@@ -5,12 +5,12 @@
 
 mod common;
 
-use common::*;
 use coevo_broker::BrokerConfig;
 use coevo_coordinator::{Coordinator, RoundEvent};
 use coevo_models::data::synthetic;
 use coevo_models::partition::{partition, PartitionSpec};
 use coevo_models::DataShape;
+use common::*;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -67,23 +67,40 @@ async fn coordinator_sigkill_mid_collection_resumes_round() {
     let args = ["coordinator", "--config", cfg_path.to_str().unwrap()];
     let mut coordinator = spawn_logged(&args, &dir.path().join("coordinator-1.log"));
 
-    let parts = partition(&data.train.labels_vec(), None, &PartitionSpec::Iid { clients: 3 }, 1).unwrap();
+    let parts = partition(
+        &data.train.labels_vec(),
+        None,
+        &PartitionSpec::Iid { clients: 3 },
+        1,
+    )
+    .unwrap();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut agents = vec![
         spawn_agent(&fleet, 0, addr, data.train.subset(&parts[0].1), &stop_rx),
         spawn_agent(&fleet, 1, addr, data.train.subset(&parts[1].1), &stop_rx),
     ];
-    wait_until("2 accepted deltas on disk", Duration::from_secs(120), || {
-        count_deltas(&out, 1) >= 2
-    })
+    wait_until(
+        "2 accepted deltas on disk",
+        Duration::from_secs(120),
+        || count_deltas(&out, 1) >= 2,
+    )
     .await;
     coordinator.kill().expect("SIGKILL coordinator");
     let _ = coordinator.wait();
-    assert!(!Store::new(&out).report_path(1).exists(), "killed before the round closed");
+    assert!(
+        !Store::new(&out).report_path(1).exists(),
+        "killed before the round closed"
+    );
 
     let restart = Instant::now();
     let mut coordinator = spawn_logged(&args, &dir.path().join("coordinator-2.log"));
-    agents.push(spawn_agent(&fleet, 2, addr, data.train.subset(&parts[2].1), &stop_rx));
+    agents.push(spawn_agent(
+        &fleet,
+        2,
+        addr,
+        data.train.subset(&parts[2].1),
+        &stop_rx,
+    ));
     let status = tokio::task::spawn_blocking(move || coordinator.wait())
         .await
         .unwrap()
@@ -128,10 +145,21 @@ async fn broker_restart_mid_round() {
     wait_until("broker up", Duration::from_secs(30), || port_open(addr)).await;
 
     let data = synthetic(1200, 200, SHAPE, 12);
-    let parts = partition(&data.train.labels_vec(), None, &PartitionSpec::Iid { clients: 4 }, 2).unwrap();
+    let parts = partition(
+        &data.train.labels_vec(),
+        None,
+        &PartitionSpec::Iid { clients: 4 },
+        2,
+    )
+    .unwrap();
     let out = dir.path().join("out");
     let cfg = coordinator_config(&fleet, addr, out.clone(), 2);
-    let coordinator = Coordinator::new(cfg, fleet.coordinator_key.clone(), data.test.shallow_clone()).unwrap();
+    let coordinator = Coordinator::new(
+        cfg,
+        fleet.coordinator_key.clone(),
+        data.test.shallow_clone(),
+    )
+    .unwrap();
     let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
     let coord = tokio::spawn(coordinator.with_events(tx).run(std::future::pending()));
 
@@ -154,7 +182,13 @@ async fn broker_restart_mid_round() {
     let mut broker = spawn_logged(&bargs, &dir.path().join("broker-2.log"));
     wait_until("broker back", Duration::from_secs(30), || port_open(addr)).await;
     // The fourth client only ever sees the restarted broker, so round 1 can't close before it.
-    agents.push(spawn_agent(&fleet, 3, addr, data.train.subset(&parts[3].1), &stop_rx));
+    agents.push(spawn_agent(
+        &fleet,
+        3,
+        addr,
+        data.train.subset(&parts[3].1),
+        &stop_rx,
+    ));
 
     let mut round1_done = None;
     while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_secs(180), events.recv()).await {
@@ -167,7 +201,11 @@ async fn broker_restart_mid_round() {
     coord.await.unwrap().unwrap();
     let _ = stop_tx.send(true);
     for a in agents {
-        let s = tokio::time::timeout(Duration::from_secs(20), a).await.unwrap().unwrap().unwrap();
+        let s = tokio::time::timeout(Duration::from_secs(20), a)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         assert_eq!(s.accepted_rounds, vec![1, 2]);
     }
     for round in 1..=2 {
@@ -190,7 +228,11 @@ async fn dropout_round(
     quorum: u32,
     below: coevo_coordinator::config::BelowQuorum,
     extensions: u32,
-) -> (coevo_coordinator::RoundReport, std::path::PathBuf, tempfile::TempDir) {
+) -> (
+    coevo_coordinator::RoundReport,
+    std::path::PathBuf,
+    tempfile::TempDir,
+) {
     let dir = tempfile::tempdir().unwrap();
     let fleet = fleet(dir.path(), 10);
     let broker = coevo_broker::start(BrokerConfig {
@@ -213,7 +255,12 @@ async fn dropout_round(
     cfg.round.timeout_s = 4;
     cfg.round.below_quorum = below;
     cfg.round.max_extensions = extensions;
-    let coordinator = Coordinator::new(cfg, fleet.coordinator_key.clone(), data.test.shallow_clone()).unwrap();
+    let coordinator = Coordinator::new(
+        cfg,
+        fleet.coordinator_key.clone(),
+        data.test.shallow_clone(),
+    )
+    .unwrap();
     let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
     let coord = tokio::spawn(coordinator.with_events(tx).run(std::future::pending()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -248,7 +295,10 @@ async fn dropouts_close_at_deadline_with_quorum() {
     assert_eq!(r.registered, 10);
     assert_eq!(r.extensions, 0);
     assert_eq!(assert_merge_consistent(&out, 1).len(), 7);
-    eprintln!("FAULT dropout-30%: accepted 7/10 at the deadline, lost 0, round {:.2}s", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "FAULT dropout-30%: accepted 7/10 at the deadline, lost 0, round {:.2}s",
+        t0.elapsed().as_secs_f64()
+    );
 }
 
 /// 3b. Below quorum at the deadline, `extend` extends once, then the round is skipped and the
@@ -277,7 +327,9 @@ fn write_idx(dir: &std::path::Path, data: &coevo_models::DataSplit) {
         let (h, w) = (set.shape.height, set.shape.width);
         // Undo the loader's normalisation: x = (p/255 - 0.5)/0.5.
         let pixels: Vec<f32> = Vec::<f32>::try_from(
-            ((set.images.flatten(0, -1) * 0.5 + 0.5) * 255.0).clamp(0.0, 255.0).round(),
+            ((set.images.flatten(0, -1) * 0.5 + 0.5) * 255.0)
+                .clamp(0.0, 255.0)
+                .round(),
         )
         .unwrap();
         let mut img = Vec::with_capacity(16 + pixels.len());
@@ -293,4 +345,246 @@ fn write_idx(dir: &std::path::Path, data: &coevo_models::DataSplit) {
         lab.extend(set.labels_vec().iter().map(|&l| l as u8));
         std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte")), lab).unwrap();
     }
+}
+
+/// Publishes a crafted upload from `client` (signed with its own key) as the given chunks.
+async fn send_chunks(session: &coevo_mqtt::Session, chunks: &[(String, Vec<u8>)], order: &[usize]) {
+    for &i in order {
+        session
+            .publish(chunks[i].0.clone(), chunks[i].1.clone(), false)
+            .await
+            .unwrap();
+    }
+}
+
+/// Builds the wire chunks of an upload whose signed header describes `full`, carrying `sent`
+/// (equal to `full` unless the test truncates it).
+#[allow(clippy::too_many_arguments)]
+fn upload_chunks(
+    client: &str,
+    key: &coevo_protocol::SigningKey,
+    round: u64,
+    base: coevo_protocol::Digest,
+    full: &[u8],
+    parts: Vec<Vec<u8>>,
+    samples: u64,
+) -> Vec<(String, Vec<u8>)> {
+    use coevo_protocol::envelope::{encode, Kind};
+    use coevo_protocol::*;
+    let header = DeltaHeader {
+        fleet: FLEET.into(),
+        round,
+        client: client.into(),
+        base_digest: base,
+        samples,
+        metrics: LocalMetrics::default(),
+        codec: WeightCodec::F32,
+        payload_digest: digest(full),
+        payload_len: full.len() as u64,
+        chunks: parts.len() as u32,
+    };
+    let signed = Signed::sign(Kind::DeltaHeader, &header, client, key);
+    let total = parts.len() as u32;
+    parts
+        .into_iter()
+        .enumerate()
+        .map(|(i, data)| {
+            let c = DeltaChunk {
+                client: client.into(),
+                round,
+                index: i as u32,
+                total,
+                header: (i == 0).then(|| signed.clone()),
+                data,
+            };
+            (
+                Topic::DeltaChunk {
+                    client: client.into(),
+                    round,
+                    index: i as u32,
+                }
+                .path(FLEET),
+                encode(Kind::DeltaChunk, &c),
+            )
+        })
+        .collect()
+}
+
+/// 4. Duplicated and reordered chunks reassemble to the right delta (accepted, merged once);
+///    a truncated chunk gives a typed rejection; the round completes with the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicated_reordered_and_truncated_chunks() {
+    use coevo_models::{WeightCodec as ModelCodec, Weights};
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = fleet(dir.path(), 3);
+    let broker = coevo_broker::start(BrokerConfig {
+        listen: coevo_broker::free_local_addr().unwrap(),
+        credentials: Some(fleet.credentials_path.clone()),
+        ..BrokerConfig::default()
+    })
+    .unwrap();
+    let addr = broker.addr;
+    let data = synthetic(300, 100, SHAPE, 14);
+    let out = dir.path().join("out");
+    let mut cfg = coordinator_config(&fleet, addr, out.clone(), 1);
+    cfg.transfer.chunk_size = 4096;
+    cfg.transfer.uplink_codec = coevo_protocol::WeightCodec::F32;
+    cfg.round.quorum = 2;
+    cfg.round.timeout_s = 8;
+    let downlink = cfg.transfer.downlink_codec;
+    let coordinator = Coordinator::new(
+        cfg,
+        fleet.coordinator_key.clone(),
+        data.test.shallow_clone(),
+    )
+    .unwrap();
+    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let coord = tokio::spawn(coordinator.with_events(tx).run(std::future::pending()));
+
+    let session_for = |i: usize| {
+        let (id, _, pw) = fleet.clients[i].clone();
+        let mut s = coevo_mqtt::Settings::new(addr.ip().to_string(), addr.port(), id);
+        s.password = Some(pw);
+        coevo_mqtt::Session::start(&s, vec![])
+    };
+    let dup = session_for(1);
+    let trunc = session_for(2);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let agent = spawn_agent(&fleet, 0, addr, data.train.shallow_clone(), &stop_rx);
+
+    let mut report = None;
+    while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_secs(60), events.recv()).await {
+        match ev {
+            RoundEvent::Started { round: 1, .. } => {
+                let base_path = Store::new(&out).checkpoint_path(0);
+                let base =
+                    Weights::decode(&std::fs::read(base_path).unwrap(), ModelCodec::F32, 1 << 26)
+                        .unwrap();
+                let base_digest = coevo_protocol::digest(
+                    &base
+                        .encode(match downlink {
+                            coevo_protocol::WeightCodec::F32 => ModelCodec::F32,
+                            coevo_protocol::WeightCodec::F32Zstd => ModelCodec::F32Zstd,
+                        })
+                        .unwrap(),
+                );
+                let mut delta = base.zeros_like();
+                for t in delta.tensors.values_mut() {
+                    for (j, v) in t.data.iter_mut().enumerate() {
+                        *v = ((j % 7) as f32 - 3.0) * 1e-3;
+                    }
+                }
+                let full = delta.encode(ModelCodec::F32).unwrap();
+                let parts: Vec<Vec<u8>> = full.chunks(4096).map(<[u8]>::to_vec).collect();
+                let n = parts.len();
+                assert!(n > 50, "the delta spans many chunks ({n})");
+                // cam-1: every chunk twice, last to first.
+                let chunks = upload_chunks(
+                    "cam-1",
+                    &fleet.clients[1].1,
+                    1,
+                    base_digest,
+                    &full,
+                    parts.clone(),
+                    50,
+                );
+                let order: Vec<usize> = (0..n).rev().flat_map(|i| [i, i]).collect();
+                send_chunks(&dup, &chunks, &order).await;
+                // cam-2: one chunk in the middle arrives cut in half.
+                let mut cut = parts;
+                let mid = n / 2;
+                cut[mid].truncate(2048);
+                let chunks =
+                    upload_chunks("cam-2", &fleet.clients[2].1, 1, base_digest, &full, cut, 50);
+                send_chunks(&trunc, &chunks, &(0..n).collect::<Vec<_>>()).await;
+            }
+            RoundEvent::Finished(r) => report = Some(*r),
+            _ => {}
+        }
+    }
+    coord.await.unwrap().unwrap();
+    let _ = stop_tx.send(true);
+    let _ = agent.await;
+    let r = report.expect("round finished");
+    assert_eq!(r.outcome, "completed", "{:?} {:?}", r.rejected, r.clients);
+    assert_eq!(r.accepted, 2, "{:?}", r.rejected);
+    assert!(
+        r.rejected
+            .iter()
+            .any(|x| x.client == "cam-2" && x.reason.starts_with("length-mismatch")),
+        "{:?}",
+        r.rejected
+    );
+    let mut merged = assert_merge_consistent(&out, 1);
+    merged.sort();
+    assert_eq!(merged, vec!["cam-0", "cam-1"]);
+}
+
+/// 5. A 20 MB model (and 20 MB deltas) through a broker whose max packet is 1 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_megabyte_model_through_one_mebibyte_packets() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = fleet(dir.path(), 2);
+    let broker = coevo_broker::start(BrokerConfig {
+        listen: coevo_broker::free_local_addr().unwrap(),
+        credentials: Some(fleet.credentials_path.clone()),
+        max_payload_bytes: 1024 * 1024,
+        ..BrokerConfig::default()
+    })
+    .unwrap();
+    let addr = broker.addr;
+    // 200×200 inputs make the student's first dense layer ~5M parameters: ~20 MB in f32.
+    let shape = DataShape {
+        channels: 1,
+        height: 200,
+        width: 200,
+        classes: 10,
+    };
+    let data = synthetic(40, 20, shape, 15);
+    let out = dir.path().join("out");
+    let mut cfg = coordinator_config(&fleet, addr, out.clone(), 1);
+    cfg.transfer.downlink_codec = coevo_protocol::WeightCodec::F32;
+    cfg.transfer.uplink_codec = coevo_protocol::WeightCodec::F32;
+    let coordinator = Coordinator::new(
+        cfg,
+        fleet.coordinator_key.clone(),
+        data.test.shallow_clone(),
+    )
+    .unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let agents: Vec<_> = (0..2)
+        .map(|i| {
+            spawn_agent(
+                &fleet,
+                i,
+                addr,
+                data.train
+                    .subset(&(i * 20..(i + 1) * 20).collect::<Vec<_>>()),
+                &stop_rx,
+            )
+        })
+        .collect();
+    let t0 = Instant::now();
+    let reports = tokio::time::timeout(
+        Duration::from_secs(300),
+        coordinator.run(std::future::pending()),
+    )
+    .await
+    .expect("round within 5 minutes")
+    .unwrap();
+    let _ = stop_tx.send(true);
+    for a in agents {
+        assert_eq!(a.await.unwrap().unwrap().accepted_rounds, vec![1]);
+    }
+    let r = &reports[0];
+    let model_bytes = r.bytes_down / r.registered as u64;
+    assert!(model_bytes >= 20_000_000, "model is {model_bytes} bytes");
+    assert_eq!(r.accepted, 2);
+    assert!(r.bytes_up >= 40_000_000);
+    assert_merge_consistent(&out, 1);
+    eprintln!(
+        "FAULT big-model: {model_bytes} B model, {} B up, 1 MiB broker packet limit, round {:.2}s",
+        r.bytes_up,
+        t0.elapsed().as_secs_f64()
+    );
 }

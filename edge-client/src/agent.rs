@@ -10,11 +10,16 @@ use coevo_protocol::{
     digest, DeltaChunk, DeltaHeader, Digest, LocalMetrics, ModelChunk, PublicKey, Receipt,
     ReceiptOutcome, RoundManifest, Signed, SigningKey, Status, StatusState, Topic, WeightCodec,
 };
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 /// Largest manifest or receipt we decode.
 const MAX_CONTROL_BYTES: usize = 64 * 1024;
+/// Model chunks requested at a time (below every broker's in-flight window).
+const FETCH_WINDOW: usize = 32;
+/// How long to wait for a window of chunks before asking again for the missing ones.
+const FETCH_WINDOW_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest model we accept, whatever a manifest claims.
 const MAX_MODEL_BYTES: u64 = 512 * 1024 * 1024;
 
@@ -343,32 +348,70 @@ impl Agent {
         session: &mut Session,
         m: &RoundManifest,
     ) -> Result<Result<Vec<u8>, Box<RoundManifest>>, EdgeError> {
-        let filter = Topic::model_filter(&self.opts.fleet, &m.model.digest);
-        session.subscribe(&filter).await?;
-        let mut reasm: Reassembler<Digest> =
-            Reassembler::new(1, m.model.size as usize, m.model.chunks.max(1));
-        let result = loop {
-            match self.next_event(session).await? {
-                Event::Manifest(newer) if newer.round > m.round => break Err(newer),
-                Event::ModelChunk(c) if c.digest == m.model.digest => {
-                    match reasm.insert(c.digest, c.index, c.total, c.data) {
-                        Ok(Some(bytes)) => {
-                            if bytes.len() as u64 == m.model.size
-                                && digest(&bytes) == m.model.digest
-                            {
-                                break Ok(bytes);
-                            }
-                            tracing::warn!(client = %self.opts.client_id, "model bytes do not match the signed digest; waiting for a re-publish");
-                        }
-                        Ok(None) => {}
-                        Err(e) => tracing::warn!(error = %e, "bad model chunk"),
+        let total = m.model.chunks.max(1);
+        let mut reasm: Reassembler<Digest> = Reassembler::new(1, m.model.size as usize, total);
+        let mut received: BTreeSet<u32> = BTreeSet::new();
+        loop {
+            // Ask for the next window of missing chunks by their exact topics. A broker hands
+            // retained messages to a new subscription only up to its in-flight window (rumqttd
+            // silently drops the rest), so a wildcard over a big model would never complete.
+            let want: Vec<u32> = (0..total)
+                .filter(|i| !received.contains(i))
+                .take(FETCH_WINDOW)
+                .collect();
+            let topics: Vec<String> = want
+                .iter()
+                .map(|&index| {
+                    Topic::ModelChunk {
+                        digest: m.model.digest,
+                        index,
                     }
-                }
-                _ => {}
+                    .path(&self.opts.fleet)
+                })
+                .collect();
+            for t in &topics {
+                session.subscribe(t).await?;
             }
-        };
-        session.unsubscribe(&filter).await?;
-        Ok(result)
+            let until = tokio::time::Instant::now() + FETCH_WINDOW_TIMEOUT;
+            let outcome = loop {
+                let ev = tokio::select! {
+                    ev = self.next_event(session) => ev?,
+                    _ = tokio::time::sleep_until(until) => break None,
+                };
+                match ev {
+                    Event::Manifest(newer) if newer.round > m.round => break Some(Err(newer)),
+                    Event::ModelChunk(c) if c.digest == m.model.digest => {
+                        let index = c.index;
+                        match reasm.insert(c.digest, c.index, c.total, c.data) {
+                            Ok(Some(bytes)) => {
+                                if bytes.len() as u64 == m.model.size
+                                    && digest(&bytes) == m.model.digest
+                                {
+                                    break Some(Ok(bytes));
+                                }
+                                tracing::warn!(client = %self.opts.client_id, "model bytes do not match the signed digest; fetching again");
+                                received.clear();
+                                break None;
+                            }
+                            Ok(None) => {
+                                received.insert(index);
+                            }
+                            Err(e) => tracing::warn!(error = %e, "bad model chunk"),
+                        }
+                        if want.iter().all(|i| received.contains(i)) {
+                            break None;
+                        }
+                    }
+                    _ => {}
+                }
+            };
+            for t in &topics {
+                session.unsubscribe(t).await?;
+            }
+            if let Some(result) = outcome {
+                return Ok(result);
+            }
+        }
     }
 
     /// Fine-tunes on local data; returns the encoded delta against the weights as received.

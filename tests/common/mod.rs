@@ -15,16 +15,32 @@ use tokio::task::JoinHandle;
 
 pub const FLEET: &str = "fault";
 
+/// Logs to the test output when RUST_LOG is set (e.g. `RUST_LOG=info cargo test -- --nocapture`).
+pub fn init_logs() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 pub fn ids(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("cam-{i}")).collect()
 }
 
 pub fn fleet(dir: &Path, n: usize) -> Fleet {
+    init_logs();
     provision(dir, "coordinator", &ids(n)).expect("provision fleet")
 }
 
 /// A coordinator config for `fleet` on `addr`, writing under `out`.
-pub fn coordinator_config(fleet: &Fleet, addr: SocketAddr, out: PathBuf, rounds: u64) -> CoordinatorConfig {
+pub fn coordinator_config(
+    fleet: &Fleet,
+    addr: SocketAddr,
+    out: PathBuf,
+    rounds: u64,
+) -> CoordinatorConfig {
     CoordinatorConfig {
         fleet: FLEET.into(),
         key: fleet.dir.join("keys/coordinator.pk8"),
@@ -56,7 +72,12 @@ pub fn spawn_agent(
     stop: &tokio::sync::watch::Receiver<bool>,
 ) -> JoinHandle<Result<AgentSummary, coevo_edge::EdgeError>> {
     let (id, key, pw) = fleet.clients[i].clone();
-    let mut o = AgentOptions::new(FLEET, &id, "coordinator", fleet.coordinator_key.public_key());
+    let mut o = AgentOptions::new(
+        FLEET,
+        &id,
+        "coordinator",
+        fleet.coordinator_key.public_key(),
+    );
     o.broker_host = addr.ip().to_string();
     o.broker_port = addr.port();
     o.password = Some(pw);
@@ -74,7 +95,10 @@ pub fn spawn_agent(
 pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while !cond() {
-        assert!(t0.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            t0.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -119,7 +143,10 @@ pub fn assert_merge_consistent(out: &Path, round: u64) -> Vec<String> {
             delta: Weights::decode(&rec.data, codec, 1 << 30).expect("delta decodes"),
         });
     }
-    let expected = FedAvg.aggregate(&base, &updates).expect("aggregate").weights;
+    let expected = FedAvg
+        .aggregate(&base, &updates)
+        .expect("aggregate")
+        .weights;
     let mut max_diff = 0f32;
     for (name, t) in &expected.tensors {
         let m = &merged.tensors[name];

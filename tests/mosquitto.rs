@@ -1,0 +1,170 @@
+//! Interop: a full round through Debian's Mosquitto, configured by
+//! `coevo fleet export-mosquitto` (password file + per-client ACLs), instead of the embedded
+//! broker. Also shows the ACL at work: a client's publish to another client's delta topic never
+//! reaches the coordinator.
+
+mod common;
+
+use coevo_coordinator::{Coordinator, RoundEvent};
+use coevo_models::data::synthetic;
+use coevo_models::partition::{partition, PartitionSpec};
+use coevo_models::DataShape;
+use common::*;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn mosquitto_bin() -> &'static str {
+    if std::path::Path::new("/usr/sbin/mosquitto").exists() {
+        "/usr/sbin/mosquitto"
+    } else {
+        "mosquitto"
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_round_through_mosquitto_with_exported_acls() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = fleet(dir.path(), 3);
+    let addr = coevo_broker::free_local_addr().unwrap();
+    let registry = coevo_coordinator::FleetRegistry::load(&fleet.registry_path).unwrap();
+    let creds = coevo_broker::Credentials::load(&fleet.credentials_path).unwrap();
+    let mdir = dir.path().join("mosquitto");
+    // Mosquitto must stay the user that owns the 0600 password file (root in CI).
+    let whoami = String::from_utf8(Command::new("id").arg("-un").output().unwrap().stdout)
+        .unwrap()
+        .trim()
+        .to_string();
+    coevo::mosquitto::export(
+        &coevo::mosquitto::Export {
+            fleet: FLEET,
+            coordinator_id: "coordinator",
+            registry: &registry,
+            credentials: &creds,
+            listen_host: "127.0.0.1",
+            listen_port: addr.port(),
+            user: Some(&whoami),
+        },
+        &mdir,
+    )
+    .unwrap();
+    let acl = std::fs::read_to_string(mdir.join("acl")).unwrap();
+    assert!(acl.contains(&format!("topic write coevo/v1/{FLEET}/delta/cam-1/#")));
+    let log = std::fs::File::create(dir.path().join("mosquitto.log")).unwrap();
+    let mut mosquitto = Command::new(mosquitto_bin())
+        .arg("-c")
+        .arg(mdir.join("mosquitto.conf"))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("mosquitto is installed (scripts/setup)");
+    wait_until("mosquitto listening", Duration::from_secs(20), || {
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+    })
+    .await;
+
+    let shape = DataShape {
+        channels: 1,
+        height: 28,
+        width: 28,
+        classes: 10,
+    };
+    let data = synthetic(600, 200, shape, 21);
+    let parts = partition(
+        &data.train.labels_vec(),
+        None,
+        &PartitionSpec::Iid { clients: 3 },
+        5,
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let cfg = coordinator_config(&fleet, addr, out.clone(), 1);
+    let coordinator = Coordinator::new(
+        cfg,
+        fleet.coordinator_key.clone(),
+        data.test.shallow_clone(),
+    )
+    .unwrap();
+    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let coord = tokio::spawn(coordinator.with_events(tx).run(std::future::pending()));
+
+    // cam-0's own connection, used to try writing where the ACL forbids and where it allows.
+    let (id, _, pw) = fleet.clients[0].clone();
+    let mut s = coevo_mqtt::Settings::new("127.0.0.1", addr.port(), id);
+    s.password = Some(pw);
+    let mut cam0 = coevo_mqtt::Session::start(&s, vec![]);
+    wait_until_connected(&mut cam0).await;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut agents = Vec::new();
+    let mut report = None;
+    while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_secs(60), events.recv()).await {
+        match ev {
+            RoundEvent::Started { round: 1, .. } => {
+                let garbage = b"not a coevo message".to_vec();
+                let other = coevo_protocol::Topic::DeltaChunk {
+                    client: "cam-1".into(),
+                    round: 1,
+                    index: 0,
+                };
+                let own = coevo_protocol::Topic::DeltaChunk {
+                    client: "cam-0".into(),
+                    round: 1,
+                    index: 0,
+                };
+                cam0.publish(other.path(FLEET), garbage.clone(), false)
+                    .await
+                    .unwrap();
+                cam0.publish(own.path(FLEET), garbage, false).await.unwrap();
+                for (i, (_, idx)) in parts.iter().enumerate() {
+                    agents.push(spawn_agent(
+                        &fleet,
+                        i,
+                        addr,
+                        data.train.subset(idx),
+                        &stop_rx,
+                    ));
+                }
+            }
+            RoundEvent::Finished(r) => report = Some(*r),
+            _ => {}
+        }
+    }
+    coord.await.unwrap().unwrap();
+    let _ = stop_tx.send(true);
+    for a in agents {
+        assert_eq!(a.await.unwrap().unwrap().accepted_rounds, vec![1]);
+    }
+    let _ = mosquitto.kill();
+    let _ = mosquitto.wait();
+    let r = report.expect("round finished");
+    assert_eq!(r.outcome, "completed");
+    assert_eq!(r.accepted, 3);
+    assert_merge_consistent(&out, 1);
+    // The write to cam-0's own topic got through (and was rejected as malformed); the write
+    // to cam-1's topic was stopped by Mosquitto's ACL and never reached the coordinator.
+    assert!(
+        r.rejected
+            .iter()
+            .any(|x| x.client == "cam-0" && x.reason.starts_with("malformed")),
+        "{:?}",
+        r.rejected
+    );
+    assert!(
+        !r.rejected.iter().any(|x| x.client == "cam-1"),
+        "{:?}",
+        r.rejected
+    );
+}
+
+async fn wait_until_connected(s: &mut coevo_mqtt::Session) {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(ev) = s.recv().await {
+            if let coevo_mqtt::Incoming::Connected { .. } = ev {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("connected to mosquitto");
+}
