@@ -28,6 +28,8 @@ pub struct CoordinatorConfig {
     pub round: RoundPolicy,
     pub task: TaskConfig,
     pub transfer: TransferConfig,
+    /// Aggregation rule: FedAvg or a robust one (norm clipping, trimmed mean, median, Multi-Krum).
+    pub aggregation: crate::strategy::StrategyConfig,
 }
 
 impl Default for CoordinatorConfig {
@@ -45,6 +47,7 @@ impl Default for CoordinatorConfig {
             round: RoundPolicy::default(),
             task: TaskConfig::default(),
             transfer: TransferConfig::default(),
+            aggregation: crate::strategy::StrategyConfig::default(),
         }
     }
 }
@@ -214,6 +217,9 @@ impl CoordinatorConfig {
         if self.round.timeout_s == 0 {
             return bad("round.timeout_s must be positive".into());
         }
+        self.aggregation
+            .validate()
+            .map_err(|e| CoordinatorError::Config(format!("aggregation: {e}")))?;
         Ok(())
     }
 }

@@ -63,6 +63,12 @@ pub struct RoundReport {
     pub bytes_up: u64,
     pub duration_ms: u64,
     pub phase_ms: PhaseTimings,
+    /// Accepted deltas the aggregation rule left out (e.g. Multi-Krum), with why.
+    #[serde(default)]
+    pub excluded: Vec<Rejection>,
+    /// Clients whose delta the rule scaled down (norm clipping).
+    #[serde(default)]
+    pub clipped: Vec<String>,
     pub student: ModelReport,
     pub teacher: ModelReport,
     pub clients: Vec<ClientReport>,

@@ -4,7 +4,7 @@ use crate::config::{BelowQuorum, CoordinatorConfig};
 use crate::registry::FleetRegistry;
 use crate::report::{ClientReport, ModelReport, PhaseTimings, Rejection, RoundReport};
 use crate::store::{write_atomic, State, Store};
-use crate::strategy::{FedAvg, Strategy, Update};
+use crate::strategy::{build as build_strategy, Aggregation, Update};
 use crate::verify::{model_codec, verify_signer, verify_upload, RoundContext};
 use crate::CoordinatorError;
 use coevo_models::{train::evaluate, Dataset, Student, Weights};
@@ -404,7 +404,7 @@ impl Coordinator {
 
         // 3. Aggregate.
         let t_agg = Instant::now();
-        let strategy = FedAvg;
+        let strategy = build_strategy(&cfg.aggregation);
         let updates: Vec<Update> = book
             .accepted
             .iter()
@@ -414,8 +414,15 @@ impl Coordinator {
                 delta: a.delta.clone(),
             })
             .collect();
+        let mut aggregation = Aggregation {
+            weights: Weights::default(),
+            excluded: Vec::new(),
+            norms: Vec::new(),
+            clipped: Vec::new(),
+        };
         if outcome == "completed" && !updates.is_empty() {
-            *global = strategy.aggregate(global, &updates)?.weights;
+            aggregation = strategy.aggregate(global, &updates)?;
+            *global = std::mem::take(&mut aggregation.weights);
         }
         phases.aggregate = t_agg.elapsed().as_millis() as u64;
 
@@ -467,6 +474,15 @@ impl Coordinator {
             bytes_up: clients.iter().map(|c| c.bytes_up).sum(),
             duration_ms: t0.elapsed().as_millis() as u64,
             phase_ms: phases,
+            excluded: aggregation
+                .excluded
+                .iter()
+                .map(|x| Rejection {
+                    client: x.client.clone(),
+                    reason: x.reason.clone(),
+                })
+                .collect(),
+            clipped: aggregation.clipped.clone(),
             student: ModelReport {
                 test_accuracy: Some(eval.accuracy),
                 test_loss: Some(eval.loss),

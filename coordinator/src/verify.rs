@@ -126,3 +126,190 @@ pub fn verify_upload(
     }
     Ok(Verified { header: h, delta })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use coevo_models::ParamTensor;
+    use coevo_protocol::{LocalMetrics, SigningKey};
+
+    struct Fixture {
+        registry: FleetRegistry,
+        key: SigningKey,
+        layout: Weights,
+        base: Digest,
+    }
+
+    fn fixture() -> Fixture {
+        let key = SigningKey::generate().unwrap();
+        let mut registry = FleetRegistry::default();
+        registry.add("cam-1", &key.public_key()).unwrap();
+        let mut layout = Weights::default();
+        layout.tensors.insert(
+            "w".into(),
+            ParamTensor {
+                shape: vec![2, 3],
+                data: vec![0.0; 6],
+            },
+        );
+        Fixture {
+            registry,
+            key,
+            layout,
+            base: digest(b"base model"),
+        }
+    }
+
+    fn ctx(f: &Fixture) -> RoundContext<'_> {
+        RoundContext {
+            fleet: "city",
+            round: 5,
+            base_digest: f.base,
+            uplink_codec: WeightCodec::F32,
+            max_delta_bytes: 1 << 20,
+            layout: &f.layout,
+            registry: &f.registry,
+        }
+    }
+
+    /// A correctly signed upload of `delta`, after `tweak` edits the header.
+    fn upload(
+        f: &Fixture,
+        delta: &Weights,
+        tweak: impl FnOnce(&mut DeltaHeader),
+    ) -> (Signed, Vec<u8>) {
+        let payload = delta.encode(ModelCodec::F32).unwrap();
+        let mut h = DeltaHeader {
+            fleet: "city".into(),
+            round: 5,
+            client: "cam-1".into(),
+            base_digest: f.base,
+            samples: 10,
+            metrics: LocalMetrics::default(),
+            codec: WeightCodec::F32,
+            payload_digest: digest(&payload),
+            payload_len: payload.len() as u64,
+            chunks: 1,
+        };
+        tweak(&mut h);
+        (
+            Signed::sign(Kind::DeltaHeader, &h, &h.client.clone(), &f.key),
+            payload,
+        )
+    }
+
+    fn code(r: Result<Verified, RejectReason>) -> &'static str {
+        match r {
+            Ok(_) => "accepted",
+            Err(e) => e.code(),
+        }
+    }
+
+    #[test]
+    fn every_rejection_has_its_reason() {
+        let f = fixture();
+        let c = ctx(&f);
+        let good = f.layout.clone();
+        let (h, p) = upload(&f, &good, |_| {});
+        assert_eq!(code(verify_upload(&c, "cam-1", Some(&h), &p)), "accepted");
+
+        // forged: signed by a key the registry doesn't hold for cam-1
+        let stranger = SigningKey::generate().unwrap();
+        let (h, p) = upload(&f, &good, |_| {});
+        let forged = Signed::sign(
+            Kind::DeltaHeader,
+            &h.verify::<DeltaHeader>(Kind::DeltaHeader, &f.key.public_key(), 4096)
+                .unwrap(),
+            "cam-1",
+            &stranger,
+        );
+        assert_eq!(
+            code(verify_upload(&c, "cam-1", Some(&forged), &p)),
+            "bad-signature"
+        );
+        // tampered payload under a valid header
+        let mut tampered = p.clone();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        assert_eq!(
+            code(verify_upload(&c, "cam-1", Some(&h), &tampered)),
+            "digest-mismatch"
+        );
+        // truncated payload
+        assert_eq!(
+            code(verify_upload(&c, "cam-1", Some(&h), &p[..p.len() - 4])),
+            "length-mismatch"
+        );
+        // someone else's id: header from cam-1 sent on another client's topic
+        assert_eq!(
+            code(verify_upload(&c, "cam-2", Some(&h), &p)),
+            "unknown-client"
+        );
+        let mut reg2 = f.registry.clone();
+        reg2.add("cam-2", &stranger.public_key()).unwrap();
+        let c2 = RoundContext {
+            registry: &reg2,
+            ..ctx(&f)
+        };
+        assert_eq!(
+            code(verify_upload(&c2, "cam-2", Some(&h), &p)),
+            "bad-signature"
+        );
+        // wrong fleet, wrong round (replay), wrong base
+        let (h, p) = upload(&f, &good, |h| h.fleet = "other".into());
+        assert_eq!(
+            code(verify_upload(&c, "cam-1", Some(&h), &p)),
+            "wrong-fleet"
+        );
+        let (h, p) = upload(&f, &good, |h| h.round = 4);
+        assert_eq!(
+            code(verify_upload(&c, "cam-1", Some(&h), &p)),
+            "wrong-round"
+        );
+        let (h, p) = upload(&f, &good, |h| h.base_digest = digest(b"old"));
+        assert_eq!(code(verify_upload(&c, "cam-1", Some(&h), &p)), "wrong-base");
+        // oversized
+        let small = RoundContext {
+            max_delta_bytes: 10,
+            ..ctx(&f)
+        };
+        let (h, p) = upload(&f, &good, |_| {});
+        assert_eq!(
+            code(verify_upload(&small, "cam-1", Some(&h), &p)),
+            "oversized"
+        );
+        // NaN values
+        let mut nan = good.clone();
+        if let Some(t) = nan.tensors.get_mut("w") {
+            t.data[3] = f32::NAN;
+        }
+        let (h, p) = upload(&f, &nan, |_| {});
+        assert_eq!(code(verify_upload(&c, "cam-1", Some(&h), &p)), "non-finite");
+        // wrong shape
+        let mut shape = Weights::default();
+        shape.tensors.insert(
+            "w".into(),
+            ParamTensor {
+                shape: vec![3, 2],
+                data: vec![0.0; 6],
+            },
+        );
+        let (h, p) = upload(&f, &shape, |_| {});
+        assert_eq!(
+            code(verify_upload(&c, "cam-1", Some(&h), &p)),
+            "shape-mismatch"
+        );
+        // garbage payload with a matching header
+        let junk = b"definitely not safetensors".to_vec();
+        let (h, _) = upload(&f, &good, |h| {
+            h.payload_digest = digest(&junk);
+            h.payload_len = junk.len() as u64;
+        });
+        assert_eq!(
+            code(verify_upload(&c, "cam-1", Some(&h), &junk)),
+            "malformed"
+        );
+        // no header at all
+        assert_eq!(code(verify_upload(&c, "cam-1", None, &junk)), "malformed");
+    }
+}
