@@ -9,6 +9,7 @@ use coevo_coordinator::config::{BelowQuorum, CoordinatorConfig};
 use coevo_coordinator::{Coordinator, RoundEvent, RoundReport};
 use coevo_edge::{Agent, AgentOptions};
 use coevo_models::partition::{partition, PartitionSpec};
+use coevo_models::Dataset;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -80,12 +81,6 @@ pub async fn run(
     mut on_event: impl FnMut(&RoundEvent),
 ) -> Result<Vec<RoundReport>> {
     let spec = opts.partition_spec()?;
-    if out.join("state.json").exists() {
-        bail!(
-            "{} already holds a run; choose another --out or delete it",
-            out.display()
-        );
-    }
     let t0 = Instant::now();
     let split = coevo_models::data::load_dir(&opts.data)
         .with_context(|| format!("loading {} (run scripts/setup?)", opts.data.display()))?;
@@ -102,56 +97,112 @@ pub async fn run(
         secs = t0.elapsed().as_secs_f64(),
         "data loaded"
     );
-    let ids: Vec<String> = parts.iter().map(|(name, _)| name.clone()).collect();
-    let fleet = provision(out, "coordinator", &ids)?;
+    let clients: Vec<(String, Dataset)> = parts
+        .iter()
+        .map(|(name, idx)| (name.clone(), split.train.subset(idx)))
+        .collect();
+    let quorum = (clients.len() as u32).div_ceil(2);
+    let run = FleetRun {
+        fleet: "demo",
+        out,
+        clients,
+        test: split.test,
+        seed: opts.seed,
+    };
+    run_fleet(
+        run,
+        |cfg| {
+            cfg.rounds = opts.rounds;
+            cfg.round = coevo_coordinator::config::RoundPolicy {
+                quorum,
+                timeout_s: opts.round_timeout,
+                below_quorum: BelowQuorum::Extend,
+                max_extensions: 1,
+            };
+            cfg.task = coevo_coordinator::config::TaskConfig {
+                epochs: opts.epochs,
+                batch_size: opts.batch,
+                lr: opts.lr,
+                momentum: 0.9,
+                prox_mu: 0.0,
+            };
+        },
+        |c| c,
+        &mut on_event,
+    )
+    .await
+}
 
+/// A whole fleet to run on this machine.
+pub struct FleetRun<'a> {
+    /// Fleet name (topic namespace).
+    pub fleet: &'a str,
+    /// Output directory (keys, registry, reports, checkpoints); must not hold a previous run.
+    pub out: &'a Path,
+    /// One (client id, local data) per edge agent.
+    pub clients: Vec<(String, Dataset)>,
+    /// The coordinator's test set.
+    pub test: Dataset,
+    pub seed: u64,
+}
+
+/// Provisions keys and credentials, starts the embedded broker, the coordinator (configured
+/// by `configure`, then `prepare`d, e.g. with server data) and one agent per client, each a
+/// real MQTT connection over 127.0.0.1; returns the round reports once every round is done.
+pub async fn run_fleet(
+    run: FleetRun<'_>,
+    configure: impl FnOnce(&mut CoordinatorConfig),
+    prepare: impl FnOnce(Coordinator) -> Coordinator,
+    on_event: &mut impl FnMut(&RoundEvent),
+) -> Result<Vec<RoundReport>> {
+    let FleetRun {
+        fleet: fleet_name,
+        out,
+        clients,
+        test,
+        seed,
+    } = run;
+    if out.join("state.json").exists() {
+        bail!(
+            "{} already holds a run; choose another --out or delete it",
+            out.display()
+        );
+    }
+    let ids: Vec<String> = clients.iter().map(|(name, _)| name.clone()).collect();
+    let fleet = provision(out, "coordinator", &ids)?;
     let broker = coevo_broker::start(BrokerConfig {
         listen: coevo_broker::free_local_addr()?,
         credentials: Some(fleet.credentials_path.clone()),
         ..BrokerConfig::default()
     })?;
     let addr = broker.addr;
-
-    let cfg = CoordinatorConfig {
-        fleet: "demo".into(),
+    let mut cfg = CoordinatorConfig {
+        fleet: fleet_name.into(),
         client_id: fleet.coordinator_id.clone(),
         registry: fleet.registry_path.clone(),
         out: out.to_path_buf(),
-        rounds: opts.rounds,
-        seed: opts.seed,
+        seed,
         broker: coevo_coordinator::config::BrokerEndpoint {
             host: addr.ip().to_string(),
             port: addr.port(),
             password: Some(fleet.coordinator_password.clone()),
             connect_timeout_s: 30,
         },
-        round: coevo_coordinator::config::RoundPolicy {
-            quorum: (parts.len() as u32).div_ceil(2),
-            timeout_s: opts.round_timeout,
-            below_quorum: BelowQuorum::Extend,
-            max_extensions: 1,
-        },
-        task: coevo_coordinator::config::TaskConfig {
-            epochs: opts.epochs,
-            batch_size: opts.batch,
-            lr: opts.lr,
-            momentum: 0.9,
-            prox_mu: 0.0,
-        },
         ..CoordinatorConfig::default()
     };
-    let coordinator = Coordinator::new(cfg, fleet.coordinator_key, split.test)?;
+    configure(&mut cfg);
+    let coordinator = prepare(Coordinator::new(cfg, fleet.coordinator_key.clone(), test)?);
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut agents = Vec::new();
-    let coordinator_public = coordinator_public_key(&fleet.dir)?;
-    for ((id, key, password), (_, indices)) in fleet.clients.into_iter().zip(parts.iter()) {
-        let mut o = AgentOptions::new("demo", &id, &fleet.coordinator_id, coordinator_public);
+    let coordinator_public = fleet.coordinator_key.public_key();
+    for ((id, key, password), (_, data)) in fleet.clients.into_iter().zip(clients) {
+        let mut o = AgentOptions::new(fleet_name, &id, &fleet.coordinator_id, coordinator_public);
         o.broker_host = addr.ip().to_string();
         o.broker_port = addr.port();
         o.password = Some(password);
-        o.seed = opts.seed;
-        let agent = Agent::new(o, key, split.train.subset(indices))?;
+        o.seed = seed;
+        let agent = Agent::new(o, key, data)?;
         let mut rx = stop_rx.clone();
         agents.push(tokio::spawn(agent.run(async move {
             let _ = rx.wait_for(|stop| *stop).await;
@@ -174,8 +225,4 @@ pub async fn run(
         }
     }
     Ok(reports)
-}
-
-fn coordinator_public_key(dir: &std::path::Path) -> Result<coevo_protocol::PublicKey> {
-    crate::provision::read_public(&dir.join("keys/coordinator.pub").display().to_string())
 }
