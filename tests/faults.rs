@@ -47,12 +47,7 @@ fn port_open(addr: std::net::SocketAddr) -> bool {
 async fn coordinator_sigkill_mid_collection_resumes_round() {
     let dir = tempfile::tempdir().unwrap();
     let fleet = fleet(dir.path(), 3);
-    let broker = coevo_broker::start(BrokerConfig {
-        listen: coevo_broker::free_local_addr().unwrap(),
-        credentials: Some(fleet.credentials_path.clone()),
-        ..BrokerConfig::default()
-    })
-    .unwrap();
+    let broker = start_broker(&fleet);
     let addr = broker.addr;
     let out = dir.path().join("out");
 
@@ -235,12 +230,7 @@ async fn dropout_round(
 ) {
     let dir = tempfile::tempdir().unwrap();
     let fleet = fleet(dir.path(), 10);
-    let broker = coevo_broker::start(BrokerConfig {
-        listen: coevo_broker::free_local_addr().unwrap(),
-        credentials: Some(fleet.credentials_path.clone()),
-        ..BrokerConfig::default()
-    })
-    .unwrap();
+    let broker = start_broker(&fleet);
     let addr = broker.addr;
     // The 3 doomed clients hold much more data, so they are still training when killed.
     let data = synthetic(7 * 100 + 3 * 4000, 200, SHAPE, 13);
@@ -417,12 +407,7 @@ async fn duplicated_reordered_and_truncated_chunks() {
     use coevo_models::{WeightCodec as ModelCodec, Weights};
     let dir = tempfile::tempdir().unwrap();
     let fleet = fleet(dir.path(), 3);
-    let broker = coevo_broker::start(BrokerConfig {
-        listen: coevo_broker::free_local_addr().unwrap(),
-        credentials: Some(fleet.credentials_path.clone()),
-        ..BrokerConfig::default()
-    })
-    .unwrap();
+    let broker = start_broker(&fleet);
     let addr = broker.addr;
     let data = synthetic(300, 100, SHAPE, 14);
     let out = dir.path().join("out");
@@ -525,13 +510,13 @@ async fn duplicated_reordered_and_truncated_chunks() {
 async fn twenty_megabyte_model_through_one_mebibyte_packets() {
     let dir = tempfile::tempdir().unwrap();
     let fleet = fleet(dir.path(), 2);
-    let broker = coevo_broker::start(BrokerConfig {
-        listen: coevo_broker::free_local_addr().unwrap(),
-        credentials: Some(fleet.credentials_path.clone()),
-        max_payload_bytes: 1024 * 1024,
-        ..BrokerConfig::default()
-    })
-    .unwrap();
+    let broker = start_broker_with(
+        &fleet,
+        BrokerConfig {
+            max_payload_bytes: 1024 * 1024,
+            ..BrokerConfig::default()
+        },
+    );
     let addr = broker.addr;
     // 200×200 inputs make the student's first dense layer ~5M parameters: ~20 MB in f32.
     let shape = DataShape {

@@ -3,7 +3,6 @@
 
 mod common;
 
-use coevo_broker::BrokerConfig;
 use coevo_coordinator::Coordinator;
 use coevo_models::data::synthetic;
 use coevo_models::DataShape;
@@ -16,12 +15,7 @@ use std::time::Duration;
 async fn forged_manifest_is_never_trained_on() {
     let dir = tempfile::tempdir().unwrap();
     let fleet = fleet(dir.path(), 2);
-    let broker = coevo_broker::start(BrokerConfig {
-        listen: coevo_broker::free_local_addr().unwrap(),
-        credentials: Some(fleet.credentials_path.clone()),
-        ..BrokerConfig::default()
-    })
-    .unwrap();
+    let broker = start_broker(&fleet);
     let addr = broker.addr;
     let shape = DataShape {
         channels: 1,

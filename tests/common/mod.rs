@@ -34,6 +34,24 @@ pub fn fleet(dir: &Path, n: usize) -> Fleet {
     provision(dir, "coordinator", &ids(n)).expect("provision fleet")
 }
 
+/// Starts the embedded broker on a free loopback port with the fleet's credentials.
+pub fn start_broker(fleet: &Fleet) -> coevo_broker::BrokerHandle {
+    start_broker_with(fleet, coevo_broker::BrokerConfig::default())
+}
+
+/// Like [`start_broker`], from `base` (its listen address and credentials are replaced).
+pub fn start_broker_with(
+    fleet: &Fleet,
+    base: coevo_broker::BrokerConfig,
+) -> coevo_broker::BrokerHandle {
+    coevo_broker::start(coevo_broker::BrokerConfig {
+        listen: coevo_broker::free_local_addr().expect("free port"),
+        credentials: Some(fleet.credentials_path.clone()),
+        ..base
+    })
+    .expect("broker starts")
+}
+
 /// A coordinator config for `fleet` on `addr`, writing under `out`.
 pub fn coordinator_config(
     fleet: &Fleet,
