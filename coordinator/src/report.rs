@@ -46,7 +46,8 @@ pub struct RoundReport {
     pub fleet: String,
     pub mode: String,
     pub strategy: String,
-    /// `completed`, or `skipped` when quorum was not met.
+    /// `completed`; `skipped` when quorum was not met; `skipped: …` when the aggregation rule
+    /// refused the updates (e.g. too few for Multi-Krum).
     pub outcome: String,
     pub accepted: usize,
     pub quorum: u32,

@@ -420,9 +420,21 @@ impl Coordinator {
             norms: Vec::new(),
             clipped: Vec::new(),
         };
+        let mut outcome = outcome.to_string();
         if outcome == "completed" && !updates.is_empty() {
-            aggregation = strategy.aggregate(global, &updates)?;
-            *global = std::mem::take(&mut aggregation.weights);
+            match strategy.aggregate(global, &updates) {
+                Ok(a) => {
+                    aggregation = a;
+                    *global = std::mem::take(&mut aggregation.weights);
+                }
+                // Too few updates for the rule's guarantee (e.g. Multi-Krum needs 2f+3): keep
+                // the model rather than merge unsafely, and say so in the report.
+                Err(e @ crate::strategy::StrategyError::TooFew { .. }) => {
+                    tracing::warn!(round, error = %e, "aggregation refused; the round is skipped");
+                    outcome = format!("skipped: {e}");
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         phases.aggregate = t_agg.elapsed().as_millis() as u64;
 
@@ -461,7 +473,7 @@ impl Coordinator {
             fleet: cfg.fleet.clone(),
             mode: "fedavg".into(),
             strategy: strategy.name().into(),
-            outcome: outcome.into(),
+            outcome: outcome.clone(),
             accepted: book.accepted.len(),
             quorum: cfg.round.quorum,
             registered: inputs.registry.len(),
