@@ -14,6 +14,9 @@ use tch::{nn, Kind, Tensor};
 
 use crate::ModelError;
 
+/// Largest zstd window (log2 bytes) a decoder accepts: 8 MiB.
+const ZSTD_MAX_WINDOW_LOG: u32 = 23;
+
 /// zstd level for [`WeightCodec::F32Zstd`]: level 3 is zstd's default speed/ratio trade-off.
 const ZSTD_LEVEL: i32 = 3;
 
@@ -259,7 +262,13 @@ impl Weights {
         let st_bytes: &[u8] = match codec {
             WeightCodec::F32 => bytes,
             WeightCodec::F32Zstd => {
-                let decoder = zstd::stream::read::Decoder::new(bytes)
+                let mut decoder = zstd::stream::read::Decoder::new(bytes)
+                    .map_err(|e| ModelError::Codec(format!("zstd: {e}")))?;
+                // A frame may ask for a window of up to 128 MiB, which the decoder would
+                // allocate up front whatever the output cap; our encoder (level 3) never uses
+                // more than 2 MiB, so refuse anything past 8 MiB.
+                decoder
+                    .window_log_max(ZSTD_MAX_WINDOW_LOG)
                     .map_err(|e| ModelError::Codec(format!("zstd: {e}")))?;
                 let mut out = Vec::new();
                 let cap = u64::try_from(max_bytes)
