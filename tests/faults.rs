@@ -309,34 +309,6 @@ async fn below_quorum_extends_then_skips() {
 
 use coevo_coordinator::store::Store;
 
-/// Writes a dataset as an IDX directory (so a coordinator *process* can load it).
-fn write_idx(dir: &std::path::Path, data: &coevo_models::DataSplit) {
-    std::fs::create_dir_all(dir).unwrap();
-    for (prefix, set) in [("train", &data.train), ("t10k", &data.test)] {
-        let n = set.len();
-        let (h, w) = (set.shape.height, set.shape.width);
-        // Undo the loader's normalisation: x = (p/255 - 0.5)/0.5.
-        let pixels: Vec<f32> = Vec::<f32>::try_from(
-            ((set.images.flatten(0, -1) * 0.5 + 0.5) * 255.0)
-                .clamp(0.0, 255.0)
-                .round(),
-        )
-        .unwrap();
-        let mut img = Vec::with_capacity(16 + pixels.len());
-        img.extend_from_slice(&0x0000_0803u32.to_be_bytes());
-        for d in [n, h, w] {
-            img.extend_from_slice(&(d as u32).to_be_bytes());
-        }
-        img.extend(pixels.iter().map(|&p| p as u8));
-        std::fs::write(dir.join(format!("{prefix}-images-idx3-ubyte")), img).unwrap();
-        let mut lab = Vec::with_capacity(8 + n);
-        lab.extend_from_slice(&0x0000_0801u32.to_be_bytes());
-        lab.extend_from_slice(&(n as u32).to_be_bytes());
-        lab.extend(set.labels_vec().iter().map(|&l| l as u8));
-        std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte")), lab).unwrap();
-    }
-}
-
 /// Publishes a crafted upload from `client` (signed with its own key) as the given chunks.
 async fn send_chunks(session: &coevo_mqtt::Session, chunks: &[(String, Vec<u8>)], order: &[usize]) {
     for &i in order {

@@ -184,3 +184,31 @@ pub fn read_report(out: &Path, round: u64) -> coevo_coordinator::RoundReport {
     serde_json::from_slice(&std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
         .expect("report parses")
 }
+
+/// Writes a dataset as an IDX directory (so a coordinator *process* can load it).
+pub fn write_idx(dir: &std::path::Path, data: &coevo_models::DataSplit) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (prefix, set) in [("train", &data.train), ("t10k", &data.test)] {
+        let n = set.len();
+        let (h, w) = (set.shape.height, set.shape.width);
+        // Undo the loader's normalisation: x = (p/255 - 0.5)/0.5.
+        let pixels: Vec<f32> = Vec::<f32>::try_from(
+            ((set.images.flatten(0, -1) * 0.5 + 0.5) * 255.0)
+                .clamp(0.0, 255.0)
+                .round(),
+        )
+        .unwrap();
+        let mut img = Vec::with_capacity(16 + pixels.len());
+        img.extend_from_slice(&0x0000_0803u32.to_be_bytes());
+        for d in [n, h, w] {
+            img.extend_from_slice(&(d as u32).to_be_bytes());
+        }
+        img.extend(pixels.iter().map(|&p| p as u8));
+        std::fs::write(dir.join(format!("{prefix}-images-idx3-ubyte")), img).unwrap();
+        let mut lab = Vec::with_capacity(8 + n);
+        lab.extend_from_slice(&0x0000_0801u32.to_be_bytes());
+        lab.extend_from_slice(&(n as u32).to_be_bytes());
+        lab.extend(set.labels_vec().iter().map(|&l| l as u8));
+        std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte")), lab).unwrap();
+    }
+}
