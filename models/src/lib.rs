@@ -12,12 +12,15 @@
 //!   tiny synthetic dataset for unit tests.
 //! - [`partition`]: [`partition::PartitionSpec`] and the natural / IID / Dirichlet / shards
 //!   partitioners that split a training set across clients.
-//! - [`net`]: the [`Student`] CNN, built from a [`DataShape`].
+//! - [`net`]: the [`Student`] and [`Teacher`] CNNs, built from a [`DataShape`], and their costs.
+//! - [`distill`]: knowledge distillation both ways (teacher → student KD, student ensemble →
+//!   teacher fusion) and the validation guard that accepts or rolls back an update.
 //! - [`train`]: SGD (optionally FedProx) training and evaluation loops.
 //! - [`weights`]: [`Weights`] (named `f32` tensors), arithmetic used by aggregation, and the
 //!   bounded [`WeightCodec`] encoders/decoders.
 
 pub mod data;
+pub mod distill;
 pub mod error;
 pub mod net;
 pub mod partition;
@@ -26,5 +29,5 @@ pub mod weights;
 
 pub use data::{DataShape, DataSplit, Dataset};
 pub use error::ModelError;
-pub use net::Student;
+pub use net::{NetKind, Student, Teacher};
 pub use weights::{ParamTensor, WeightCodec, Weights};

@@ -70,7 +70,10 @@ pub struct Evaluation {
 
 /// Turns a libtorch panic (e.g. a model that does not fit the data's shape) into an error, so a
 /// bad input cannot take the whole client down.
-fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T, ModelError>) -> Result<T, ModelError> {
+pub(crate) fn guarded<T>(
+    what: &str,
+    f: impl FnOnce() -> Result<T, ModelError>,
+) -> Result<T, ModelError> {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| {
         let msg = payload
             .downcast_ref::<String>()
@@ -81,7 +84,7 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T, ModelError>) -> Result<T
     })
 }
 
-fn check_data(data: &Dataset) -> Result<(), ModelError> {
+pub(crate) fn check_data(data: &Dataset) -> Result<(), ModelError> {
     let n = data.len() as i64;
     let isz = data.images.size();
     if isz.len() != 4 || isz[0] != n || data.labels.size().len() != 1 {
