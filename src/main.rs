@@ -55,6 +55,12 @@ enum Command {
     },
     /// Run broker, coordinator and N edge clients on this machine (real MQTT over 127.0.0.1).
     Demo(coevo::demo::DemoOptions),
+    /// Print the student's and teacher's size and cost for a dataset's shape.
+    Models {
+        /// Dataset directory (IDX or image folder).
+        #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
+        data: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -195,11 +201,50 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Command::Models { data } => models(&data),
         Command::Demo(opts) => {
             init_tracing("warn,rumqttd=off");
             demo(&rt, &opts)
         }
     }
+}
+
+fn models(data: &std::path::Path) -> Result<()> {
+    use coevo_models::net::{flops_per_image, param_count};
+    use coevo_models::{NetKind, Student, Teacher};
+    let split = coevo_models::data::load_dir(data)
+        .with_context(|| format!("loading {}", data.display()))?;
+    let shape = split.train.shape;
+    let count = |kind: NetKind| {
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        match kind {
+            NetKind::Student => drop(Student::new(&vs.root(), &shape)),
+            NetKind::Teacher => drop(Teacher::new(&vs.root(), &shape)),
+        }
+        (param_count(&vs), flops_per_image(kind, &shape))
+    };
+    let (sp, sf) = count(NetKind::Student);
+    let (tp, tf) = count(NetKind::Teacher);
+    println!(
+        "data {}: {}x{}x{} images, {} classes",
+        data.display(),
+        shape.channels,
+        shape.height,
+        shape.width,
+        shape.classes
+    );
+    println!(
+        "{:<8} {:>12} {:>16}",
+        "model", "parameters", "MACs per image"
+    );
+    println!("{:<8} {:>12} {:>16}", "student", sp, sf);
+    println!("{:<8} {:>12} {:>16}", "teacher", tp, tf);
+    println!(
+        "teacher/student: {:.1}x parameters, {:.1}x MACs",
+        tp as f64 / sp.max(1) as f64,
+        tf as f64 / sf.max(1) as f64
+    );
+    Ok(())
 }
 
 fn keys(cmd: KeysCmd) -> Result<()> {
