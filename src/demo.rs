@@ -45,6 +45,10 @@ pub struct DemoOptions {
     /// Seed for the split and the initial model.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// `fedavg` (student only) or `coevolve` (a teacher on the server distils into the student
+    /// and learns back from the clients; slower: the teacher is ~10x the student's cost).
+    #[arg(long, default_value = "fedavg", value_parser = ["fedavg", "coevolve"])]
+    pub mode: String,
     /// Round deadline in seconds (rounds close earlier once every client is in).
     #[arg(long, default_value_t = 600)]
     pub round_timeout: u64,
@@ -84,9 +88,20 @@ pub async fn run(
     let t0 = Instant::now();
     let split = coevo_models::data::load_dir(&opts.data)
         .with_context(|| format!("loading {} (run scripts/setup?)", opts.data.display()))?;
+    let coevolve = opts.mode == "coevolve";
+    // In coevolve mode the server keeps its share of the training set (labelled, unlabelled,
+    // validation) and the clients split the rest.
+    let (server, train) = if coevolve {
+        let roles = coevo_coordinator::config::ServerDataConfig::default();
+        let (server, rest) =
+            coevo_coordinator::coevolve::split_server_data(&split.train, &roles, opts.seed);
+        (Some(server), split.train.subset(&rest))
+    } else {
+        (None, split.train.shallow_clone())
+    };
     let parts = partition(
-        &split.train.labels_vec(),
-        split.train.clients.as_deref(),
+        &train.labels_vec(),
+        train.clients.as_deref(),
         &spec,
         opts.seed,
     )?;
@@ -99,7 +114,7 @@ pub async fn run(
     );
     let clients: Vec<(String, Dataset)> = parts
         .iter()
-        .map(|(name, idx)| (name.clone(), split.train.subset(idx)))
+        .map(|(name, idx)| (name.clone(), train.subset(idx)))
         .collect();
     let quorum = (clients.len() as u32).div_ceil(2);
     let run = FleetRun {
@@ -119,6 +134,10 @@ pub async fn run(
                 below_quorum: BelowQuorum::Extend,
                 max_extensions: 1,
             };
+            if coevolve {
+                cfg.mode = coevo_coordinator::coevolve::Mode::Coevolve;
+                cfg.coevolution.pretrain_epochs = 10;
+            }
             cfg.task = coevo_coordinator::config::TaskConfig {
                 epochs: opts.epochs,
                 batch_size: opts.batch,
@@ -127,7 +146,10 @@ pub async fn run(
                 prox_mu: 0.0,
             };
         },
-        |c| c,
+        |c| match server {
+            Some(s) => c.with_server_data(s),
+            None => c,
+        },
         &mut on_event,
     )
     .await

@@ -172,7 +172,18 @@ fn main() -> Result<()> {
                 test = test.subset(&idx);
             }
             let out = cfg.out.clone();
-            let coordinator = Coordinator::new(cfg, key, test)?;
+            let server = (cfg.mode == coevo_coordinator::coevolve::Mode::Coevolve).then(|| {
+                coevo_coordinator::coevolve::split_server_data(
+                    &split.train,
+                    &cfg.server_data,
+                    cfg.seed,
+                )
+                .0
+            });
+            let mut coordinator = Coordinator::new(cfg, key, test)?;
+            if let Some(server) = server {
+                coordinator = coordinator.with_server_data(server);
+            }
             let reports = rt.block_on(coordinator.run(async {
                 let _ = tokio::signal::ctrl_c().await;
             }))?;

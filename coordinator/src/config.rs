@@ -30,6 +30,31 @@ pub struct CoordinatorConfig {
     pub transfer: TransferConfig,
     /// Aggregation rule: FedAvg or a robust one (norm clipping, trimmed mean, median, Multi-Krum).
     pub aggregation: crate::strategy::StrategyConfig,
+    /// `fedavg` (student only) or `coevolve` (teacher ⇄ student; needs server data).
+    pub mode: crate::coevolve::Mode,
+    pub coevolution: crate::coevolve::CoevolutionConfig,
+    /// Which part of the dataset's training split the server keeps (coevolve mode).
+    pub server_data: ServerDataConfig,
+}
+
+/// The server's data roles, as fractions of the dataset's training split after a seeded
+/// shuffle (labelled first, then unlabelled, then validation).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerDataConfig {
+    pub labelled_fraction: f64,
+    pub unlabelled_fraction: f64,
+    pub validation_fraction: f64,
+}
+
+impl Default for ServerDataConfig {
+    fn default() -> Self {
+        ServerDataConfig {
+            labelled_fraction: 0.05,
+            unlabelled_fraction: 0.10,
+            validation_fraction: 0.02,
+        }
+    }
 }
 
 impl Default for CoordinatorConfig {
@@ -48,6 +73,9 @@ impl Default for CoordinatorConfig {
             task: TaskConfig::default(),
             transfer: TransferConfig::default(),
             aggregation: crate::strategy::StrategyConfig::default(),
+            mode: crate::coevolve::Mode::default(),
+            coevolution: crate::coevolve::CoevolutionConfig::default(),
+            server_data: ServerDataConfig::default(),
         }
     }
 }
@@ -216,6 +244,16 @@ impl CoordinatorConfig {
         }
         if self.round.timeout_s == 0 {
             return bad("round.timeout_s must be positive".into());
+        }
+        let f = &self.server_data;
+        let fractions = [
+            f.labelled_fraction,
+            f.unlabelled_fraction,
+            f.validation_fraction,
+        ];
+        if fractions.iter().any(|x| !(0.0..=1.0).contains(x)) || fractions.iter().sum::<f64>() > 1.0
+        {
+            return bad("server_data fractions must be in [0, 1] and sum to at most 1".into());
         }
         self.aggregation
             .validate()

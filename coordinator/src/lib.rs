@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - [`config`]: the TOML configuration.
+//! - [`coevolve`]: the teacher loop (distil before a round, fuse after it).
 //! - [`registry`]: the fleet registry (client ids and their public keys).
 //! - [`verify`]: pure checks of a delta upload, each failure a [`coevo_protocol::RejectReason`].
 //! - [`strategy`]: aggregation rules as pure functions.
@@ -10,6 +11,7 @@
 //! - [`report`]: the round report, a stable JSON interface for analysts.
 //! - [`server`]: the round loop, the only part doing I/O.
 
+pub mod coevolve;
 pub mod config;
 pub mod registry;
 pub mod report;

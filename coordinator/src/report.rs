@@ -72,6 +72,9 @@ pub struct RoundReport {
     pub clipped: Vec<String>,
     pub student: ModelReport,
     pub teacher: ModelReport,
+    /// Distillation and fusion outcomes (coevolve mode only).
+    #[serde(default)]
+    pub coevolution: Option<crate::coevolve::CoevolutionReport>,
     pub clients: Vec<ClientReport>,
 }
 

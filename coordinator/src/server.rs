@@ -1,5 +1,6 @@
 //! The round loop: the only part of the coordinator that does I/O (MQTT, disk, the clock).
 
+use crate::coevolve::{CoevolutionReport, Mode, ServerData, TeacherLoop};
 use crate::config::{BelowQuorum, CoordinatorConfig};
 use crate::registry::FleetRegistry;
 use crate::report::{ClientReport, ModelReport, PhaseTimings, Rejection, RoundReport};
@@ -76,6 +77,8 @@ pub struct Coordinator {
     /// Taken by `run`. In a mutex because tch tensors are `Send` but not `Sync`, and the round
     /// futures borrow `self` across awaits.
     test: Mutex<Option<Dataset>>,
+    /// Taken by `run` in coevolve mode.
+    server_data: Mutex<Option<ServerData>>,
     events: Option<mpsc::UnboundedSender<RoundEvent>>,
 }
 
@@ -98,8 +101,17 @@ impl Coordinator {
             cfg,
             key,
             test: Mutex::new(Some(test)),
+            server_data: Mutex::new(None),
             events: None,
         })
+    }
+
+    /// The server's labelled, unlabelled and validation data (needed in coevolve mode).
+    pub fn with_server_data(self, data: ServerData) -> Self {
+        if let Ok(mut d) = self.server_data.lock() {
+            *d = Some(data);
+        }
+        self
     }
 
     /// Sends [`RoundEvent`]s to `tx` as the rounds progress.
@@ -165,6 +177,14 @@ impl Coordinator {
             classes: shape.classes as u32,
         };
 
+        let teacher = match cfg.mode {
+            Mode::Fedavg => None,
+            Mode::Coevolve => Some(
+                self.start_teacher(&store, state.completed_round, shape)
+                    .await?,
+            ),
+        };
+
         let mut settings = Settings::new(&cfg.broker.host, cfg.broker.port, &cfg.client_id);
         settings.password = cfg
             .broker
@@ -193,6 +213,7 @@ impl Coordinator {
                     &mut session,
                     &mut global,
                     &evaluator,
+                    teacher.as_ref(),
                     &store,
                     previous_model,
                 )
@@ -211,6 +232,7 @@ impl Coordinator {
         session: &mut Session,
         global: &mut Weights,
         evaluator: &SharedEvaluator,
+        teacher: Option<&SharedTeacher>,
         store: &Store,
         previous_model: Option<(Digest, u32)>,
     ) -> Result<(RoundReport, (Digest, u32)), CoordinatorError> {
@@ -218,6 +240,35 @@ impl Coordinator {
         let round = inputs.round;
         let t0 = Instant::now();
         let mut phases = PhaseTimings::default();
+
+        // 0. Coevolve: the teacher distils into the student. The result is this round's base,
+        //    saved before it is published so a restarted coordinator publishes the same one.
+        let mut coevolution = teacher.map(|_| CoevolutionReport {
+            distillation: None,
+            fusion: None,
+        });
+        if let Some(t) = teacher {
+            let base_path = store.base_path(round);
+            if base_path.exists() {
+                let bytes = std::fs::read(&base_path)
+                    .map_err(|e| CoordinatorError::Io(format!("{}: {e}", base_path.display())))?;
+                *global = Weights::decode(
+                    &bytes,
+                    coevo_models::WeightCodec::F32,
+                    global.num_params() * 4 + 65536,
+                )?;
+            } else {
+                let g = global.clone();
+                let (w, outcome) = on_teacher(t, move |tl| tl.distill_into(&g)).await?;
+                tracing::info!(round, ?outcome, "distillation");
+                *global = w;
+                write_atomic(&base_path, &global.encode(coevo_models::WeightCodec::F32)?)?;
+                if let Some(c) = coevolution.as_mut() {
+                    c.distillation = Some(outcome);
+                }
+            }
+        }
+        let round_base = global.clone();
 
         // 1. Publish the model (retained chunks) and the signed manifest.
         let model_bytes = global.encode(model_codec(cfg.transfer.downlink_codec))?;
@@ -436,6 +487,24 @@ impl Coordinator {
                 Err(e) => return Err(e.into()),
             }
         }
+        // 3b. Coevolve: the teacher learns from the merged student and every client student.
+        if let (Some(t), true) = (teacher, outcome == "completed" && !updates.is_empty()) {
+            let mut members = vec![global.clone()];
+            for u in &updates {
+                let mut w = round_base.clone();
+                w.add_scaled(&u.delta, 1.0)?;
+                members.push(w);
+            }
+            let outcome = on_teacher(t, move |tl| {
+                let refs: Vec<&Weights> = members.iter().collect();
+                tl.fuse_from(&refs)
+            })
+            .await?;
+            tracing::info!(round, ?outcome, "fusion");
+            if let Some(c) = coevolution.as_mut() {
+                c.fusion = Some(outcome);
+            }
+        }
         phases.aggregate = t_agg.elapsed().as_millis() as u64;
 
         // 4. Evaluate, report, checkpoint.
@@ -454,6 +523,29 @@ impl Coordinator {
             .await
             .map_err(|e| CoordinatorError::Io(format!("evaluation task: {e}")))??
         };
+        let teacher_report = match teacher {
+            None => ModelReport::absent(),
+            Some(t) => {
+                let evaluator = evaluator.clone();
+                let (eval, weights) = on_teacher(t, move |tl| {
+                    let ev = evaluator
+                        .lock()
+                        .map_err(|_| CoordinatorError::Io("evaluator lock poisoned".into()))?;
+                    Ok((tl.evaluate_teacher(&ev.test), tl.teacher_weights()))
+                })
+                .await?;
+                write_atomic(
+                    &store.teacher_path(round),
+                    &weights.encode(coevo_models::WeightCodec::F32)?,
+                )?;
+                ModelReport {
+                    test_accuracy: Some(eval.accuracy),
+                    test_loss: Some(eval.loss),
+                    per_class_accuracy: eval.per_class,
+                    params: Some(weights.num_params()),
+                }
+            }
+        };
         phases.evaluate = t_eval.elapsed().as_millis() as u64;
         let clients: Vec<ClientReport> = book
             .accepted
@@ -471,7 +563,10 @@ impl Coordinator {
         let report = RoundReport {
             round,
             fleet: cfg.fleet.clone(),
-            mode: "fedavg".into(),
+            mode: match cfg.mode {
+                Mode::Fedavg => "fedavg".into(),
+                Mode::Coevolve => "coevolve".into(),
+            },
             strategy: strategy.name().into(),
             outcome: outcome.clone(),
             accepted: book.accepted.len(),
@@ -501,7 +596,8 @@ impl Coordinator {
                 per_class_accuracy: eval.per_class.clone(),
                 params: Some(global.num_params()),
             },
-            teacher: ModelReport::absent(),
+            teacher: teacher_report,
+            coevolution,
             clients,
         };
         let json = serde_json::to_vec_pretty(&report)
@@ -737,6 +833,72 @@ impl Coordinator {
             )
             .await?;
         Ok(())
+    }
+}
+
+type SharedTeacher = Arc<Mutex<TeacherLoop>>;
+
+/// Runs blocking teacher work off the async threads.
+async fn on_teacher<T: Send + 'static>(
+    t: &SharedTeacher,
+    f: impl FnOnce(&mut TeacherLoop) -> Result<T, CoordinatorError> + Send + 'static,
+) -> Result<T, CoordinatorError> {
+    let t = t.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut tl = t
+            .lock()
+            .map_err(|_| CoordinatorError::Io("teacher lock poisoned".into()))?;
+        f(&mut tl)
+    })
+    .await
+    .map_err(|e| CoordinatorError::Io(format!("teacher task: {e}")))?
+}
+
+impl Coordinator {
+    /// Builds the teacher loop: resumes the teacher of the last completed round, or pretrains
+    /// one on the labelled set (and checkpoints it as round 0).
+    async fn start_teacher(
+        &self,
+        store: &Store,
+        completed: u64,
+        shape: coevo_models::DataShape,
+    ) -> Result<SharedTeacher, CoordinatorError> {
+        let data = self
+            .server_data
+            .lock()
+            .ok()
+            .and_then(|mut d| d.take())
+            .ok_or_else(|| {
+                CoordinatorError::Config(
+                    "coevolve mode needs server data (labelled, unlabelled, validation)".into(),
+                )
+            })?;
+        let tl = Arc::new(Mutex::new(TeacherLoop::new(
+            shape,
+            data,
+            self.cfg.coevolution.clone(),
+        )?));
+        let path = store.teacher_path(completed);
+        if path.exists() {
+            let bytes = std::fs::read(&path)
+                .map_err(|e| CoordinatorError::Io(format!("{}: {e}", path.display())))?;
+            on_teacher(&tl, move |t| {
+                let cap = t.teacher_weights().num_params() * 4 + 65536;
+                let w = Weights::decode(&bytes, coevo_models::WeightCodec::F32, cap)?;
+                t.load_teacher(&w)
+            })
+            .await?;
+        } else {
+            let seed = self.cfg.seed;
+            let eval = on_teacher(&tl, move |t| t.pretrain(seed)).await?;
+            tracing::info!(
+                validation_accuracy = eval.accuracy,
+                "teacher pretrained on the labelled set"
+            );
+            let w = on_teacher(&tl, |t| Ok(t.teacher_weights())).await?;
+            write_atomic(&path, &w.encode(coevo_models::WeightCodec::F32)?)?;
+        }
+        Ok(tl)
     }
 }
 

@@ -65,6 +65,19 @@ impl Store {
             .join(format!("student-{round:04}.safetensors"))
     }
 
+    /// The student published as round `round`'s base (after distillation, in coevolve mode).
+    pub fn base_path(&self, round: u64) -> PathBuf {
+        self.root
+            .join("checkpoints")
+            .join(format!("base-{round:04}.safetensors"))
+    }
+
+    pub fn teacher_path(&self, round: u64) -> PathBuf {
+        self.root
+            .join("checkpoints")
+            .join(format!("teacher-{round:04}.safetensors"))
+    }
+
     pub fn report_path(&self, round: u64) -> PathBuf {
         self.root
             .join("reports")

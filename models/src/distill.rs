@@ -716,8 +716,8 @@ mod tests {
         // Then a few epochs: the student ends up agreeing with the teacher.
         let cfg = KdConfig {
             alpha: 1.0,
-            epochs: 5,
-            lr: 0.05,
+            epochs: 15,
+            lr: 0.01,
             temperature: 2.0,
             ..Default::default()
         };
