@@ -49,7 +49,16 @@ async fn two_coevolve_rounds_update_or_roll_back_the_teacher() {
     cfg.coevolution.fuse.epochs = 1;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let agents: Vec<_> = (0..3)
-        .map(|i| spawn_agent(&fleet, i, addr, clients.subset(&parts[i].1), &stop_rx))
+        .map(|i| {
+            spawn_agent_for(
+                &fleet,
+                i,
+                addr,
+                clients.subset(&parts[i].1),
+                &stop_rx,
+                Some(2),
+            )
+        })
         .collect();
     let reports = Coordinator::new(
         cfg,
@@ -61,10 +70,14 @@ async fn two_coevolve_rounds_update_or_roll_back_the_teacher() {
     .run(std::future::pending())
     .await
     .unwrap();
-    let _ = stop_tx.send(true);
+    // Each agent ends by itself once it holds its round-2 receipt (max_rounds = 2).
     for a in agents {
-        assert_eq!(a.await.unwrap().unwrap().accepted_rounds, vec![1, 2]);
+        let s = tokio::time::timeout(std::time::Duration::from_secs(30), a)
+            .await
+            .unwrap();
+        assert_eq!(s.unwrap().unwrap().accepted_rounds, vec![1, 2]);
     }
+    drop(stop_tx);
     assert_eq!(reports.len(), 2);
     for r in &reports {
         assert_eq!(r.mode, "coevolve");

@@ -95,7 +95,7 @@ async fn two_rounds_with_attacks_rejected() {
     .unwrap();
 
     let coordinator_public = fleet.coordinator_key.public_key();
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut agents = Vec::new();
     for (i, (_, idx)) in parts.iter().enumerate() {
         let (id, key, pw) = fleet.clients[i].clone();
@@ -104,6 +104,7 @@ async fn two_rounds_with_attacks_rejected() {
         o.broker_port = addr.port();
         o.password = Some(pw);
         o.retry_wait = Duration::from_secs(3);
+        o.max_rounds = Some(2);
         let agent = Agent::new(o, key, data.train.subset(idx)).unwrap();
         let mut rx = stop_rx.clone();
         agents.push(tokio::spawn(agent.run(async move {
@@ -209,9 +210,9 @@ async fn two_rounds_with_attacks_rejected() {
         }
     }
     let reports = coord.await.unwrap().unwrap();
-    let _ = stop_tx.send(true);
+    // Each agent ends by itself once it holds its round-2 receipt (max_rounds = 2).
     for a in agents {
-        let summary = tokio::time::timeout(Duration::from_secs(15), a)
+        let summary = tokio::time::timeout(Duration::from_secs(30), a)
             .await
             .unwrap()
             .unwrap()

@@ -152,14 +152,7 @@ async fn broker_restart_mid_round() {
     .unwrap();
     let out = dir.path().join("out");
     let cfg = coordinator_config(&fleet, addr, out.clone(), 2);
-    let coordinator = Coordinator::new(
-        cfg,
-        fleet.coordinator_key.clone(),
-        data.test.shallow_clone(),
-    )
-    .unwrap();
-    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    let coord = tokio::spawn(coordinator.with_events(tx).run(std::future::pending()));
+    let (coord, mut events) = spawn_coordinator(cfg, &fleet, &data.test);
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut agents: Vec<_> = (0..3)
@@ -252,14 +245,7 @@ async fn dropout_round(
     cfg.round.timeout_s = 4;
     cfg.round.below_quorum = below;
     cfg.round.max_extensions = extensions;
-    let coordinator = Coordinator::new(
-        cfg,
-        fleet.coordinator_key.clone(),
-        data.test.shallow_clone(),
-    )
-    .unwrap();
-    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    let coord = tokio::spawn(coordinator.with_events(tx).run(std::future::pending()));
+    let (coord, mut events) = spawn_coordinator(cfg, &fleet, &data.test);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let agents: Vec<_> = (0..10)
         .map(|i| spawn_agent(&fleet, i, addr, data.train.subset(&slices[i]), &stop_rx))
@@ -396,14 +382,7 @@ async fn duplicated_reordered_and_truncated_chunks() {
     cfg.round.quorum = 2;
     cfg.round.timeout_s = 8;
     let downlink = cfg.transfer.downlink_codec;
-    let coordinator = Coordinator::new(
-        cfg,
-        fleet.coordinator_key.clone(),
-        data.test.shallow_clone(),
-    )
-    .unwrap();
-    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    let coord = tokio::spawn(coordinator.with_events(tx).run(std::future::pending()));
+    let (coord, mut events) = spawn_coordinator(cfg, &fleet, &data.test);
 
     let session_for = |i: usize| {
         let (id, _, pw) = fleet.clients[i].clone();
@@ -518,13 +497,14 @@ async fn twenty_megabyte_model_through_one_mebibyte_packets() {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let agents: Vec<_> = (0..2)
         .map(|i| {
-            spawn_agent(
+            spawn_agent_for(
                 &fleet,
                 i,
                 addr,
                 data.train
                     .subset(&(i * 20..(i + 1) * 20).collect::<Vec<_>>()),
                 &stop_rx,
+                Some(1),
             )
         })
         .collect();
@@ -536,10 +516,11 @@ async fn twenty_megabyte_model_through_one_mebibyte_packets() {
     .await
     .expect("round within 5 minutes")
     .unwrap();
-    let _ = stop_tx.send(true);
+    // Each agent ends by itself once it holds its receipt (max_rounds = 1).
     for a in agents {
         assert_eq!(a.await.unwrap().unwrap().accepted_rounds, vec![1]);
     }
+    drop(stop_tx);
     let r = &reports[0];
     let model_bytes = r.bytes_down / r.registered as u64;
     assert!(model_bytes >= 20_000_000, "model is {model_bytes} bytes");

@@ -5,7 +5,7 @@
 
 mod common;
 
-use coevo_coordinator::{Coordinator, RoundEvent};
+use coevo_coordinator::RoundEvent;
 use coevo_models::data::synthetic;
 use coevo_models::partition::{partition, PartitionSpec};
 use coevo_models::DataShape;
@@ -79,14 +79,7 @@ async fn full_round_through_mosquitto_with_exported_acls() {
     .unwrap();
     let out = dir.path().join("out");
     let cfg = coordinator_config(&fleet, addr, out.clone(), 1);
-    let coordinator = Coordinator::new(
-        cfg,
-        fleet.coordinator_key.clone(),
-        data.test.shallow_clone(),
-    )
-    .unwrap();
-    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    let coord = tokio::spawn(coordinator.with_events(tx).run(std::future::pending()));
+    let (coord, mut events) = spawn_coordinator(cfg, &fleet, &data.test);
 
     // cam-0's own connection, used to try writing where the ACL forbids and where it allows.
     let (id, _, pw) = fleet.clients[0].clone();
@@ -117,12 +110,13 @@ async fn full_round_through_mosquitto_with_exported_acls() {
                     .unwrap();
                 cam0.publish(own.path(FLEET), garbage, false).await.unwrap();
                 for (i, (_, idx)) in parts.iter().enumerate() {
-                    agents.push(spawn_agent(
+                    agents.push(spawn_agent_for(
                         &fleet,
                         i,
                         addr,
                         data.train.subset(idx),
                         &stop_rx,
+                        Some(1),
                     ));
                 }
             }
@@ -131,10 +125,14 @@ async fn full_round_through_mosquitto_with_exported_acls() {
         }
     }
     coord.await.unwrap().unwrap();
-    let _ = stop_tx.send(true);
+    // Each agent ends by itself once it holds its receipt (max_rounds = 1).
     for a in agents {
-        assert_eq!(a.await.unwrap().unwrap().accepted_rounds, vec![1]);
+        let s = tokio::time::timeout(Duration::from_secs(30), a)
+            .await
+            .unwrap();
+        assert_eq!(s.unwrap().unwrap().accepted_rounds, vec![1]);
     }
+    drop(stop_tx);
     let _ = mosquitto.kill();
     let _ = mosquitto.wait();
     let r = report.expect("round finished");

@@ -94,7 +94,14 @@ async fn forged_manifest_is_never_trained_on() {
 
     // cam-0 comes up and finds the forged manifest retained.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let agent = spawn_agent(&fleet, 0, addr, data.train.shallow_clone(), &stop_rx);
+    let agent = spawn_agent_for(
+        &fleet,
+        0,
+        addr,
+        data.train.shallow_clone(),
+        &stop_rx,
+        Some(1),
+    );
 
     // Then the real coordinator runs one round (cam-1, the attacker, never uploads).
     let out = dir.path().join("out");
@@ -109,12 +116,13 @@ async fn forged_manifest_is_never_trained_on() {
     .run(std::future::pending())
     .await
     .unwrap();
-    let _ = stop_tx.send(true);
-    let summary = tokio::time::timeout(Duration::from_secs(20), agent)
+    // The agent ends by itself once it holds its receipt (max_rounds = 1).
+    let summary = tokio::time::timeout(Duration::from_secs(30), agent)
         .await
         .unwrap()
         .unwrap()
         .unwrap();
+    drop(stop_tx);
     assert!(
         summary.ignored_messages >= 1,
         "the forged manifest was seen and ignored"

@@ -89,6 +89,20 @@ pub fn spawn_agent(
     data: Dataset,
     stop: &tokio::sync::watch::Receiver<bool>,
 ) -> JoinHandle<Result<AgentSummary, coevo_edge::EdgeError>> {
+    spawn_agent_for(fleet, i, addr, data, stop, None)
+}
+
+/// Like [`spawn_agent`], but the agent also ends by itself once it has finished `rounds`
+/// rounds (with their receipts): tests that assert on receipts wait for that instead of
+/// racing the stop signal against the last receipt.
+pub fn spawn_agent_for(
+    fleet: &Fleet,
+    i: usize,
+    addr: SocketAddr,
+    data: Dataset,
+    stop: &tokio::sync::watch::Receiver<bool>,
+    rounds: Option<u64>,
+) -> JoinHandle<Result<AgentSummary, coevo_edge::EdgeError>> {
     let (id, key, pw) = fleet.clients[i].clone();
     let mut o = AgentOptions::new(
         FLEET,
@@ -102,6 +116,7 @@ pub fn spawn_agent(
     o.retry_wait = Duration::from_secs(2);
     o.max_retry_wait = Duration::from_secs(4);
     o.seed = i as u64;
+    o.max_rounds = rounds;
     let agent = Agent::new(o, key, data).expect("agent");
     let mut rx = stop.clone();
     tokio::spawn(agent.run(async move {
@@ -177,6 +192,28 @@ pub fn assert_merge_consistent(out: &Path, round: u64) -> Vec<String> {
         "round {round}: merged model differs from base + FedAvg(accepted deltas) by {max_diff}"
     );
     records.into_iter().map(|r| r.client).collect()
+}
+
+/// Starts a coordinator task for `cfg` and returns it with its event stream.
+pub fn spawn_coordinator(
+    cfg: CoordinatorConfig,
+    fleet: &Fleet,
+    test: &Dataset,
+) -> (
+    JoinHandle<Result<Vec<coevo_coordinator::RoundReport>, coevo_coordinator::CoordinatorError>>,
+    tokio::sync::mpsc::UnboundedReceiver<coevo_coordinator::RoundEvent>,
+) {
+    let coordinator = coevo_coordinator::Coordinator::new(
+        cfg,
+        fleet.coordinator_key.clone(),
+        test.shallow_clone(),
+    )
+    .expect("coordinator config is valid");
+    let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+    (
+        tokio::spawn(coordinator.with_events(tx).run(std::future::pending())),
+        events,
+    )
 }
 
 pub fn read_report(out: &Path, round: u64) -> coevo_coordinator::RoundReport {
