@@ -276,6 +276,8 @@ mod tests {
         assert_eq!(sample.transfer.chunk_size, d.transfer.chunk_size);
         assert_eq!(sample.round.timeout_s, d.round.timeout_s);
         assert_eq!(sample.task.lr, d.task.lr);
+        assert_eq!(sample.coevolution, d.coevolution);
+        assert_eq!(sample.aggregation, d.aggregation);
     }
 
     #[test]
