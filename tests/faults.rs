@@ -403,14 +403,7 @@ async fn duplicated_reordered_and_truncated_chunks() {
                 let base =
                     Weights::decode(&std::fs::read(base_path).unwrap(), ModelCodec::F32, 1 << 26)
                         .unwrap();
-                let base_digest = coevo_protocol::digest(
-                    &base
-                        .encode(match downlink {
-                            coevo_protocol::WeightCodec::F32 => ModelCodec::F32,
-                            coevo_protocol::WeightCodec::F32Zstd => ModelCodec::F32Zstd,
-                        })
-                        .unwrap(),
-                );
+                let base_digest = coevo_protocol::digest(&base.encode(downlink).unwrap());
                 let mut delta = base.zeros_like();
                 for t in delta.tensors.values_mut() {
                     for (j, v) in t.data.iter_mut().enumerate() {

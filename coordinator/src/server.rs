@@ -6,7 +6,7 @@ use crate::registry::FleetRegistry;
 use crate::report::{ClientReport, ModelReport, PhaseTimings, Rejection, RoundReport};
 use crate::store::{write_atomic, State, Store};
 use crate::strategy::{build as build_strategy, Aggregation, Update};
-use crate::verify::{model_codec, verify_signer, verify_upload, RoundContext};
+use crate::verify::{verify_signer, verify_upload, RoundContext};
 use crate::CoordinatorError;
 use coevo_models::{train::evaluate, Dataset, Student, Weights};
 use coevo_mqtt::{Incoming, Publish, Session, Settings};
@@ -271,7 +271,7 @@ impl Coordinator {
         let round_base = global.clone();
 
         // 1. Publish the model (retained chunks) and the signed manifest.
-        let model_bytes = global.encode(model_codec(cfg.transfer.downlink_codec))?;
+        let model_bytes = global.encode(cfg.transfer.downlink_codec)?;
         let model_digest = digest(&model_bytes);
         let chunk_size = cfg.transfer.chunk_size as usize;
         let chunks = split(&model_bytes, chunk_size);

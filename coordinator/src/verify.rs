@@ -2,7 +2,7 @@
 //! decoding last. Pure: no I/O, so every rejection path is unit-testable.
 
 use crate::registry::FleetRegistry;
-use coevo_models::{WeightCodec as ModelCodec, Weights};
+use coevo_models::Weights;
 use coevo_protocol::{
     digest, envelope::Kind, DeltaHeader, Digest, RejectReason, Signed, WeightCodec,
 };
@@ -27,14 +27,6 @@ pub struct RoundContext<'a> {
 pub struct Verified {
     pub header: DeltaHeader,
     pub delta: Weights,
-}
-
-/// Maps the wire codec to the models crate's codec.
-pub fn model_codec(c: WeightCodec) -> ModelCodec {
-    match c {
-        WeightCodec::F32 => ModelCodec::F32,
-        WeightCodec::F32Zstd => ModelCodec::F32Zstd,
-    }
 }
 
 /// Checks who sent a header: a registered client, signing for the id whose topic it used.
@@ -114,7 +106,7 @@ pub fn verify_upload(
     }
     // Decoded size can't exceed an f32 copy of the model (plus container overhead).
     let cap = ctx.layout.num_params() * 4 + 64 * 1024;
-    let delta = Weights::decode(payload, model_codec(h.codec), cap)
+    let delta = Weights::decode(payload, h.codec, cap)
         .map_err(|e| RejectReason::Malformed(e.to_string()))?;
     if !delta.same_layout(ctx.layout) {
         return Err(RejectReason::ShapeMismatch(
@@ -178,7 +170,7 @@ mod tests {
         delta: &Weights,
         tweak: impl FnOnce(&mut DeltaHeader),
     ) -> (Signed, Vec<u8>) {
-        let payload = delta.encode(ModelCodec::F32).unwrap();
+        let payload = delta.encode(WeightCodec::F32).unwrap();
         let mut h = DeltaHeader {
             fleet: "city".into(),
             round: 5,

@@ -2,13 +2,13 @@
 
 use crate::EdgeError;
 use coevo_models::train::{train, TrainConfig};
-use coevo_models::{DataShape, Dataset, Student, WeightCodec as ModelCodec, Weights};
+use coevo_models::{DataShape, Dataset, Student, Weights};
 use coevo_mqtt::{Incoming, Session, Settings};
 use coevo_protocol::chunk::{split, Reassembler};
 use coevo_protocol::envelope::{self, Kind};
 use coevo_protocol::{
     digest, DeltaChunk, DeltaHeader, Digest, LocalMetrics, ModelChunk, PublicKey, Receipt,
-    ReceiptOutcome, RoundManifest, Signed, SigningKey, Status, StatusState, Topic, WeightCodec,
+    ReceiptOutcome, RoundManifest, Signed, SigningKey, Status, StatusState, Topic,
 };
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -440,8 +440,8 @@ impl Agent {
             prox_mu: m.task.prox_mu,
             seed: self.opts.seed.wrapping_mul(1_000_003).wrapping_add(m.round),
         };
-        let codec = model_codec(m.model.codec);
-        let up_codec = model_codec(m.uplink_codec);
+        let codec = m.model.codec;
+        let up_codec = m.uplink_codec;
         let base = base.to_vec();
         let data = self
             .data
@@ -550,12 +550,5 @@ impl Agent {
             tracing::debug!(client = %self.opts.client_id, round = m.round, "no receipt yet; re-sending");
             wait = (wait * 2).min(max_wait);
         }
-    }
-}
-
-fn model_codec(c: WeightCodec) -> ModelCodec {
-    match c {
-        WeightCodec::F32 => ModelCodec::F32,
-        WeightCodec::F32Zstd => ModelCodec::F32Zstd,
     }
 }

@@ -36,14 +36,9 @@ pub struct Weights {
     pub tensors: BTreeMap<String, ParamTensor>,
 }
 
-/// How [`Weights`] are turned into bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum WeightCodec {
-    /// safetensors bytes, all tensors `F32`.
-    F32,
-    /// zstd (level 3) of the [`WeightCodec::F32`] bytes.
-    F32Zstd,
-}
+/// How [`Weights`] are turned into bytes: the wire protocol's own enum, so the codec a manifest
+/// names is the codec used, with no mapping in between.
+pub use coevo_protocol::WeightCodec;
 
 fn layout_error(what: &str, a: &Weights, b: &Weights) -> ModelError {
     let names = |w: &Weights| w.tensors.keys().cloned().collect::<Vec<_>>().join(",");

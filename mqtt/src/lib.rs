@@ -10,6 +10,7 @@
 //! - [`Session`]: the client handle plus the stream of [`Incoming`] events.
 
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -83,6 +84,8 @@ pub struct Session {
     filters: Arc<Mutex<Vec<String>>>,
     incoming: mpsc::UnboundedReceiver<Incoming>,
     poller: tokio::task::JoinHandle<()>,
+    /// QoS 1 publishes sent and not yet acknowledged by the broker.
+    unacked: Arc<AtomicI64>,
 }
 
 impl Session {
@@ -113,6 +116,8 @@ impl Session {
         let poll_filters = filters.clone();
         let id = settings.client_id.clone();
         let max_backoff = settings.max_backoff;
+        let unacked = Arc::new(AtomicI64::new(0));
+        let poll_unacked = unacked.clone();
         let poller = tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
             loop {
@@ -141,6 +146,9 @@ impl Session {
                             return;
                         }
                     }
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        poll_unacked.fetch_sub(1, Ordering::SeqCst);
+                    }
                     Ok(_) => {}
                     Err(rumqttc::ConnectionError::RequestsDone) => return,
                     Err(e) => {
@@ -159,6 +167,7 @@ impl Session {
             filters,
             incoming,
             poller,
+            unacked,
         }
     }
 
@@ -192,6 +201,9 @@ impl Session {
         self.client
             .publish(topic, QoS::AtLeastOnce, retain, payload)
             .await?;
+        // Counted from the moment it is queued, so `close` also waits for publishes the event
+        // loop has not written yet.
+        self.unacked.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 
@@ -216,8 +228,14 @@ impl Session {
         &self.client
     }
 
-    /// Sends DISCONNECT (so no last will is published) and stops polling.
+    /// Waits (up to 5 s) until the broker has acknowledged every QoS 1 publish, so the last
+    /// receipts and reports aren't lost with the connection, then sends DISCONNECT (so no last
+    /// will is published) and stops polling.
     pub async fn close(mut self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.unacked.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let _ = self.client.disconnect().await;
         // The poller ends when it has sent the DISCONNECT (RequestsDone) or errors out.
         let _ = tokio::time::timeout(Duration::from_secs(2), &mut self.poller).await;

@@ -231,7 +231,8 @@ mod tests {
                 s ^= s << 13; s ^= s >> 7; s ^= s << 17;
                 order.swap(i, (s % (i as u64 + 1)) as usize);
             }
-            let mut r = Reassembler::new(4, 4096, 1000);
+            // Up to 3000 one-byte chunks: the chunk limit must not be what fails here.
+            let mut r = Reassembler::new(4, 4096, 4096);
             // A duplicate arriving after completion starts a new transfer (the reassembler
             // can't know it's late); idempotency is the receiver's job, by digest.
             let mut completions = 0;

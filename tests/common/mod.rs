@@ -166,10 +166,7 @@ pub fn assert_merge_consistent(out: &Path, round: u64) -> Vec<String> {
         let h: coevo_protocol::DeltaHeader =
             coevo_protocol::envelope::decode(&header.body, coevo_protocol::Kind::DeltaHeader, 4096)
                 .expect("header decodes");
-        let codec = match h.codec {
-            coevo_protocol::WeightCodec::F32 => ModelCodec::F32,
-            coevo_protocol::WeightCodec::F32Zstd => ModelCodec::F32Zstd,
-        };
+        let codec = h.codec;
         updates.push(Update {
             client: rec.client.clone(),
             samples: h.samples,
