@@ -236,6 +236,13 @@ impl Session {
         while self.unacked.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        let left = self.unacked.load(Ordering::SeqCst);
+        if left > 0 {
+            tracing::warn!(
+                unacknowledged = left,
+                "closing with publishes the broker has not acknowledged"
+            );
+        }
         let _ = self.client.disconnect().await;
         // The poller ends when it has sent the DISCONNECT (RequestsDone) or errors out.
         let _ = tokio::time::timeout(Duration::from_secs(2), &mut self.poller).await;
