@@ -32,12 +32,7 @@ fn fleet_by_hand_with_separate_processes() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     // Small IDX data set on disk, as a device or the coordinator would find it.
-    let shape = coevo_models::DataShape {
-        channels: 1,
-        height: 28,
-        width: 28,
-        classes: 10,
-    };
+    let shape = common::SHAPE;
     let data = coevo_models::data::synthetic(600, 200, shape, 41);
     common::write_idx(&dir.join("data"), &data);
 

@@ -10,7 +10,6 @@ use coevo_coordinator::Coordinator;
 use coevo_models::data::synthetic;
 use coevo_models::distill::GuardOutcome;
 use coevo_models::partition::{partition, PartitionSpec};
-use coevo_models::DataShape;
 use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -19,12 +18,7 @@ async fn two_coevolve_rounds_update_or_roll_back_the_teacher() {
     let fleet = fleet(dir.path(), 3);
     let broker = start_broker(&fleet);
     let addr = broker.addr;
-    let shape = DataShape {
-        channels: 1,
-        height: 28,
-        width: 28,
-        classes: 10,
-    };
+    let shape = SHAPE;
     let data = synthetic(1200, 200, shape, 51);
     let range = |a: usize, b: usize| data.train.subset(&(a..b).collect::<Vec<_>>());
     let server = ServerData {

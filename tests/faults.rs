@@ -14,13 +14,6 @@ use common::*;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const SHAPE: DataShape = DataShape {
-    channels: 1,
-    height: 28,
-    width: 28,
-    classes: 10,
-};
-
 fn coevo_bin() -> &'static str {
     env!("CARGO_BIN_EXE_coevo")
 }

@@ -8,7 +8,6 @@ mod common;
 use coevo_coordinator::RoundEvent;
 use coevo_models::data::synthetic;
 use coevo_models::partition::{partition, PartitionSpec};
-use coevo_models::DataShape;
 use common::*;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -63,12 +62,7 @@ async fn full_round_through_mosquitto_with_exported_acls() {
     })
     .await;
 
-    let shape = DataShape {
-        channels: 1,
-        height: 28,
-        width: 28,
-        classes: 10,
-    };
+    let shape = SHAPE;
     let data = synthetic(600, 200, shape, 21);
     let parts = partition(
         &data.train.labels_vec(),

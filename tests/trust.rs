@@ -5,7 +5,6 @@ mod common;
 
 use coevo_coordinator::Coordinator;
 use coevo_models::data::synthetic;
-use coevo_models::DataShape;
 use coevo_protocol::envelope::{encode, Kind};
 use coevo_protocol::*;
 use common::*;
@@ -17,12 +16,7 @@ async fn forged_manifest_is_never_trained_on() {
     let fleet = fleet(dir.path(), 2);
     let broker = start_broker(&fleet);
     let addr = broker.addr;
-    let shape = DataShape {
-        channels: 1,
-        height: 28,
-        width: 28,
-        classes: 10,
-    };
+    let shape = SHAPE;
     let data = synthetic(300, 100, shape, 31);
 
     // cam-1 turns attacker: it has broker credentials, but not the coordinator's key.

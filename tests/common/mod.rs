@@ -15,6 +15,14 @@ use tokio::task::JoinHandle;
 
 pub const FLEET: &str = "fault";
 
+/// 28×28 grey images, 10 classes: the shape of the synthetic data most tests use.
+pub const SHAPE: coevo_models::DataShape = coevo_models::DataShape {
+    channels: 1,
+    height: 28,
+    width: 28,
+    classes: 10,
+};
+
 /// Logs to the test output when RUST_LOG is set (e.g. `RUST_LOG=info cargo test -- --nocapture`).
 pub fn init_logs() {
     if std::env::var_os("RUST_LOG").is_some() {
