@@ -95,7 +95,7 @@ pub async fn run(
     let (server, train) = if coevolve {
         let roles = coevo_coordinator::config::ServerDataConfig::default();
         let (server, rest) =
-            coevo_coordinator::coevolve::split_server_data(&split.train, &roles, opts.seed);
+            coevo_coordinator::coevolve::split_server_data(&split.train, &roles, opts.seed)?;
         (Some(server), split.train.subset(&rest))
     } else {
         (None, split.train.shallow_clone())
@@ -178,6 +178,18 @@ pub async fn run_fleet(
     prepare: impl FnOnce(Coordinator) -> Coordinator,
     on_event: &mut impl FnMut(&RoundEvent),
 ) -> Result<Vec<RoundReport>> {
+    run_fleet_with(run, configure, prepare, |_| {}, on_event).await
+}
+
+/// [`run_fleet`], with `agent` adjusting each agent's options (its `client_id` says which)
+/// before the agent starts: how the robustness bench makes some clients Byzantine.
+pub async fn run_fleet_with(
+    run: FleetRun<'_>,
+    configure: impl FnOnce(&mut CoordinatorConfig),
+    prepare: impl FnOnce(Coordinator) -> Coordinator,
+    mut agent: impl FnMut(&mut AgentOptions),
+    on_event: &mut impl FnMut(&RoundEvent),
+) -> Result<Vec<RoundReport>> {
     let FleetRun {
         fleet: fleet_name,
         out,
@@ -210,6 +222,7 @@ pub async fn run_fleet(
             port: addr.port(),
             password: Some(fleet.coordinator_password.clone()),
             connect_timeout_s: 30,
+            ca_cert: None,
         },
         ..CoordinatorConfig::default()
     };
@@ -225,9 +238,10 @@ pub async fn run_fleet(
         o.broker_port = addr.port();
         o.password = Some(password);
         o.seed = seed;
-        let agent = Agent::new(o, key, data)?;
+        agent(&mut o);
+        let a = Agent::new(o, key, data)?;
         let mut rx = stop_rx.clone();
-        agents.push(tokio::spawn(agent.run(async move {
+        agents.push(tokio::spawn(a.run(async move {
             let _ = rx.wait_for(|stop| *stop).await;
         })));
     }

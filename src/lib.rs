@@ -6,8 +6,11 @@
 //! - [`demo`]: embedded broker + coordinator + N edge agents over real MQTT on 127.0.0.1.
 //! - [`mosquitto`]: export a fleet's passwords and per-client ACLs for Mosquitto.
 //! - [`table`]: the round table printed by `coevo report`.
+//! - [`tls`]: a fleet CA and the broker's TLS certificate (`coevo keys tls`).
 
+pub mod bench;
 pub mod demo;
 pub mod mosquitto;
 pub mod provision;
 pub mod table;
+pub mod tls;

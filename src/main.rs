@@ -55,6 +55,10 @@ enum Command {
     },
     /// Run broker, coordinator and N edge clients on this machine (real MQTT over 127.0.0.1).
     Demo(coevo::demo::DemoOptions),
+    /// Measure the product's claims through the real broker and edge agents (writes
+    /// DIR/summary.json and per-round curves).
+    #[command(subcommand)]
+    Bench(coevo::bench::BenchCmd),
     /// Print the student's and teacher's size and cost for a dataset's shape.
     Models {
         /// Dataset directory (IDX or image folder).
@@ -75,6 +79,27 @@ enum KeysCmd {
     },
     /// Print the public key of a private key file.
     Show { key: PathBuf },
+    /// Create a fleet CA and a broker TLS certificate signed by it: DIR/ca.pem (every client's
+    /// `ca_cert`), DIR/ca.key (0600, keep offline), DIR/broker.pem and DIR/broker.key (0600,
+    /// the broker's `[tls]`).
+    Tls {
+        /// Output directory (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Fleet name (goes into the certificates' subject names).
+        #[arg(long)]
+        fleet: String,
+        /// DNS name or IP address clients dial the broker by; repeat for several
+        /// (default: localhost and 127.0.0.1).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Validity of both certificates, in days.
+        #[arg(long, default_value_t = coevo::tls::DEFAULT_DAYS)]
+        days: u32,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -172,14 +197,16 @@ fn main() -> Result<()> {
                 test = test.subset(&idx);
             }
             let out = cfg.out.clone();
-            let server = (cfg.mode == coevo_coordinator::coevolve::Mode::Coevolve).then(|| {
-                coevo_coordinator::coevolve::split_server_data(
+            let server = if cfg.mode == coevo_coordinator::coevolve::Mode::Coevolve {
+                let (server, _) = coevo_coordinator::coevolve::split_server_data(
                     &split.train,
                     &cfg.server_data,
                     cfg.seed,
-                )
-                .0
-            });
+                )?;
+                Some(server)
+            } else {
+                None
+            };
             let mut coordinator = Coordinator::new(cfg, key, test)?;
             if let Some(server) = server {
                 coordinator = coordinator.with_server_data(server);
@@ -213,6 +240,10 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Models { data } => models(&data),
+        Command::Bench(cmd) => {
+            init_tracing("warn,rumqttd=off");
+            cmd.run(&rt)
+        }
         Command::Demo(opts) => {
             init_tracing("warn,rumqttd=off");
             demo(&rt, &opts)
@@ -273,6 +304,29 @@ fn keys(cmd: KeysCmd) -> Result<()> {
             );
         }
         KeysCmd::Show { key } => println!("{}", read_key(&key)?.public_key()),
+        KeysCmd::Tls {
+            out,
+            fleet,
+            hosts,
+            days,
+            force,
+        } => {
+            let opts = coevo::tls::FleetTlsOptions {
+                fleet,
+                hosts,
+                days,
+                force,
+            };
+            let files = coevo::tls::write_fleet_tls(&out, &opts)
+                .with_context(|| format!("creating TLS files in {}", out.display()))?;
+            eprintln!(
+                "wrote {} (clients' ca_cert), {} (keep offline), {} and {} (broker [tls])",
+                files.ca_cert.display(),
+                files.ca_key.display(),
+                files.broker_cert.display(),
+                files.broker_key.display()
+            );
+        }
     }
     Ok(())
 }

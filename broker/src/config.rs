@@ -54,6 +54,25 @@ pub struct BrokerConfig {
     /// authentication: anyone who can reach `listen` may connect (a warning is logged).
     /// A relative path in a config *file* is resolved against that file's directory.
     pub credentials: Option<PathBuf>,
+    /// `[tls]`: serve MQTT over TLS on `listen` (and nothing in plain text there). `None`
+    /// serves plain TCP, fine on loopback; anything reachable from a network should set it,
+    /// or passwords and models cross that network in the clear.
+    pub tls: Option<TlsConfig>,
+}
+
+/// The broker's TLS identity: a PEM certificate chain and its private key, e.g. `broker.pem`
+/// and `broker.key` from `coevo keys tls`. Clients verify the chain against the fleet CA
+/// (`ca.pem`), so the certificate must name the host or IP address clients dial.
+///
+/// Clients still authenticate with their password: TLS here protects the link (secrecy of
+/// passwords and payloads, no man in the middle), it does not replace per-client credentials.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first. Relative paths resolve like `credentials`.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, SEC1 or PKCS#1) of the leaf certificate.
+    pub key: PathBuf,
 }
 
 impl Default for BrokerConfig {
@@ -67,6 +86,7 @@ impl Default for BrokerConfig {
             max_segment_size: 16 * 1024 * 1024,
             max_segment_count: 10,
             credentials: None,
+            tls: None,
         }
     }
 }
@@ -75,17 +95,24 @@ impl Default for BrokerConfig {
 const MIN_SEGMENT_SIZE: usize = 1024;
 
 impl BrokerConfig {
-    /// Reads and validates a TOML config file. A relative `credentials` path is resolved
-    /// against the directory of `path`, so a config and its credential file can move together.
+    /// Reads and validates a TOML config file. Relative `credentials` and `[tls]` paths are
+    /// resolved against the directory of `path`, so a config and its files can move together.
     pub fn from_toml_file(path: &Path) -> Result<Self, BrokerError> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             BrokerError::Config(format!("cannot read broker config {}: {e}", path.display()))
         })?;
         let mut config = Self::parse(&text)
             .map_err(|e| BrokerError::Config(format!("{}: {e}", path.display())))?;
-        if let (Some(creds), Some(dir)) = (&config.credentials, path.parent()) {
-            if creds.is_relative() {
-                config.credentials = Some(dir.join(creds));
+        if let Some(dir) = path.parent() {
+            let tls = config.tls.as_mut().map(|t| [&mut t.cert, &mut t.key]);
+            for p in config
+                .credentials
+                .iter_mut()
+                .chain(tls.into_iter().flatten())
+            {
+                if p.is_relative() {
+                    *p = dir.join(&*p);
+                }
             }
         }
         config.validate()?;

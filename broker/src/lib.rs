@@ -14,6 +14,9 @@
 //!   [`hash_password`] and [`generate_password`] for provisioning.
 //! - `auth` (private): the rumqttd auth handler; runs argon2 off the broker's event loop on a
 //!   bounded worker pool and caches successful checks.
+//! - `tls` (private): with `[tls]` configured, our own rustls front end on `listen` that pipes
+//!   to rumqttd on a loopback port (rumqttd's own TLS listener can be stalled by one idle
+//!   socket; the module doc says why).
 //! - this file: [`start`] / [`BrokerHandle`] (run rumqttd on its own thread and wait until it
 //!   accepts TCP connections), [`free_local_addr`], and [`BrokerError`].
 //!
@@ -23,13 +26,14 @@ pub mod config;
 pub mod credentials;
 
 mod auth;
+mod tls;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-pub use config::BrokerConfig;
+pub use config::{BrokerConfig, TlsConfig};
 pub use credentials::{generate_password, hash_password, Credentials};
 
 /// Everything that can go wrong configuring or starting the broker.
@@ -47,6 +51,9 @@ pub enum BrokerError {
     /// rumqttd did not come up (port in use, thread died, timed out).
     #[error("broker start: {0}")]
     Start(String),
+    /// The `[tls]` certificate or key is missing, malformed, or the two don't belong together.
+    #[error("broker TLS: {0}")]
+    Tls(String),
 }
 
 /// How long [`start`] waits for the listener to accept connections. rumqttd binds within
@@ -65,14 +72,18 @@ pub struct BrokerHandle {
     pub addr: SocketAddr,
     /// Whether client authentication is enforced.
     pub auth_enabled: bool,
+    /// Whether `addr` speaks TLS (`[tls]` configured) rather than plain MQTT.
+    pub tls_enabled: bool,
     thread: JoinHandle<()>,
+    /// The TLS front end, when `[tls]` is configured.
+    tls_thread: Option<JoinHandle<()>>,
 }
 
 impl BrokerHandle {
-    /// False once rumqttd's listener has died (its thread only returns when every server
-    /// failed); the process should then exit or restart the broker.
+    /// False once rumqttd's listener (or the TLS front end) has died (their threads only return
+    /// when serving failed); the process should then exit or restart the broker.
     pub fn is_running(&self) -> bool {
-        !self.thread.is_finished()
+        !self.thread.is_finished() && self.tls_thread.as_ref().is_none_or(|t| !t.is_finished())
     }
 }
 
@@ -83,10 +94,15 @@ impl BrokerHandle {
 /// error: never fall back to an open broker) and every CONNECT is checked with
 /// [`Credentials::check`]; otherwise anyone may connect and a warning is logged.
 ///
-/// Errors: invalid config, credentials, a listen address that cannot be bound (e.g. port in
-/// use), or a broker thread that dies or never starts listening.
+/// With `config.tls`, `listen` speaks only TLS: the certificate and key are loaded and checked
+/// first, rumqttd listens on a free 127.0.0.1 port, and a TLS front end on `listen` pipes each
+/// connection to it (see the `tls` module for why rumqttd's own TLS listener isn't used).
+///
+/// Errors: invalid config, credentials or TLS files, a listen address that cannot be bound
+/// (e.g. port in use), or a broker thread that dies or never starts listening.
 pub fn start(config: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
     config.validate()?;
+    let acceptor = config.tls.as_ref().map(tls::acceptor).transpose()?;
 
     let verifier = match &config.credentials {
         Some(path) => {
@@ -104,11 +120,17 @@ pub fn start(config: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
     // rumqttd reports a failed bind only in its own log and then its thread ends, and it cannot
     // tell us which port it got for port 0. So bind here first: this resolves port 0 and turns
     // "address in use" into a typed error. (The port could be taken between this check and
-    // rumqttd's bind; the thread-death check below catches that case.)
-    let addr = {
-        let probe = TcpListener::bind(config.listen)
-            .map_err(|e| BrokerError::Start(format!("cannot listen on {}: {e}", config.listen)))?;
-        probe.local_addr()?
+    // rumqttd's bind; the thread-death check below catches that case.) With TLS the public
+    // listener is ours and stays bound; rumqttd gets a loopback port nobody outside can reach.
+    let public = TcpListener::bind(config.listen)
+        .map_err(|e| BrokerError::Start(format!("cannot listen on {}: {e}", config.listen)))?;
+    let addr = public.local_addr()?;
+    let (rumqttd_addr, front) = match acceptor {
+        None => {
+            drop(public);
+            (addr, None)
+        }
+        Some(acceptor) => (free_local_addr()?, Some((public, acceptor))),
     };
 
     let mut connections = rumqttd::ConnectionSettings {
@@ -132,7 +154,7 @@ pub fn start(config: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
 
     let server = rumqttd::ServerSettings {
         name: "coevo-v4".to_owned(),
-        listen: addr,
+        listen: rumqttd_addr,
         tls: None,
         // rumqttd sleeps this long after every accept; 0 keeps reconnect storms fast (the
         // connection timeout and auth queue bound the cost of each accepted socket).
@@ -166,7 +188,18 @@ pub fn start(config: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         })
         .map_err(|e| BrokerError::Start(format!("cannot spawn broker thread: {e}")))?;
 
-    wait_until_listening(addr, &thread)?;
+    wait_until_listening(rumqttd_addr, &thread)?;
+    let tls_enabled = front.is_some();
+    let tls_thread = match front {
+        Some((listener, acceptor)) => Some(tls::spawn_front(
+            listener,
+            acceptor,
+            rumqttd_addr,
+            Duration::from_millis(u64::from(config.connection_timeout_ms)),
+            config.max_connections,
+        )?),
+        None => None,
+    };
 
     if auth_enabled {
         tracing::info!(
@@ -178,6 +211,7 @@ pub fn start(config: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
             max_segment_size = config.max_segment_size,
             max_segment_count = config.max_segment_count,
             auth = true,
+            tls = tls_enabled,
             "embedded MQTT broker listening",
         );
     } else {
@@ -190,6 +224,7 @@ pub fn start(config: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
             max_segment_size = config.max_segment_size,
             max_segment_count = config.max_segment_count,
             auth = false,
+            tls = tls_enabled,
             "embedded MQTT broker listening WITHOUT authentication: anyone who can reach it may connect",
         );
     }
@@ -197,7 +232,9 @@ pub fn start(config: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
     Ok(BrokerHandle {
         addr,
         auth_enabled,
+        tls_enabled,
         thread,
+        tls_thread,
     })
 }
 

@@ -48,6 +48,10 @@ pub struct CoevolutionConfig {
     pub fuse: KdConfig,
     /// Largest validation drop accepted from fusion before it is rolled back.
     pub fuse_epsilon: f64,
+    /// Client students (global + Δk) in the fusion ensemble besides the merged student,
+    /// sampled per round. Each costs a student forward pass over the pool, so with a large
+    /// fleet "all of them" would dominate the round; `0` = the merged student alone.
+    pub ensemble_clients: usize,
 }
 
 impl Default for CoevolutionConfig {
@@ -62,6 +66,7 @@ impl Default for CoevolutionConfig {
                 ..KdConfig::default()
             },
             fuse_epsilon: 0.02,
+            ensemble_clients: 8,
         }
     }
 }
@@ -202,9 +207,82 @@ impl TeacherLoop {
     }
 }
 
-/// Splits a training set into the server's roles by the fractions of `cfg` after a seeded
-/// shuffle; returns them and the indices left for the clients.
+/// Splits a training set into the server's roles — by writer id when `cfg.labelled_clients`
+/// is set, else by fraction after a seeded shuffle; returns them and the indices left for the
+/// clients.
 pub fn split_server_data(
+    train: &Dataset,
+    cfg: &crate::config::ServerDataConfig,
+    seed: u64,
+) -> Result<(ServerData, Vec<usize>), CoordinatorError> {
+    if cfg.by_clients() {
+        split_by_clients(train, cfg, seed)
+    } else {
+        Ok(split_by_fraction(train, cfg, seed))
+    }
+}
+
+/// Roles by writer id (the dataset's clients file); unknown ids are an error, not skipped,
+/// because a typo would silently shrink the teacher's data.
+fn split_by_clients(
+    train: &Dataset,
+    cfg: &crate::config::ServerDataConfig,
+    seed: u64,
+) -> Result<(ServerData, Vec<usize>), CoordinatorError> {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let writers = train.clients.as_ref().ok_or_else(|| {
+        CoordinatorError::Config(
+            "server_data by client id needs a dataset with a clients file".into(),
+        )
+    })?;
+    let mut by_writer: std::collections::HashMap<&str, Vec<usize>> = Default::default();
+    for (i, w) in writers.iter().enumerate() {
+        by_writer.entry(w.as_str()).or_default().push(i);
+    }
+    let collect = |ids: &[String]| -> Result<Vec<usize>, CoordinatorError> {
+        let mut out = Vec::new();
+        for id in ids {
+            let rows = by_writer.get(id.as_str()).ok_or_else(|| {
+                CoordinatorError::Config(format!(
+                    "server_data: client {id:?} is not in the dataset's clients file"
+                ))
+            })?;
+            out.extend_from_slice(rows);
+        }
+        out.sort_unstable();
+        Ok(out)
+    };
+    let mut labelled = collect(&cfg.labelled_clients)?;
+    let unlabelled = collect(&cfg.unlabelled_clients)?;
+    let validation = if cfg.validation_clients.is_empty() {
+        labelled.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+        let n_val = ((labelled.len() as f64) * cfg.validation_holdout).round() as usize;
+        let val: Vec<usize> = labelled.drain(..n_val.min(labelled.len())).collect();
+        labelled.sort_unstable();
+        val
+    } else {
+        collect(&cfg.validation_clients)?
+    };
+    let server: std::collections::HashSet<&str> = cfg
+        .labelled_clients
+        .iter()
+        .chain(&cfg.unlabelled_clients)
+        .chain(&cfg.validation_clients)
+        .map(String::as_str)
+        .collect();
+    let rest = (0..writers.len())
+        .filter(|&i| !server.contains(writers[i].as_str()))
+        .collect();
+    let data = ServerData {
+        labelled: train.subset(&labelled),
+        unlabelled: train.subset(&unlabelled),
+        validation: train.subset(&validation),
+    };
+    Ok((data, rest))
+}
+
+fn split_by_fraction(
     train: &Dataset,
     cfg: &crate::config::ServerDataConfig,
     seed: u64,
@@ -231,4 +309,77 @@ pub fn split_server_data(
     let mut rest = idx[v_end..].to_vec();
     rest.sort_unstable();
     (data, rest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ServerDataConfig;
+    use coevo_models::data::synthetic;
+
+    /// 60 samples over writers w0..w5 (10 each, interleaved so rows of a writer are scattered).
+    fn with_writers() -> Dataset {
+        let shape = DataShape {
+            channels: 1,
+            height: 8,
+            width: 8,
+            classes: 4,
+        };
+        let mut d = synthetic(60, 4, shape, 3).train;
+        d.clients = Some((0..60).map(|i| format!("w{}", i % 6)).collect());
+        d
+    }
+
+    fn ids(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn roles_by_client_id_take_whole_writers_and_leave_the_rest() {
+        let d = with_writers();
+        let cfg = ServerDataConfig {
+            labelled_clients: ids(&["w0", "w1"]),
+            unlabelled_clients: ids(&["w2"]),
+            validation_holdout: 0.25,
+            ..ServerDataConfig::default()
+        };
+        let (s, rest) = split_server_data(&d, &cfg, 7).unwrap();
+        // 20 labelled samples, a quarter held out for validation.
+        assert_eq!(s.validation.len(), 5);
+        assert_eq!(s.labelled.len(), 15);
+        assert_eq!(s.unlabelled.len(), 10);
+        let w = d.clients.as_ref().unwrap();
+        assert_eq!(rest.len(), 30);
+        assert!(rest.iter().all(|&i| ["w3", "w4", "w5"].contains(&w[i].as_str())));
+        for set in [&s.labelled, &s.validation] {
+            let c = set.clients.as_ref().unwrap();
+            assert!(c.iter().all(|x| x == "w0" || x == "w1"));
+        }
+        // Explicit validation writers instead of a holdout.
+        let cfg = ServerDataConfig {
+            validation_clients: ids(&["w5"]),
+            ..cfg
+        };
+        let (s, rest) = split_server_data(&d, &cfg, 7).unwrap();
+        assert_eq!((s.labelled.len(), s.validation.len()), (20, 10));
+        assert_eq!(rest.len(), 20);
+    }
+
+    #[test]
+    fn unknown_writer_or_missing_clients_file_is_an_error() {
+        let mut d = with_writers();
+        let cfg = ServerDataConfig {
+            labelled_clients: ids(&["w0", "nobody"]),
+            ..ServerDataConfig::default()
+        };
+        let e = split_server_data(&d, &cfg, 1).err().unwrap();
+        assert!(e.to_string().contains("nobody"), "{e}");
+        d.clients = None;
+        let cfg = ServerDataConfig {
+            labelled_clients: ids(&["w0"]),
+            ..ServerDataConfig::default()
+        };
+        let e = split_server_data(&d, &cfg, 1).err().unwrap();
+        assert!(e.to_string().contains("clients file"), "{e}");
+    }
 }

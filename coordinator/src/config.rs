@@ -37,14 +37,33 @@ pub struct CoordinatorConfig {
     pub server_data: ServerDataConfig,
 }
 
-/// The server's data roles, as fractions of the dataset's training split after a seeded
-/// shuffle (labelled first, then unlabelled, then validation).
+/// The server's data roles: either fractions of the dataset's training split after a seeded
+/// shuffle (labelled first, then unlabelled, then validation), or, when `labelled_clients` is
+/// set, whole writers named by their ids in the dataset's clients file — the realistic case of
+/// a data centre that owns some sources' data outright.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerDataConfig {
     pub labelled_fraction: f64,
     pub unlabelled_fraction: f64,
     pub validation_fraction: f64,
+    /// Writers whose samples form the labelled set (selects roles by id).
+    pub labelled_clients: Vec<String>,
+    /// Writers whose images form the unlabelled pool (labels never read).
+    pub unlabelled_clients: Vec<String>,
+    /// Writers held out for validation. When empty in id mode, `validation_holdout` of the
+    /// labelled writers' samples are held out instead, so no writer is lost to the clients.
+    pub validation_clients: Vec<String>,
+    /// Share of the labelled writers' samples held out for validation when
+    /// `validation_clients` is empty.
+    pub validation_holdout: f64,
+}
+
+impl ServerDataConfig {
+    /// True when roles are chosen by writer id rather than by fraction.
+    pub fn by_clients(&self) -> bool {
+        !self.labelled_clients.is_empty()
+    }
 }
 
 impl Default for ServerDataConfig {
@@ -53,6 +72,10 @@ impl Default for ServerDataConfig {
             labelled_fraction: 0.05,
             unlabelled_fraction: 0.10,
             validation_fraction: 0.02,
+            labelled_clients: Vec::new(),
+            unlabelled_clients: Vec::new(),
+            validation_clients: Vec::new(),
+            validation_holdout: 0.2,
         }
     }
 }
@@ -89,6 +112,9 @@ pub struct BrokerEndpoint {
     pub password: Option<String>,
     /// Give up if the broker cannot be reached for this long at start-up (seconds).
     pub connect_timeout_s: u64,
+    /// Fleet CA certificate (PEM, `ca.pem` from `coevo keys tls`): connect over TLS and accept
+    /// only a broker certificate it signed for `host`. `None`: plain TCP.
+    pub ca_cert: Option<PathBuf>,
 }
 
 impl Default for BrokerEndpoint {
@@ -98,6 +124,7 @@ impl Default for BrokerEndpoint {
             port: 1883,
             password: None,
             connect_timeout_s: 30,
+            ca_cert: None,
         }
     }
 }
@@ -214,7 +241,10 @@ impl CoordinatorConfig {
                 &mut cfg.registry,
                 &mut cfg.out,
                 &mut cfg.data.path,
-            ] {
+            ]
+            .into_iter()
+            .chain(cfg.broker.ca_cert.as_mut())
+            {
                 if p.is_relative() {
                     *p = base.join(&*p);
                 }
@@ -254,6 +284,27 @@ impl CoordinatorConfig {
         if fractions.iter().any(|x| !(0.0..=1.0).contains(x)) || fractions.iter().sum::<f64>() > 1.0
         {
             return bad("server_data fractions must be in [0, 1] and sum to at most 1".into());
+        }
+        if !(0.0..1.0).contains(&f.validation_holdout) {
+            return bad("server_data.validation_holdout must be in [0, 1)".into());
+        }
+        if !f.by_clients() && !(f.unlabelled_clients.is_empty() && f.validation_clients.is_empty())
+        {
+            return bad(
+                "server_data: unlabelled_clients/validation_clients need labelled_clients too"
+                    .into(),
+            );
+        }
+        let mut seen = std::collections::HashSet::new();
+        for id in f
+            .labelled_clients
+            .iter()
+            .chain(&f.unlabelled_clients)
+            .chain(&f.validation_clients)
+        {
+            if !seen.insert(id) {
+                return bad(format!("server_data: client {id:?} is given two roles"));
+            }
         }
         self.aggregation
             .validate()

@@ -142,6 +142,13 @@ impl Coordinator {
 
     async fn run_rounds(&mut self) -> Result<(), CoordinatorError> {
         let cfg = self.cfg.clone();
+        // Read before the (slow) teacher pretraining, so a bad CA file fails at once.
+        let tls = cfg
+            .broker
+            .ca_cert
+            .as_deref()
+            .map(coevo_mqtt::ClientTls::from_ca_file)
+            .transpose()?;
         let store = Store::new(&cfg.out);
         let state = store.load_state()?;
         let test = self
@@ -191,6 +198,7 @@ impl Coordinator {
             .password
             .clone()
             .or_else(|| std::env::var("COEVO_BROKER_PASSWORD").ok());
+        settings.tls = tls;
         // Fixed id + persistent session + manual acks: a delta is acknowledged to the broker
         // only once it is durably on disk, so a crash before that makes the broker re-deliver.
         settings.clean_session = false;
@@ -490,7 +498,8 @@ impl Coordinator {
         // 3b. Coevolve: the teacher learns from the merged student and every client student.
         if let (Some(t), true) = (teacher, outcome == "completed" && !updates.is_empty()) {
             let mut members = vec![global.clone()];
-            for u in &updates {
+            let picked = pick_ensemble(updates.len(), self.cfg.coevolution.ensemble_clients, round);
+            for u in picked.iter().map(|&i| &updates[i]) {
                 let mut w = round_base.clone();
                 w.add_scaled(&u.delta, 1.0)?;
                 members.push(w);
@@ -837,6 +846,20 @@ impl Coordinator {
 }
 
 type SharedTeacher = Arc<Mutex<TeacherLoop>>;
+
+/// Which `k` of `n` client students join the fusion ensemble in `round`: a seeded draw, so a
+/// restarted coordinator fuses the same members, and different clients each round.
+fn pick_ensemble(n: usize, k: usize, round: u64) -> Vec<usize> {
+    use rand::seq::index::sample;
+    use rand::SeedableRng;
+    if k >= n {
+        return (0..n).collect();
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(round.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut picked = sample(&mut rng, n, k).into_vec();
+    picked.sort_unstable();
+    picked
+}
 
 /// Runs blocking teacher work off the async threads.
 async fn on_teacher<T: Send + 'static>(

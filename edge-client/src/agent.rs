@@ -1,9 +1,10 @@
 //! The edge agent's round loop.
 
+use crate::attack::{stale_replay, Attack, WireUpload};
 use crate::EdgeError;
 use coevo_models::train::{train, TrainConfig};
 use coevo_models::{DataShape, Dataset, Student, Weights};
-use coevo_mqtt::{Incoming, Session, Settings};
+use coevo_mqtt::{ClientTls, Incoming, Session, Settings};
 use coevo_protocol::chunk::{split, Reassembler};
 use coevo_protocol::envelope::{self, Kind};
 use coevo_protocol::{
@@ -12,6 +13,7 @@ use coevo_protocol::{
 };
 use std::collections::BTreeSet;
 use std::future::Future;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// Largest manifest or receipt we decode.
@@ -31,6 +33,9 @@ pub struct AgentOptions {
     pub broker_host: String,
     pub broker_port: u16,
     pub password: Option<String>,
+    /// Fleet CA certificate (PEM): connect over TLS and trust only brokers it signed.
+    /// `None`: plain TCP.
+    pub ca_cert: Option<PathBuf>,
     /// Signer id of the coordinator, and its pinned public key.
     pub coordinator_id: String,
     pub coordinator_key: PublicKey,
@@ -40,6 +45,9 @@ pub struct AgentOptions {
     /// First wait for a receipt before re-sending; doubles up to `max_retry_wait`.
     pub retry_wait: Duration,
     pub max_retry_wait: Duration,
+    /// Byzantine behaviour for tests and benches (see [`crate::attack`]); `None`, the
+    /// default, for every real device.
+    pub attack: Option<Attack>,
 }
 
 impl AgentOptions {
@@ -55,12 +63,14 @@ impl AgentOptions {
             broker_host: "127.0.0.1".into(),
             broker_port: 1883,
             password: None,
+            ca_cert: None,
             coordinator_id: coordinator_id.into(),
             coordinator_key,
             max_rounds: None,
             seed: 0,
             retry_wait: Duration::from_secs(10),
             max_retry_wait: Duration::from_secs(60),
+            attack: None,
         }
     }
 }
@@ -92,6 +102,8 @@ enum Upload {
 
 pub struct Agent {
     opts: AgentOptions,
+    /// Loaded from `opts.ca_cert` in [`Agent::new`], so a bad CA file fails there.
+    tls: Option<ClientTls>,
     key: SigningKey,
     /// In a mutex because tch tensors are `Send` but not `Sync`, and the round futures borrow
     /// `self` across awaits.
@@ -99,6 +111,8 @@ pub struct Agent {
     samples: usize,
     shape: DataShape,
     summary: AgentSummary,
+    /// Last round's upload, kept only under [`Attack::StaleReplay`].
+    replay: Option<WireUpload>,
 }
 
 impl Agent {
@@ -111,13 +125,20 @@ impl Agent {
         if data.is_empty() {
             return Err(EdgeError::Config("the local dataset is empty".into()));
         }
+        let tls = opts
+            .ca_cert
+            .as_deref()
+            .map(ClientTls::from_ca_file)
+            .transpose()?;
         Ok(Agent {
             opts,
+            tls,
             key,
             samples: data.len(),
             shape: data.shape,
             data: std::sync::Mutex::new(data),
             summary: AgentSummary::default(),
+            replay: None,
         })
     }
 
@@ -133,6 +154,7 @@ impl Agent {
         .path(&o.fleet);
         let mut settings = Settings::new(&o.broker_host, o.broker_port, &o.client_id);
         settings.password = o.password.clone();
+        settings.tls = self.tls.clone();
         settings.max_packet_bytes = 2 * 1024 * 1024;
         settings.last_will = Some((status_topic, self.status(StatusState::Offline, None)));
         let filters = vec![
@@ -442,6 +464,8 @@ impl Agent {
         };
         let codec = m.model.codec;
         let up_codec = m.uplink_codec;
+        let attack = self.opts.attack.clone();
+        let corruption_seed = crate::attack::corruption_seed(&self.opts.client_id, cfg.seed);
         let base = base.to_vec();
         let data = self
             .data
@@ -458,7 +482,10 @@ impl Agent {
             // The delta is taken against the weights exactly as loaded (DESIGN §5.3).
             let received = Weights::from_var_store(&vs);
             let stats = train(&net, &vs, &data, &cfg)?;
-            let delta = Weights::from_var_store(&vs).sub(&received)?;
+            let mut delta = Weights::from_var_store(&vs).sub(&received)?;
+            if let Some(a) = &attack {
+                a.corrupt_delta(&mut delta, corruption_seed);
+            }
             let bytes = delta.encode(up_codec)?;
             Ok((
                 bytes,
@@ -485,10 +512,15 @@ impl Agent {
         let o = &self.opts;
         let parts = split(payload, m.chunk_size as usize);
         let payload_digest = digest(payload);
+        // The id the upload claims: ours, unless a test's impersonation attack says otherwise.
+        let me = o
+            .attack
+            .as_ref()
+            .map_or(o.client_id.as_str(), |a| a.claimed_id(&o.client_id));
         let header = DeltaHeader {
             fleet: o.fleet.clone(),
             round: m.round,
-            client: o.client_id.clone(),
+            client: me.to_string(),
             base_digest: m.model.digest,
             samples: self.samples as u64,
             metrics,
@@ -497,13 +529,13 @@ impl Agent {
             payload_len: payload.len() as u64,
             chunks: parts.len() as u32,
         };
-        let signed = Signed::sign(Kind::DeltaHeader, &header, &o.client_id, &self.key);
+        let signed = Signed::sign(Kind::DeltaHeader, &header, me, &self.key);
         let wire: Vec<(String, Vec<u8>)> = parts
             .iter()
             .enumerate()
             .map(|(i, data)| {
                 let c = DeltaChunk {
-                    client: o.client_id.clone(),
+                    client: me.to_string(),
                     round: m.round,
                     index: i as u32,
                     total: parts.len() as u32,
@@ -512,7 +544,7 @@ impl Agent {
                 };
                 (
                     Topic::DeltaChunk {
-                        client: o.client_id.clone(),
+                        client: me.to_string(),
                         round: m.round,
                         index: i as u32,
                     }
@@ -521,12 +553,31 @@ impl Agent {
                 )
             })
             .collect();
+        let mut sent = WireUpload {
+            round: m.round,
+            payload_digest,
+            messages: wire,
+        };
+        if self.opts.attack == Some(Attack::StaleReplay) {
+            sent = stale_replay(&mut self.replay, sent);
+        }
+        // An attacker whose receipt goes to another client's topic sends once, then waits for
+        // the next round.
+        let resend = self
+            .opts
+            .attack
+            .as_ref()
+            .is_none_or(Attack::expects_receipt);
         let mut wait = self.opts.retry_wait;
         let max_wait = self.opts.max_retry_wait;
+        let mut first = true;
         loop {
-            for (topic, bytes) in &wire {
-                session.publish(topic.clone(), bytes.clone(), false).await?;
+            if first || resend {
+                for (topic, bytes) in &sent.messages {
+                    session.publish(topic.clone(), bytes.clone(), false).await?;
+                }
             }
+            first = false;
             let until = tokio::time::Instant::now() + wait;
             loop {
                 let ev = tokio::select! {
@@ -535,7 +586,7 @@ impl Agent {
                 };
                 match ev {
                     Event::Receipt(r)
-                        if r.round == m.round && r.payload_digest == payload_digest =>
+                        if r.round == sent.round && r.payload_digest == sent.payload_digest =>
                     {
                         return Ok(Upload::Receipt(r.outcome));
                     }

@@ -63,6 +63,7 @@ pub async fn run(args: &EdgeArgs) -> Result<(), EdgeError> {
     );
     opts.broker_host = cfg.broker.host.clone();
     opts.broker_port = cfg.broker.port;
+    opts.ca_cert = cfg.broker.ca_cert.clone();
     opts.password = cfg
         .broker
         .password

@@ -40,6 +40,9 @@ pub struct Broker {
     pub port: u16,
     /// Broker password (or set COEVO_BROKER_PASSWORD).
     pub password: Option<String>,
+    /// Fleet CA certificate (PEM, `ca.pem` from `coevo keys tls`): connect over TLS and accept
+    /// only a broker certificate it signed for `host`. `None`: plain TCP.
+    pub ca_cert: Option<PathBuf>,
 }
 
 impl Default for Broker {
@@ -48,6 +51,7 @@ impl Default for Broker {
             host: "127.0.0.1".into(),
             port: 1883,
             password: None,
+            ca_cert: None,
         }
     }
 }
@@ -81,7 +85,10 @@ impl EdgeConfig {
         let mut cfg: EdgeConfig = toml::from_str(&text)
             .map_err(|e| EdgeError::Config(format!("{}: {e}", path.display())))?;
         if let Some(base) = path.parent() {
-            for p in [&mut cfg.key, &mut cfg.data.path] {
+            for p in [&mut cfg.key, &mut cfg.data.path]
+                .into_iter()
+                .chain(cfg.broker.ca_cert.as_mut())
+            {
                 if p.is_relative() {
                     *p = base.join(&*p);
                 }

@@ -6,12 +6,16 @@
 //! - [`config`]: the device's TOML configuration (`coevo edge --config edge.toml`).
 //! - [`agent`]: the MQTT round loop.
 //! - [`cli`]: the command line shared by `coevo edge` and the lean `coevo-edge` binary.
+//! - [`attack`]: Byzantine upload behaviour for tests and benches of the coordinator's
+//!   defences (never enabled by a device's configuration).
 
 pub mod agent;
+pub mod attack;
 pub mod cli;
 pub mod config;
 
 pub use agent::{Agent, AgentOptions, AgentSummary};
+pub use attack::Attack;
 pub use config::EdgeConfig;
 
 #[derive(Debug, thiserror::Error)]

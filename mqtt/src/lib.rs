@@ -7,9 +7,13 @@
 //!
 //! # Layout
 //! - [`Settings`]: where and how to connect.
+//! - [`ClientTls`]: the CA a TLS connection verifies the broker against.
 //! - [`Session`]: the client handle plus the stream of [`Incoming`] events.
 
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,6 +27,71 @@ pub enum MqttError {
     Client(#[from] rumqttc::ClientError),
     #[error("MQTT session closed")]
     Closed,
+    /// The CA certificate for TLS is missing, unreadable or not a usable certificate.
+    #[error("MQTT TLS: {0}")]
+    Tls(String),
+}
+
+/// Trust for a TLS connection to the broker: the fleet CA (`ca.pem` from `coevo keys tls`)
+/// and nothing else, so a broker certificate from any other CA, public ones included, is
+/// refused. Built once from the file so a bad CA is an error when the config is loaded rather
+/// than a reconnect loop later ([`Session::start`] cannot fail).
+///
+/// The broker's certificate must name the host or IP address in [`Settings::host`].
+#[derive(Clone)]
+pub struct ClientTls {
+    config: Arc<rustls::ClientConfig>,
+    /// Where the CA came from, for `Debug` and log lines.
+    origin: String,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("ca", &self.origin)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientTls {
+    /// Trusts the CA certificate(s) in the PEM file at `path`.
+    pub fn from_ca_file(path: &Path) -> Result<Self, MqttError> {
+        let pem = std::fs::read(path).map_err(|e| {
+            MqttError::Tls(format!(
+                "cannot read CA certificate {}: {e}",
+                path.display()
+            ))
+        })?;
+        Self::from_ca_pem(&pem, &path.display().to_string())
+    }
+
+    /// Trusts the CA certificate(s) in `pem`; `origin` names them in errors and logs.
+    pub fn from_ca_pem(pem: &[u8], origin: &str) -> Result<Self, MqttError> {
+        let fail = |reason: String| MqttError::Tls(format!("CA certificate {origin}: {reason}"));
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            let cert = cert.map_err(|e| fail(e.to_string()))?;
+            roots
+                .add(cert)
+                .map_err(|e| fail(format!("not a usable CA certificate: {e}")))?;
+        }
+        if roots.is_empty() {
+            return Err(fail("no PEM CERTIFICATE block".into()));
+        }
+        // ring, explicitly: rustls' process-wide default would need exactly one provider
+        // compiled in, and we never want aws-lc-rs pulled in by a feature elsewhere.
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| fail(e.to_string()))?
+            .with_root_certificates(roots)
+            // Clients authenticate with their broker password, inside the TLS channel.
+            .with_no_client_auth();
+        Ok(ClientTls {
+            config: Arc::new(config),
+            origin: origin.to_owned(),
+        })
+    }
 }
 
 /// Where and how to connect.
@@ -33,6 +102,8 @@ pub struct Settings {
     pub client_id: String,
     /// Broker credentials; coevo brokers require user name == client id.
     pub password: Option<String>,
+    /// Connect over TLS, verifying the broker against this CA (`None`: plain TCP).
+    pub tls: Option<ClientTls>,
     pub keep_alive: Duration,
     /// Largest packet either way. rumqttc's 10 KiB default is far below a model chunk.
     pub max_packet_bytes: usize,
@@ -55,6 +126,7 @@ impl Settings {
             port,
             client_id: client_id.into(),
             password: None,
+            tls: None,
             keep_alive: Duration::from_secs(30),
             max_packet_bytes: 2 * 1024 * 1024,
             clean_session: true,
@@ -100,6 +172,11 @@ impl Session {
             .set_inflight(100);
         if let Some(pw) = &settings.password {
             opts.set_credentials(&settings.client_id, pw);
+        }
+        if let Some(tls) = &settings.tls {
+            opts.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(Arc::clone(&tls.config)),
+            ));
         }
         if let Some((topic, payload)) = &settings.last_will {
             opts.set_last_will(LastWill::new(
@@ -252,5 +329,48 @@ impl Session {
 impl Drop for Session {
     fn drop(&mut self) {
         self.poller.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ca_pem() -> String {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.self_signed(&key).expect("self-signed").pem()
+    }
+
+    #[test]
+    fn ca_from_pem_and_file() {
+        let pem = ca_pem();
+        let tls = ClientTls::from_ca_pem(pem.as_bytes(), "test").expect("valid CA");
+        assert!(format!("{tls:?}").contains("test"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ca.pem");
+        std::fs::write(&path, &pem).expect("write");
+        ClientTls::from_ca_file(&path).expect("valid CA file");
+    }
+
+    #[test]
+    fn bad_ca_is_a_typed_error_naming_the_source() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("absent.pem");
+        match ClientTls::from_ca_file(&missing) {
+            Err(MqttError::Tls(m)) => assert!(m.contains("absent.pem"), "{m}"),
+            other => panic!("expected MqttError::Tls, got {other:?}"),
+        }
+        for bad in [
+            &b""[..],
+            b"not pem at all",
+            b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        ] {
+            match ClientTls::from_ca_pem(bad, "bad.pem") {
+                Err(MqttError::Tls(m)) => assert!(m.contains("bad.pem"), "{m}"),
+                other => panic!("expected MqttError::Tls, got {other:?}"),
+            }
+        }
     }
 }

@@ -78,6 +78,7 @@ pub fn coordinator_config(
             port: addr.port(),
             password: Some(fleet.coordinator_password.clone()),
             connect_timeout_s: 30,
+            ca_cert: None,
         },
         round: RoundPolicy {
             quorum: 1,

@@ -1,0 +1,385 @@
+//! `coevo bench coevolution`: does co-evolution pay? On one seeded writer split it measures
+//! (a) the teacher trained on the server's labelled set only (lower bound), (b) the teacher
+//! trained centrally on every training sample (upper bound), (c) the FedAvg student and
+//! (d) the co-evolved teacher and student — (c) and (d) through the real broker and edge agents
+//! with the same clients, seed and local training, so the only difference is the mode.
+//!
+//! `gap_closed = (coevolve_teacher − lower) / (upper − lower)`: how much of what the fleet's
+//! data could teach the teacher actually reached it without the data leaving the cameras.
+
+use super::split::{BenchSplit, SplitArgs};
+use super::write_json;
+use crate::demo::{run_fleet, FleetRun};
+use anyhow::{bail, Context, Result};
+use coevo_coordinator::coevolve::{CoevolutionConfig, Mode, TeacherLoop};
+use coevo_coordinator::config::{BelowQuorum, RoundPolicy, TaskConfig};
+use coevo_coordinator::{RoundEvent, RoundReport};
+use coevo_models::distill::GuardOutcome;
+use coevo_models::train::{evaluate, train, TrainConfig};
+use coevo_models::Teacher;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// `coevo bench coevolution` flags.
+#[derive(Clone, Debug, clap::Args)]
+pub struct CoevolutionArgs {
+    #[command(flatten)]
+    pub split: SplitArgs,
+    /// Output directory (must not hold a previous bench): summary.json, and one coordinator
+    /// output (reports, checkpoints) per mode under fedavg/ and coevolve/.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Federated rounds of each mode.
+    #[arg(long, default_value_t = 20)]
+    pub rounds: u64,
+    /// Local epochs per round (both modes).
+    #[arg(long, default_value_t = 2)]
+    pub local_epochs: u32,
+    /// Local learning rate (SGD, momentum 0.9; both modes).
+    #[arg(long, default_value_t = 0.05)]
+    pub lr: f64,
+    /// Local batch size (both modes).
+    #[arg(long, default_value_t = 16)]
+    pub batch: u32,
+    /// Epochs of the upper-bound teacher over all training data.
+    #[arg(long, default_value_t = 12)]
+    pub upper_epochs: usize,
+    /// Epochs of the teacher's pre-training on the labelled set (the lower bound, and the
+    /// co-evolved teacher's starting point).
+    #[arg(long, default_value_t = 40)]
+    pub pretrain_epochs: usize,
+    /// Passes of upward fusion over the unlabelled pool per round.
+    #[arg(long, default_value_t = 2)]
+    pub fuse_epochs: usize,
+    /// Client students in the fusion ensemble besides the merged one (sampled per round;
+    /// each costs a forward pass over the pool). 0, the merged student alone, is the setting
+    /// measured in BENCHMARKS.md.
+    #[arg(long, default_value_t = 0)]
+    pub ensemble_clients: usize,
+    /// Which parts to run (the bounds are cheap next to the fleet runs).
+    #[arg(long, value_delimiter = ',', default_value = "bounds,fedavg,coevolve")]
+    pub only: Vec<Part>,
+}
+
+/// A part of the bench.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    Bounds,
+    Fedavg,
+    Coevolve,
+}
+
+/// One round of the curves.
+#[derive(Debug, Default, Serialize)]
+pub struct CurvePoint {
+    pub round: u64,
+    pub fedavg_student: Option<f64>,
+    pub coevolve_student: Option<f64>,
+    pub coevolve_teacher: Option<f64>,
+    pub distillation: Option<String>,
+    pub fusion: Option<String>,
+}
+
+/// `DIR/summary.json`.
+#[derive(Debug, Default, Serialize)]
+pub struct Summary {
+    pub dataset: String,
+    pub split: String,
+    pub seed: u64,
+    pub rounds: u64,
+    pub lower_bound: Option<f64>,
+    pub upper_bound: Option<f64>,
+    pub fedavg_student: Option<f64>,
+    pub coevolve_teacher: Option<f64>,
+    pub coevolve_student: Option<f64>,
+    pub gap_closed: Option<f64>,
+    /// Pass/fail of the two goals (`gap_closed ≥ 0.5`, `coevolve_student ≥ fedavg − 0.01`).
+    pub goals: Goals,
+    pub curves: Vec<CurvePoint>,
+    /// Wall time per part, seconds.
+    pub wall_s: std::collections::BTreeMap<String, f64>,
+    pub settings: serde_json::Value,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Goals {
+    pub gap_closed_at_least_half: Option<bool>,
+    pub student_not_worse_than_fedavg: Option<bool>,
+}
+
+fn guard_text(g: &Option<GuardOutcome>) -> Option<String> {
+    g.as_ref().map(|g| match g {
+        GuardOutcome::Accepted { before, after } => {
+            format!("accepted {:+.4}", after - before)
+        }
+        GuardOutcome::RolledBack { before, after, .. } => {
+            format!("rolled back {:+.4}", after - before)
+        }
+    })
+}
+
+pub fn run(rt: &tokio::runtime::Runtime, args: &CoevolutionArgs) -> Result<()> {
+    if args.rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    if args.out.join("summary.json").exists() {
+        bail!(
+            "{} already holds a bench; choose another --out or delete it",
+            args.out.display()
+        );
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let t_all = Instant::now();
+    let split = BenchSplit::load(&args.split)?;
+    println!(
+        "coevo bench coevolution: {} — {}; {} rounds; output {}",
+        args.split.data.display(),
+        split.describe(),
+        args.rounds,
+        args.out.display()
+    );
+    let coevolution = CoevolutionConfig {
+        pretrain_epochs: args.pretrain_epochs,
+        ensemble_clients: args.ensemble_clients,
+        fuse: coevo_models::distill::KdConfig {
+            epochs: args.fuse_epochs,
+            ..CoevolutionConfig::default().fuse
+        },
+        ..CoevolutionConfig::default()
+    };
+    let mut summary = Summary {
+        dataset: args.split.data.display().to_string(),
+        split: split.describe(),
+        seed: args.split.seed,
+        rounds: args.rounds,
+        settings: serde_json::json!({
+            "server_labelled_writers": args.split.server_labelled,
+            "server_unlabelled_writers": args.split.server_unlabelled,
+            "client_writers": split.clients.len(),
+            "local_epochs": args.local_epochs,
+            "lr": args.lr,
+            "batch": args.batch,
+            "upper_epochs": args.upper_epochs,
+            "coevolution": serde_json::to_value(&coevolution)?,
+            "command": std::env::args().collect::<Vec<_>>().join(" "),
+        }),
+        curves: (1..=args.rounds)
+            .map(|round| CurvePoint {
+                round,
+                ..CurvePoint::default()
+            })
+            .collect(),
+        ..Summary::default()
+    };
+    let summary_path = args.out.join("summary.json");
+
+    if args.only.contains(&Part::Bounds) {
+        let t = Instant::now();
+        println!(
+            "[bounds] lower: teacher on the labelled set ({} samples × {} epochs)",
+            split.server.labelled.len(),
+            args.pretrain_epochs
+        );
+        let mut tl = TeacherLoop::new(split.shape, split.server_data(), coevolution.clone())?;
+        tch::manual_seed(args.split.seed as i64);
+        tl.pretrain(args.split.seed)?;
+        let lower = tl.evaluate_teacher(&split.test).accuracy;
+        println!("[bounds] lower_bound {lower:.4}");
+        println!(
+            "[bounds] upper: teacher on all training data ({} samples × {} epochs)",
+            split.train_all.len(),
+            args.upper_epochs
+        );
+        let upper = upper_bound(&split, args.upper_epochs, args.split.seed)?;
+        println!(
+            "[bounds] upper_bound {upper:.4}  ({:.0} s)",
+            t.elapsed().as_secs_f64()
+        );
+        summary.lower_bound = Some(lower);
+        summary.upper_bound = Some(upper);
+        summary
+            .wall_s
+            .insert("bounds".into(), t.elapsed().as_secs_f64());
+        write_json(&summary_path, &summary)?;
+    }
+
+    for (part, mode) in [(Part::Fedavg, Mode::Fedavg), (Part::Coevolve, Mode::Coevolve)] {
+        if !args.only.contains(&part) {
+            continue;
+        }
+        let name = match mode {
+            Mode::Fedavg => "fedavg",
+            Mode::Coevolve => "coevolve",
+        };
+        let t = Instant::now();
+        let reports = fleet_run(rt, args, &split, mode, &coevolution, name)?;
+        summary.wall_s.insert(name.into(), t.elapsed().as_secs_f64());
+        for r in &reports {
+            let Some(p) = summary.curves.iter_mut().find(|p| p.round == r.round) else {
+                continue;
+            };
+            match mode {
+                Mode::Fedavg => p.fedavg_student = r.student.test_accuracy,
+                Mode::Coevolve => {
+                    p.coevolve_student = r.student.test_accuracy;
+                    p.coevolve_teacher = r.teacher.test_accuracy;
+                    if let Some(c) = &r.coevolution {
+                        p.distillation = guard_text(&c.distillation);
+                        p.fusion = guard_text(&c.fusion);
+                    }
+                }
+            }
+        }
+        let last = reports.iter().rev().find(|r| r.round == args.rounds);
+        match mode {
+            Mode::Fedavg => summary.fedavg_student = last.and_then(|r| r.student.test_accuracy),
+            Mode::Coevolve => {
+                summary.coevolve_student = last.and_then(|r| r.student.test_accuracy);
+                summary.coevolve_teacher = last.and_then(|r| r.teacher.test_accuracy);
+            }
+        }
+        finish(&mut summary);
+        write_json(&summary_path, &summary)?;
+    }
+    summary
+        .wall_s
+        .insert("total".into(), t_all.elapsed().as_secs_f64());
+    finish(&mut summary);
+    write_json(&summary_path, &summary)?;
+    print_table(&summary);
+    println!("summary in {}", summary_path.display());
+    Ok(())
+}
+
+/// Fills in the derived fields from what has been measured so far.
+fn finish(s: &mut Summary) {
+    if let (Some(lo), Some(hi), Some(t)) = (s.lower_bound, s.upper_bound, s.coevolve_teacher) {
+        if hi > lo {
+            s.gap_closed = Some((t - lo) / (hi - lo));
+        }
+    }
+    s.goals.gap_closed_at_least_half = s.gap_closed.map(|g| g >= 0.5);
+    s.goals.student_not_worse_than_fedavg = match (s.coevolve_student, s.fedavg_student) {
+        (Some(c), Some(f)) => Some(c >= f - 0.01),
+        _ => None,
+    };
+}
+
+fn print_table(s: &Summary) {
+    let f = |x: Option<f64>| x.map_or_else(|| "-".to_string(), |v| format!("{v:.4}"));
+    println!(
+        "\n| lower bound | upper bound | fedavg student | coevolve teacher | coevolve student | gap_closed |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| {} | {} | {} | {} | {} | {} |",
+        f(s.lower_bound),
+        f(s.upper_bound),
+        f(s.fedavg_student),
+        f(s.coevolve_teacher),
+        f(s.coevolve_student),
+        s.gap_closed.map_or_else(|| "-".into(), |g| format!("{g:.2}"))
+    );
+}
+
+/// The upper bound: the same teacher trained centrally on every training sample of the split.
+fn upper_bound(split: &BenchSplit, epochs: usize, seed: u64) -> Result<f64> {
+    tch::manual_seed(seed as i64);
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let teacher = Teacher::new(&vs.root(), &split.shape);
+    let cfg = TrainConfig {
+        epochs,
+        batch_size: 32,
+        lr: CoevolutionConfig::default().pretrain_lr,
+        momentum: 0.9,
+        prox_mu: 0.0,
+        seed,
+    };
+    train(&teacher, &vs, &split.train_all, &cfg)?;
+    Ok(evaluate(&teacher, &split.test, 512).accuracy)
+}
+
+/// One mode through the real broker and edge agents, with a progress bar over its rounds.
+fn fleet_run(
+    rt: &tokio::runtime::Runtime,
+    args: &CoevolutionArgs,
+    split: &BenchSplit,
+    mode: Mode,
+    coevolution: &CoevolutionConfig,
+    name: &str,
+) -> Result<Vec<RoundReport>> {
+    let out: &Path = &args.out.join(name);
+    let n = split.clients.len();
+    let bar = ProgressBar::new(args.rounds);
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "[{name}] round {{pos}}/{{len}} [{{bar:30}}] {{msg}} {{elapsed}}"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let run = FleetRun {
+        fleet: "bench",
+        out,
+        clients: split.client_data(),
+        test: split.test.shallow_clone(),
+        seed: args.split.seed,
+    };
+    let server = split.server_data();
+    let mut deltas = 0usize;
+    let reports = rt.block_on(run_fleet(
+        run,
+        |cfg| {
+            cfg.rounds = args.rounds;
+            cfg.mode = mode;
+            cfg.coevolution = coevolution.clone();
+            cfg.server_data = split.roles.clone();
+            cfg.round = RoundPolicy {
+                quorum: (n as u32).div_ceil(2),
+                timeout_s: 900,
+                below_quorum: BelowQuorum::Extend,
+                max_extensions: 1,
+            };
+            cfg.task = TaskConfig {
+                epochs: args.local_epochs,
+                batch_size: args.batch,
+                lr: args.lr,
+                momentum: 0.9,
+                prox_mu: 0.0,
+            };
+        },
+        |c| match mode {
+            Mode::Coevolve => c.with_server_data(server),
+            Mode::Fedavg => c,
+        },
+        &mut |ev: &RoundEvent| match ev {
+            RoundEvent::Started { .. } => deltas = 0,
+            RoundEvent::Accepted { .. } => {
+                deltas += 1;
+                bar.set_message(format!("{deltas}/{n} deltas"));
+            }
+            RoundEvent::Rejected { client, reason, .. } => {
+                bar.suspend(|| println!("[{name}] rejected {client}: {reason}"))
+            }
+            RoundEvent::Finished(r) => {
+                let acc = |x: Option<f64>| x.map_or_else(|| "-".to_string(), |v| format!("{v:.4}"));
+                bar.suspend(|| {
+                    println!(
+                        "[{name}] round {:>3}/{}  {}  student {}  teacher {}  {:.1}s",
+                        r.round,
+                        args.rounds,
+                        r.outcome,
+                        acc(r.student.test_accuracy),
+                        acc(r.teacher.test_accuracy),
+                        r.duration_ms as f64 / 1000.0
+                    )
+                });
+                bar.set_position(r.round);
+            }
+        },
+    ))?;
+    bar.finish_and_clear();
+    Ok(reports)
+}
