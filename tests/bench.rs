@@ -40,6 +40,8 @@ fn coevolution_bench_writes_a_consistent_summary() {
             "1",
             "--ensemble-clients",
             "2",
+            // The online-ensemble path of fusion (augmented views of the pool).
+            "--fuse-augment",
         ])
         .current_dir(dir)
         .stdin(Stdio::null())
@@ -75,7 +77,11 @@ fn coevolution_bench_writes_a_consistent_summary() {
     assert_eq!(curves.len(), 2);
     for p in curves {
         for k in ["fedavg_student", "coevolve_student", "coevolve_teacher"] {
-            assert!(p[k].as_f64().is_some(), "round {} lacks {k}: {p}", p["round"]);
+            assert!(
+                p[k].as_f64().is_some(),
+                "round {} lacks {k}: {p}",
+                p["round"]
+            );
         }
         assert!(p["fusion"].as_str().is_some(), "{p}");
     }

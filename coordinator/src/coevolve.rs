@@ -6,10 +6,10 @@
 
 use crate::CoordinatorError;
 use coevo_models::distill::{
-    distill, ensemble_logits, fuse, guard_update, logits, GuardOutcome, KdConfig, Soft,
+    distill, ensemble_logits, fuse, guard_update, logits, Ensemble, GuardOutcome, KdConfig, Soft,
 };
 use coevo_models::train::{evaluate, train, Evaluation, TrainConfig};
-use coevo_models::{DataShape, Dataset, Student, Teacher, Weights};
+use coevo_models::{DataShape, Dataset, NetKind, Student, Teacher, Weights};
 use serde::{Deserialize, Serialize};
 
 /// Which loop the coordinator runs.
@@ -175,13 +175,33 @@ impl TeacherLoop {
 
     /// Teacher learns from the ensemble of `members` (merged student and client students) on
     /// the unlabelled pool, plus cross-entropy on the labelled set; rolled back past ε.
-    pub fn fuse_from(&mut self, members: &[&Weights]) -> Result<GuardOutcome, CoordinatorError> {
+    /// `round` varies batch order and augmentation from round to round.
+    pub fn fuse_from(
+        &mut self,
+        members: &[&Weights],
+        round: u64,
+    ) -> Result<GuardOutcome, CoordinatorError> {
+        let cfg = KdConfig {
+            seed: self.cfg.fuse.seed.wrapping_add(round),
+            ..self.cfg.fuse.clone()
+        };
         let pool = if self.data.unlabelled.is_empty() {
             &self.data.labelled.images
         } else {
             &self.data.unlabelled.images
         };
-        let soft = ensemble_logits(&self.shape, members, pool, 256)?;
+        // With augmentation every batch is a new view of the pool, so the ensemble is asked
+        // online; without it, its logits are computed once.
+        let (ensemble, once);
+        let online;
+        let soft = if cfg.augment {
+            ensemble = Ensemble::new(NetKind::Student, &self.shape, members)?;
+            online = |x: &tch::Tensor| ensemble.logits(x);
+            Soft::Model(&online)
+        } else {
+            once = ensemble_logits(&self.shape, members, pool, 256)?;
+            Soft::Logits(&once)
+        };
         let (outcome, _) = guard_update(
             &self.teacher,
             &mut self.teacher_vs,
@@ -193,9 +213,9 @@ impl TeacherLoop {
                     &self.teacher,
                     vs,
                     pool,
-                    Soft::Logits(&soft),
+                    soft,
                     Some(&self.data.labelled),
-                    &self.cfg.fuse,
+                    &cfg,
                 )
             },
         )?;
@@ -350,7 +370,9 @@ mod tests {
         assert_eq!(s.unlabelled.len(), 10);
         let w = d.clients.as_ref().unwrap();
         assert_eq!(rest.len(), 30);
-        assert!(rest.iter().all(|&i| ["w3", "w4", "w5"].contains(&w[i].as_str())));
+        assert!(rest
+            .iter()
+            .all(|&i| ["w3", "w4", "w5"].contains(&w[i].as_str())));
         for set in [&s.labelled, &s.validation] {
             let c = set.clients.as_ref().unwrap();
             assert!(c.iter().all(|x| x == "w0" || x == "w1"));

@@ -288,8 +288,9 @@ impl CoordinatorConfig {
         if !(0.0..1.0).contains(&f.validation_holdout) {
             return bad("server_data.validation_holdout must be in [0, 1)".into());
         }
-        if !f.by_clients() && !(f.unlabelled_clients.is_empty() && f.validation_clients.is_empty())
-        {
+        let other_roles_by_id =
+            !f.unlabelled_clients.is_empty() || !f.validation_clients.is_empty();
+        if other_roles_by_id && !f.by_clients() {
             return bad(
                 "server_data: unlabelled_clients/validation_clients need labelled_clients too"
                     .into(),
@@ -340,5 +341,24 @@ mod tests {
         c = CoordinatorConfig::default();
         c.fleet = "a/b".into();
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn server_roles_by_id_are_checked() {
+        let by_id = |toml: &str| -> Result<(), CoordinatorError> {
+            toml::from_str::<CoordinatorConfig>(toml)
+                .map_err(|e| CoordinatorError::Config(e.to_string()))?
+                .validate()
+        };
+        by_id("[server_data]\nlabelled_clients = [\"a\"]\nunlabelled_clients = [\"b\"]").unwrap();
+        // A writer in two roles would leak labels into the pool or validation.
+        let e = by_id("[server_data]\nlabelled_clients = [\"a\"]\nunlabelled_clients = [\"a\"]")
+            .unwrap_err();
+        assert!(e.to_string().contains("two roles"), "{e}");
+        // A pool by id with the labelled set by fraction is ambiguous.
+        assert!(by_id("[server_data]\nunlabelled_clients = [\"b\"]").is_err());
+        assert!(
+            by_id("[server_data]\nlabelled_clients = [\"a\"]\nvalidation_holdout = 1.0").is_err()
+        );
     }
 }

@@ -506,7 +506,7 @@ impl Coordinator {
             }
             let outcome = on_teacher(t, move |tl| {
                 let refs: Vec<&Weights> = members.iter().collect();
-                tl.fuse_from(&refs)
+                tl.fuse_from(&refs, round)
             })
             .await?;
             tracing::info!(round, ?outcome, "fusion");

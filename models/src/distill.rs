@@ -97,6 +97,7 @@ impl KdConfig {
 }
 
 /// Where the soft targets of a distillation come from.
+#[derive(Clone, Copy)]
 pub enum Soft<'a> {
     /// Logits computed once, row-aligned with the images (cheapest; no augmentation).
     Logits(&'a Tensor),

@@ -53,6 +53,10 @@ pub struct CoevolutionArgs {
     /// Passes of upward fusion over the unlabelled pool per round.
     #[arg(long, default_value_t = 2)]
     pub fuse_epochs: usize,
+    /// Fuse on randomly shifted/rotated/scaled views of the pool, the ensemble labelling each
+    /// view online (more transfer data for the same pool; costs ensemble passes per batch).
+    #[arg(long)]
+    pub fuse_augment: bool,
     /// Client students in the fusion ensemble besides the merged one (sampled per round;
     /// each costs a forward pass over the pool). 0, the merged student alone, is the setting
     /// measured in BENCHMARKS.md.
@@ -146,6 +150,7 @@ pub fn run(rt: &tokio::runtime::Runtime, args: &CoevolutionArgs) -> Result<()> {
         ensemble_clients: args.ensemble_clients,
         fuse: coevo_models::distill::KdConfig {
             epochs: args.fuse_epochs,
+            augment: args.fuse_augment,
             ..CoevolutionConfig::default().fuse
         },
         ..CoevolutionConfig::default()
@@ -206,7 +211,10 @@ pub fn run(rt: &tokio::runtime::Runtime, args: &CoevolutionArgs) -> Result<()> {
         write_json(&summary_path, &summary)?;
     }
 
-    for (part, mode) in [(Part::Fedavg, Mode::Fedavg), (Part::Coevolve, Mode::Coevolve)] {
+    for (part, mode) in [
+        (Part::Fedavg, Mode::Fedavg),
+        (Part::Coevolve, Mode::Coevolve),
+    ] {
         if !args.only.contains(&part) {
             continue;
         }
@@ -216,7 +224,9 @@ pub fn run(rt: &tokio::runtime::Runtime, args: &CoevolutionArgs) -> Result<()> {
         };
         let t = Instant::now();
         let reports = fleet_run(rt, args, &split, mode, &coevolution, name)?;
-        summary.wall_s.insert(name.into(), t.elapsed().as_secs_f64());
+        summary
+            .wall_s
+            .insert(name.into(), t.elapsed().as_secs_f64());
         for r in &reports {
             let Some(p) = summary.curves.iter_mut().find(|p| p.round == r.round) else {
                 continue;
@@ -281,7 +291,8 @@ fn print_table(s: &Summary) {
         f(s.fedavg_student),
         f(s.coevolve_teacher),
         f(s.coevolve_student),
-        s.gap_closed.map_or_else(|| "-".into(), |g| format!("{g:.2}"))
+        s.gap_closed
+            .map_or_else(|| "-".into(), |g| format!("{g:.2}"))
     );
 }
 

@@ -60,6 +60,29 @@ pub fn start_broker_with(
     .expect("broker starts")
 }
 
+/// A fleet CA and a broker certificate for 127.0.0.1/localhost in `dir`, made by the function
+/// behind `coevo keys tls`.
+pub fn fleet_tls(dir: &Path) -> coevo::tls::FleetTlsFiles {
+    coevo::tls::write_fleet_tls(dir, &coevo::tls::FleetTlsOptions::new(FLEET)).expect("TLS files")
+}
+
+/// Like [`start_broker`], serving TLS only, with the broker certificate in `tls`.
+pub fn start_tls_broker(
+    fleet: &Fleet,
+    tls: &coevo::tls::FleetTlsFiles,
+) -> coevo_broker::BrokerHandle {
+    start_broker_with(
+        fleet,
+        coevo_broker::BrokerConfig {
+            tls: Some(coevo_broker::TlsConfig {
+                cert: tls.broker_cert.clone(),
+                key: tls.broker_key.clone(),
+            }),
+            ..coevo_broker::BrokerConfig::default()
+        },
+    )
+}
+
 /// A coordinator config for `fleet` on `addr`, writing under `out`.
 pub fn coordinator_config(
     fleet: &Fleet,
@@ -112,6 +135,31 @@ pub fn spawn_agent_for(
     stop: &tokio::sync::watch::Receiver<bool>,
     rounds: Option<u64>,
 ) -> JoinHandle<Result<AgentSummary, coevo_edge::EdgeError>> {
+    spawn_agent_with(fleet, i, addr, data, stop, rounds, None)
+}
+
+/// Like [`spawn_agent_for`], connecting over TLS and trusting only the CA in `ca_cert`.
+pub fn spawn_tls_agent(
+    fleet: &Fleet,
+    i: usize,
+    addr: SocketAddr,
+    data: Dataset,
+    stop: &tokio::sync::watch::Receiver<bool>,
+    rounds: Option<u64>,
+    ca_cert: &Path,
+) -> JoinHandle<Result<AgentSummary, coevo_edge::EdgeError>> {
+    spawn_agent_with(fleet, i, addr, data, stop, rounds, Some(ca_cert))
+}
+
+fn spawn_agent_with(
+    fleet: &Fleet,
+    i: usize,
+    addr: SocketAddr,
+    data: Dataset,
+    stop: &tokio::sync::watch::Receiver<bool>,
+    rounds: Option<u64>,
+    ca_cert: Option<&Path>,
+) -> JoinHandle<Result<AgentSummary, coevo_edge::EdgeError>> {
     let (id, key, pw) = fleet.clients[i].clone();
     let mut o = AgentOptions::new(
         FLEET,
@@ -122,6 +170,7 @@ pub fn spawn_agent_for(
     o.broker_host = addr.ip().to_string();
     o.broker_port = addr.port();
     o.password = Some(pw);
+    o.ca_cert = ca_cert.map(Path::to_path_buf);
     o.retry_wait = Duration::from_secs(2);
     o.max_retry_wait = Duration::from_secs(4);
     o.seed = i as u64;
