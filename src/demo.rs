@@ -232,12 +232,17 @@ pub async fn run_fleet_with(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut agents = Vec::new();
     let coordinator_public = fleet.coordinator_key.public_key();
+    // One training at a time per core: the agents share this machine's CPUs.
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(
+        std::thread::available_parallelism().map_or(2, |n| n.get()),
+    ));
     for ((id, key, password), (_, data)) in fleet.clients.into_iter().zip(clients) {
         let mut o = AgentOptions::new(fleet_name, &id, &fleet.coordinator_id, coordinator_public);
         o.broker_host = addr.ip().to_string();
         o.broker_port = addr.port();
         o.password = Some(password);
         o.seed = seed;
+        o.train_slots = Some(slots.clone());
         agent(&mut o);
         let a = Agent::new(o, key, data)?;
         let mut rx = stop_rx.clone();

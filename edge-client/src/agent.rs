@@ -48,6 +48,10 @@ pub struct AgentOptions {
     /// Byzantine behaviour for tests and benches (see [`crate::attack`]); `None`, the
     /// default, for every real device.
     pub attack: Option<Attack>,
+    /// Shared by agents simulated in one process (demo, benches): at most this many train at
+    /// once. Without it, 75 agents each start libtorch's thread pool on 2 cores and the
+    /// oversubscription costs more than the parallelism gains. `None` on a real device.
+    pub train_slots: Option<std::sync::Arc<tokio::sync::Semaphore>>,
 }
 
 impl AgentOptions {
@@ -71,6 +75,7 @@ impl AgentOptions {
             retry_wait: Duration::from_secs(10),
             max_retry_wait: Duration::from_secs(60),
             attack: None,
+            train_slots: None,
         }
     }
 }
@@ -472,6 +477,15 @@ impl Agent {
             .lock()
             .map_err(|_| EdgeError::Task("dataset lock poisoned".into()))?
             .shallow_clone();
+        let _slot = match &self.opts.train_slots {
+            Some(s) => Some(
+                s.clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| EdgeError::Task("training slots closed".into()))?,
+            ),
+            None => None,
+        };
         tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, LocalMetrics), EdgeError> {
             let t0 = Instant::now();
             let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
