@@ -6,6 +6,32 @@ mod common;
 
 use std::process::{Command, Stdio};
 
+/// A tiny bench: 2 rounds, few epochs; `--fuse-augment` last (the online-ensemble path of
+/// fusion, on augmented views of the pool).
+const ARGS: &[&str] = &[
+    "bench",
+    "coevolution",
+    "--data",
+    "data",
+    "--rounds",
+    "2",
+    "--server-labelled",
+    "2",
+    "--server-unlabelled",
+    "2",
+    "--clients",
+    "6",
+    "--upper-epochs",
+    "2",
+    "--pretrain-epochs",
+    "2",
+    "--fuse-epochs",
+    "1",
+    "--ensemble-clients",
+    "2",
+    "--fuse-augment",
+];
+
 #[test]
 fn coevolution_bench_writes_a_consistent_summary() {
     let tmp = tempfile::tempdir().unwrap();
@@ -17,32 +43,8 @@ fn coevolution_bench_writes_a_consistent_summary() {
     std::fs::write(dir.join("data/train-clients.txt"), writers).unwrap();
 
     let out = Command::new(env!("CARGO_BIN_EXE_coevo"))
-        .args([
-            "bench",
-            "coevolution",
-            "--data",
-            "data",
-            "--out",
-            "bench",
-            "--rounds",
-            "2",
-            "--server-labelled",
-            "2",
-            "--server-unlabelled",
-            "2",
-            "--clients",
-            "6",
-            "--upper-epochs",
-            "2",
-            "--pretrain-epochs",
-            "2",
-            "--fuse-epochs",
-            "1",
-            "--ensemble-clients",
-            "2",
-            // The online-ensemble path of fusion (augmented views of the pool).
-            "--fuse-augment",
-        ])
+        .args(ARGS)
+        .args(["--out", "bench"])
         .current_dir(dir)
         .stdin(Stdio::null())
         .output()
@@ -94,6 +96,44 @@ fn coevolution_bench_writes_a_consistent_summary() {
         assert_eq!(reports.len(), 2, "{mode}");
         assert!(reports.iter().all(|r| r.accepted == 6), "{mode}");
     }
+    // Another fusion setting, reusing the bounds and the FedAvg fleet of the first bench.
+    let args2: Vec<String> = ARGS
+        .iter()
+        .map(|a| a.to_string())
+        .chain(["--out", "bench2", "--only", "coevolve", "--reuse", "bench"].map(String::from))
+        .filter(|a| a != "--fuse-augment")
+        .collect();
+    let out = Command::new(env!("CARGO_BIN_EXE_coevo"))
+        .args(&args2)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s2: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("bench2/summary.json")).unwrap()).unwrap();
+    assert_eq!(s2["lower_bound"], s["lower_bound"]);
+    assert_eq!(s2["fedavg_student"], s["fedavg_student"]);
+    assert!(s2["coevolve_teacher"].as_f64().is_some());
+    assert!(
+        !dir.join("bench2/fedavg").exists(),
+        "fedavg was not to run again"
+    );
+    // A bench of another split can't be reused.
+    let out = Command::new(env!("CARGO_BIN_EXE_coevo"))
+        .args(&ARGS[..ARGS.len() - 1])
+        .args([
+            "--out", "bench3", "--only", "coevolve", "--reuse", "bench", "--seed", "9",
+        ])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not comparable"));
+
     // A second run into the same directory is refused rather than mixing results.
     let again = Command::new(env!("CARGO_BIN_EXE_coevo"))
         .args(["bench", "coevolution", "--data", "data", "--out", "bench"])

@@ -14,14 +14,20 @@
 //! - [`crypto`]: Ed25519 keys (ring, PKCS#8) and SHA-256 digests.
 //! - [`chunk`]: splitting payloads into chunks and bounded, duplicate- and reorder-tolerant
 //!   reassembly.
+//! - [`codec`]: model and delta compression (f32, f16, per-channel int8, top-k with error
+//!   feedback; zstd), one self-describing payload format with a bounded decoder.
 
 pub mod chunk;
+pub mod codec;
 pub mod crypto;
 pub mod envelope;
 pub mod message;
 pub mod topic;
 
 pub use chunk::{ChunkError, Reassembler};
+pub use codec::{
+    CodecError, DownlinkCodec, ErrorFeedback, NamedTensor, PayloadCodec, TensorSpec, UplinkCodec,
+};
 pub use crypto::{digest, CryptoError, Digest, PublicKey, SigningKey};
 pub use envelope::{DecodeError, Kind, Signed};
 pub use message::{

@@ -18,7 +18,7 @@ use coevo_models::distill::GuardOutcome;
 use coevo_models::train::{evaluate, train, TrainConfig};
 use coevo_models::Teacher;
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -62,9 +62,14 @@ pub struct CoevolutionArgs {
     /// measured in BENCHMARKS.md.
     #[arg(long, default_value_t = 0)]
     pub ensemble_clients: usize,
-    /// Which parts to run (the bounds are cheap next to the fleet runs).
+    /// Which parts to run; with `--reuse`, the others are taken from an earlier bench.
     #[arg(long, value_delimiter = ',', default_value = "bounds,fedavg,coevolve")]
     pub only: Vec<Part>,
+    /// An earlier bench directory on the same data, split, seed and rounds: parts not run now
+    /// (see `--only`) are copied from its summary.json, e.g. to try another fusion setting
+    /// without re-training the bounds and the FedAvg fleet.
+    #[arg(long)]
+    pub reuse: Option<PathBuf>,
 }
 
 /// A part of the bench.
@@ -76,7 +81,7 @@ pub enum Part {
 }
 
 /// One round of the curves.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct CurvePoint {
     pub round: u64,
     pub fedavg_student: Option<f64>,
@@ -87,7 +92,7 @@ pub struct CurvePoint {
 }
 
 /// `DIR/summary.json`.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Summary {
     pub dataset: String,
     pub split: String,
@@ -107,7 +112,7 @@ pub struct Summary {
     pub settings: serde_json::Value,
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Goals {
     pub gap_closed_at_least_half: Option<bool>,
     pub student_not_worse_than_fedavg: Option<bool>,
@@ -180,6 +185,9 @@ pub fn run(rt: &tokio::runtime::Runtime, args: &CoevolutionArgs) -> Result<()> {
         ..Summary::default()
     };
     let summary_path = args.out.join("summary.json");
+    if let Some(dir) = &args.reuse {
+        reuse(&mut summary, dir, &args.only)?;
+    }
 
     if args.only.contains(&Part::Bounds) {
         let t = Instant::now();
@@ -261,6 +269,60 @@ pub fn run(rt: &tokio::runtime::Runtime, args: &CoevolutionArgs) -> Result<()> {
     write_json(&summary_path, &summary)?;
     print_table(&summary);
     println!("summary in {}", summary_path.display());
+    Ok(())
+}
+
+/// Copies the parts not run now from an earlier bench of the same split.
+fn reuse(summary: &mut Summary, dir: &Path, running: &[Part]) -> Result<()> {
+    let path = dir.join("summary.json");
+    let old: Summary = serde_json::from_slice(
+        &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", path.display()))?;
+    if (&old.dataset, &old.split, old.seed, old.rounds)
+        != (
+            &summary.dataset,
+            &summary.split,
+            summary.seed,
+            summary.rounds,
+        )
+    {
+        bail!(
+            "{} ran on {} ({}), seed {}, {} rounds: not comparable with this bench",
+            path.display(),
+            old.dataset,
+            old.split,
+            old.seed,
+            old.rounds
+        );
+    }
+    if !running.contains(&Part::Bounds) {
+        summary.lower_bound = old.lower_bound;
+        summary.upper_bound = old.upper_bound;
+    }
+    for (new, old) in summary.curves.iter_mut().zip(old.curves) {
+        if !running.contains(&Part::Fedavg) {
+            new.fedavg_student = old.fedavg_student;
+        }
+        if !running.contains(&Part::Coevolve) {
+            new.coevolve_student = old.coevolve_student;
+            new.coevolve_teacher = old.coevolve_teacher;
+            new.distillation = old.distillation;
+            new.fusion = old.fusion;
+        }
+    }
+    if !running.contains(&Part::Fedavg) {
+        summary.fedavg_student = old.fedavg_student;
+    }
+    if !running.contains(&Part::Coevolve) {
+        summary.coevolve_student = old.coevolve_student;
+        summary.coevolve_teacher = old.coevolve_teacher;
+    }
+    for (k, v) in old.wall_s {
+        summary.wall_s.entry(format!("{k} (reused)")).or_insert(v);
+    }
+    summary.settings["reused_from"] = serde_json::Value::String(dir.display().to_string());
+    finish(summary);
     Ok(())
 }
 
