@@ -91,9 +91,7 @@ fn uplink(c: &mut Criterion) {
         let (_, ef) = ErrorFeedback::new()
             .compress(&model(3), codec)
             .unwrap_or_else(|e| panic!("{e}"));
-        let (payload, _) = ef
-            .compress(&delta, codec)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let (payload, _) = ef.compress(&delta, codec).unwrap_or_else(|e| panic!("{e}"));
         eprintln!(
             "uplink {codec}: {} bytes, ratio {:.1}x",
             payload.len(),

@@ -529,11 +529,11 @@ pub fn decode(
         }
         PayloadCodec::TopK => {
             // k_t varint + scale + ≤ 10 bytes of index and 1 of value per entry.
-            let cap = checked_sum(specs.iter().map(|s| {
-                s.numel
-                    .checked_mul(11)
-                    .and_then(|b| b.checked_add(14))
-            }))?;
+            let cap = checked_sum(
+                specs
+                    .iter()
+                    .map(|s| s.numel.checked_mul(11).and_then(|b| b.checked_add(14))),
+            )?;
             let body = decompress(body, cap, false)?;
             decode_top_k(&specs, &body, &mut entries)?
         }
@@ -816,8 +816,8 @@ fn encode_payload(
             for t in tensors {
                 let rows = rows(&t.shape, t.values.len());
                 let mut e = error.as_ref().map(|_| Vec::with_capacity(t.values.len()));
-                if rows > 0 {
-                    let row_len = t.values.len() / rows;
+                // Empty tensors have no rows (and nothing to send).
+                if let Some(row_len) = t.values.len().checked_div(rows) {
                     let params = t
                         .values
                         .chunks_exact(row_len)
@@ -1180,9 +1180,8 @@ fn decode_int8(specs: &[Spec], body: &[u8]) -> Result<Vec<NamedTensor>, CodecErr
         .map(|s| {
             let rows = rows(&s.shape, s.numel);
             let mut values = Vec::with_capacity(s.numel);
-            if rows > 0 {
-                let row_len = s.numel / rows;
-                let params = r.take(rows * 8, "row parameters")?;
+            if let Some(row_len) = s.numel.checked_div(rows) {
+                let params = r.take(rows.saturating_mul(8), "row parameters")?;
                 let codes = r.take(s.numel, "codes")?;
                 for (p, row) in params.chunks_exact(8).zip(codes.chunks_exact(row_len)) {
                     let lo = f32::from_le_bytes([p[0], p[1], p[2], p[3]]);
@@ -1240,7 +1239,10 @@ fn decode_top_k(
                         .checked_add(r.varint_usize("index")?)
                         .filter(|&i| i < s.numel)
                         .ok_or_else(|| {
-                            CodecError::Malformed(format!("tensor {:?}: index out of range", s.name))
+                            CodecError::Malformed(format!(
+                                "tensor {:?}: index out of range",
+                                s.name
+                            ))
                         })?;
                     idx.push(i);
                     next = i + 1;
@@ -1331,7 +1333,9 @@ impl<'a> Reader<'a> {
             v |= u64::from(b & 0x7f) << (7 * i);
             if b & 0x80 == 0 {
                 if b == 0 && i > 0 {
-                    return Err(CodecError::Malformed(format!("{what}: non-canonical varint")));
+                    return Err(CodecError::Malformed(format!(
+                        "{what}: non-canonical varint"
+                    )));
                 }
                 return Ok(v);
             }
@@ -1463,7 +1467,10 @@ mod tests {
     fn f32_is_exact_and_checks_layout() {
         let m = small_model();
         let p = ok(DownlinkCodec::F32.encode(&m));
-        assert_eq!(ok(DownlinkCodec::F32.decode(&p, limits(), Some(&layout(&m)))), m);
+        assert_eq!(
+            ok(DownlinkCodec::F32.decode(&p, limits(), Some(&layout(&m)))),
+            m
+        );
         assert_eq!(ok(UplinkCodec::F32.decode(&p, limits(), None)), m);
         let mut other = layout(&m);
         other[1].shape = vec![3];
@@ -1495,11 +1502,8 @@ mod tests {
         ));
         // 65504 is f16::MAX and must survive.
         let edge = vec![t("w", vec![2], vec![65504.0, -65504.0])];
-        let d = ok(DownlinkCodec::F16.decode(
-            &ok(DownlinkCodec::F16.encode(&edge)),
-            limits(),
-            None,
-        ));
+        let d =
+            ok(DownlinkCodec::F16.decode(&ok(DownlinkCodec::F16.encode(&edge)), limits(), None));
         assert_eq!(d, edge);
     }
 
@@ -1529,11 +1533,8 @@ mod tests {
             Err(CodecError::OutOfRange { .. })
         ));
         let wide = vec![t("w", vec![2], vec![-1.0e38, 1.0e38])];
-        let d = ok(DownlinkCodec::Int8.decode(
-            &ok(DownlinkCodec::Int8.encode(&wide)),
-            limits(),
-            None,
-        ));
+        let d =
+            ok(DownlinkCodec::Int8.decode(&ok(DownlinkCodec::Int8.encode(&wide)), limits(), None));
         assert_eq!(d, wide);
     }
 
@@ -1607,7 +1608,11 @@ mod tests {
 
     #[test]
     fn uplink_decode_refuses_more_entries_than_rho_allows() {
-        let m = vec![t("a", vec![100], (0..100).map(|i| i as f32 + 1.0).collect())];
+        let m = vec![t(
+            "a",
+            vec![100],
+            (0..100).map(|i| i as f32 + 1.0).collect(),
+        )];
         let sent = UplinkCodec::TopK {
             rho: 0.1,
             error_feedback: true,
@@ -1643,8 +1648,17 @@ mod tests {
             }
         );
         for s in [
-            "", "f16", "top-k", "top-k:", "top-k:0", "top-k:2", "top-k:nan", "top-k:0.1:x",
-            "top-k:0.1:ef:ef", "TOP-K:0.1", "int8 ",
+            "",
+            "f16",
+            "top-k",
+            "top-k:",
+            "top-k:0",
+            "top-k:2",
+            "top-k:nan",
+            "top-k:0.1:x",
+            "top-k:0.1:ef:ef",
+            "TOP-K:0.1",
+            "int8 ",
         ] {
             assert!(
                 matches!(s.parse::<UplinkCodec>(), Err(CodecError::Spec(_))),
@@ -1732,7 +1746,10 @@ mod tests {
         assert_eq!(&bytes[..5], b"CVEF\x01");
         assert_eq!(ok(ErrorFeedback::from_bytes(&bytes, limits())), ef);
         let empty = ok(ErrorFeedback::new().to_bytes());
-        assert_eq!(ok(ErrorFeedback::from_bytes(&empty, limits())), ErrorFeedback::new());
+        assert_eq!(
+            ok(ErrorFeedback::from_bytes(&empty, limits())),
+            ErrorFeedback::new()
+        );
 
         let mut flipped = bytes.clone();
         flipped[20] ^= 1;
@@ -1811,11 +1828,17 @@ mod tests {
         for codec in [DownlinkCodec::F32, DownlinkCodec::F16, DownlinkCodec::Int8] {
             let p = ok(codec.encode(&m));
             for len in 0..p.len() {
-                assert!(decode(&p[..len], lim, None).is_err(), "{codec} prefix {len}");
+                assert!(
+                    decode(&p[..len], lim, None).is_err(),
+                    "{codec} prefix {len}"
+                );
             }
             let mut longer = p.clone();
             longer.push(0);
-            assert!(decode(&longer, lim, None).is_err(), "{codec} + trailing byte");
+            assert!(
+                decode(&longer, lim, None).is_err(),
+                "{codec} + trailing byte"
+            );
         }
         let p = ok(DownlinkCodec::F32.encode(&m));
         let with = |i: usize, b: u8| {
@@ -1836,7 +1859,14 @@ mod tests {
             Err(CodecError::TooManyParams { .. })
         ));
         assert!(matches!(
-            decode(&p, Limits { max_params: 1 << 20, max_bytes: 10 }, None),
+            decode(
+                &p,
+                Limits {
+                    max_params: 1 << 20,
+                    max_bytes: 10
+                },
+                None
+            ),
             Err(CodecError::TooLarge { .. })
         ));
 
@@ -1866,7 +1896,11 @@ mod tests {
             Err(CodecError::Malformed(_))
         ));
         assert!(matches!(
-            decode(&header(1, &[&[1, b'x', 9, 1, 1, 1, 1, 1, 1, 1, 1, 1]]), lim, None),
+            decode(
+                &header(1, &[&[1, b'x', 9, 1, 1, 1, 1, 1, 1, 1, 1, 1]]),
+                lim,
+                None
+            ),
             Err(CodecError::Malformed(_))
         ));
         assert!(matches!(
@@ -1883,31 +1917,49 @@ mod tests {
         ));
         let mut many = vec![b'C', b'V', b'C', b'D', 1, 1];
         put_varint(&mut many, (MAX_TENSORS + 1) as u64);
-        assert!(matches!(decode(&many, lim, None), Err(CodecError::Malformed(_))));
+        assert!(matches!(
+            decode(&many, lim, None),
+            Err(CodecError::Malformed(_))
+        ));
 
         // Non-finite values and scales.
         let one = vec![t("x", vec![1], vec![0.0])];
         let mut nan = ok(DownlinkCodec::F32.encode(&one));
         let at = nan.len() - 4;
         nan[at..].copy_from_slice(&f32::NAN.to_le_bytes());
-        assert!(matches!(decode(&nan, lim, None), Err(CodecError::NonFinite { .. })));
+        assert!(matches!(
+            decode(&nan, lim, None),
+            Err(CodecError::NonFinite { .. })
+        ));
         let inf16 = forged(PayloadCodec::F16, &one, &[0x00, 0x7c]);
-        assert!(matches!(decode(&inf16, lim, None), Err(CodecError::NonFinite { .. })));
+        assert!(matches!(
+            decode(&inf16, lim, None),
+            Err(CodecError::NonFinite { .. })
+        ));
         let mut body = f32::INFINITY.to_le_bytes().to_vec();
         body.extend_from_slice(&1.0f32.to_le_bytes());
         body.push(0);
         let bad_lo = forged(PayloadCodec::Int8, &one, &body);
-        assert!(matches!(decode(&bad_lo, lim, None), Err(CodecError::NonFinite { .. })));
+        assert!(matches!(
+            decode(&bad_lo, lim, None),
+            Err(CodecError::NonFinite { .. })
+        ));
         let mut body = 3.0e38f32.to_le_bytes().to_vec();
         body.extend_from_slice(&1.0e37f32.to_le_bytes());
         body.push(0);
         let overflow = forged(PayloadCodec::Int8, &one, &body);
-        assert!(matches!(decode(&overflow, lim, None), Err(CodecError::NonFinite { .. })));
+        assert!(matches!(
+            decode(&overflow, lim, None),
+            Err(CodecError::NonFinite { .. })
+        ));
         let mut body = vec![1];
         body.extend_from_slice(&f32::NAN.to_le_bytes());
         body.extend_from_slice(&[0, 1]);
         let nan_scale = forged(PayloadCodec::TopK, &one, &body);
-        assert!(matches!(decode(&nan_scale, lim, None), Err(CodecError::NonFinite { .. })));
+        assert!(matches!(
+            decode(&nan_scale, lim, None),
+            Err(CodecError::NonFinite { .. })
+        ));
 
         // Top-k bodies: index out of range, more entries than values, code -128, trailing bytes.
         let four = vec![t("x", vec![4], vec![0.0; 4])];
@@ -1947,7 +1999,10 @@ mod tests {
             let p = forged(codec, &one, &bomb);
             assert!(p.len() < 64 << 10, "{}", p.len());
             assert!(
-                matches!(decode(&p, limits(), None), Err(CodecError::BodyTooLarge { .. })),
+                matches!(
+                    decode(&p, limits(), None),
+                    Err(CodecError::BodyTooLarge { .. })
+                ),
                 "{codec}"
             );
         }

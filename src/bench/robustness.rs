@@ -239,7 +239,8 @@ pub struct RunSummary {
     pub out: String,
 }
 
-/// Per attack: the best robust rule next to plain FedAvg.
+/// Per attack: the best robust rule (highest final student accuracy under the attack) next to
+/// plain FedAvg.
 #[derive(Clone, Debug, Serialize)]
 pub struct AttackOutcome {
     pub attack: String,
@@ -249,8 +250,11 @@ pub struct AttackOutcome {
     pub best_robust_delta_vs_fedavg_clean: Option<f64>,
     pub fedavg_accuracy: Option<f64>,
     pub fedavg_delta_vs_clean: Option<f64>,
-    /// `best_robust_delta_vs_clean ≥ −0.02`.
+    /// `best_robust_delta_vs_clean ≥ −0.02`: the attack costs the best rule at most 2 points.
     pub within_2_points: Option<bool>,
+    /// `best_robust_delta_vs_fedavg_clean ≥ −0.02`: with the attackers and the best rule, at
+    /// most 2 points below a fleet with no attackers and no defence.
+    pub within_2_points_of_fedavg_clean: Option<bool>,
 }
 
 /// `DIR/summary.json`.
@@ -763,6 +767,9 @@ fn finish(s: &mut Summary, attacks: &[AttackKind]) {
                 within_2_points: best
                     .and_then(|r| r.student_delta_vs_clean)
                     .map(|d| d >= -GOAL_POINTS),
+                within_2_points_of_fedavg_clean: best
+                    .and_then(|r| r.student_delta_vs_fedavg_clean)
+                    .map(|d| d >= -GOAL_POINTS),
             }
         })
         .collect();
@@ -856,21 +863,23 @@ pub fn render(s: &Summary, strategies: &[StrategyKind], attacks: &[AttackKind]) 
     let _ = writeln!(
         t,
         "\n| attack | best robust rule | accuracy | Δ vs its clean | Δ vs clean FedAvg | \
-         FedAvg | FedAvg Δ vs clean | within 2 points |\n|---|---|---:|---:|---:|---:|---:|---|"
+         within 2 points (its clean / clean FedAvg) | FedAvg | FedAvg Δ vs clean |\n\
+         |---|---|---:|---:|---:|---|---:|---:|"
     );
+    let yes = |x: Option<bool>| x.map_or("-", |ok| if ok { "yes" } else { "**no**" });
     for o in &s.attacks {
         let _ = writeln!(
             t,
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} / {} | {} | {} |",
             o.attack,
             o.best_robust_strategy.as_deref().unwrap_or("-"),
             acc(o.best_robust_accuracy),
             points(o.best_robust_delta_vs_clean),
             points(o.best_robust_delta_vs_fedavg_clean),
+            yes(o.within_2_points),
+            yes(o.within_2_points_of_fedavg_clean),
             acc(o.fedavg_accuracy),
             points(o.fedavg_delta_vs_clean),
-            o.within_2_points
-                .map_or("-", |ok| if ok { "yes" } else { "**no**" })
         );
     }
     let _ = writeln!(
