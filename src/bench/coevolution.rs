@@ -12,12 +12,10 @@ use super::write_json;
 use crate::demo::{run_fleet, FleetRun};
 use anyhow::{bail, Context, Result};
 use coevo_coordinator::coevolve::{CoevolutionConfig, Mode, TeacherLoop};
-use coevo_coordinator::config::{BelowQuorum, RoundPolicy, TaskConfig};
 use coevo_coordinator::{RoundEvent, RoundReport};
 use coevo_models::distill::GuardOutcome;
 use coevo_models::train::{evaluate, train, TrainConfig};
 use coevo_models::Teacher;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -34,15 +32,8 @@ pub struct CoevolutionArgs {
     /// Federated rounds of each mode.
     #[arg(long, default_value_t = 20)]
     pub rounds: u64,
-    /// Local epochs per round (both modes).
-    #[arg(long, default_value_t = 2)]
-    pub local_epochs: u32,
-    /// Local learning rate (SGD, momentum 0.9; both modes).
-    #[arg(long, default_value_t = 0.05)]
-    pub lr: f64,
-    /// Local batch size (both modes).
-    #[arg(long, default_value_t = 16)]
-    pub batch: u32,
+    #[command(flatten)]
+    pub local: super::LocalArgs,
     /// Epochs of the upper-bound teacher over all training data.
     #[arg(long, default_value_t = 12)]
     pub upper_epochs: usize,
@@ -169,9 +160,9 @@ pub fn run(rt: &tokio::runtime::Runtime, args: &CoevolutionArgs) -> Result<()> {
             "server_labelled_writers": args.split.server_labelled,
             "server_unlabelled_writers": args.split.server_unlabelled,
             "client_writers": split.clients.len(),
-            "local_epochs": args.local_epochs,
-            "lr": args.lr,
-            "batch": args.batch,
+            "local_epochs": args.local.local_epochs,
+            "lr": args.local.lr,
+            "batch": args.local.batch,
             "upper_epochs": args.upper_epochs,
             "coevolution": serde_json::to_value(&coevolution)?,
             "command": std::env::args().collect::<Vec<_>>().join(" "),
@@ -386,13 +377,7 @@ fn fleet_run(
 ) -> Result<Vec<RoundReport>> {
     let out: &Path = &args.out.join(name);
     let n = split.clients.len();
-    let bar = ProgressBar::new(args.rounds);
-    bar.set_style(
-        ProgressStyle::with_template(&format!(
-            "[{name}] round {{pos}}/{{len}} [{{bar:30}}] {{msg}} {{elapsed}}"
-        ))
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let bar = super::round_bar(name, args.rounds);
     let run = FleetRun {
         fleet: "bench",
         out,
@@ -405,23 +390,8 @@ fn fleet_run(
     let reports = rt.block_on(run_fleet(
         run,
         |cfg| {
-            cfg.rounds = args.rounds;
-            cfg.mode = mode;
+            super::fleet_config(cfg, split, mode, args.rounds, 900, &args.local);
             cfg.coevolution = coevolution.clone();
-            cfg.server_data = split.roles.clone();
-            cfg.round = RoundPolicy {
-                quorum: (n as u32).div_ceil(2),
-                timeout_s: 900,
-                below_quorum: BelowQuorum::Extend,
-                max_extensions: 1,
-            };
-            cfg.task = TaskConfig {
-                epochs: args.local_epochs,
-                batch_size: args.batch,
-                lr: args.lr,
-                momentum: 0.9,
-                prox_mu: 0.0,
-            };
         },
         |c| match mode {
             Mode::Coevolve => c.with_server_data(server),

@@ -7,6 +7,66 @@ pub mod robustness;
 pub mod split;
 
 use anyhow::Result;
+use coevo_coordinator::coevolve::Mode;
+use coevo_coordinator::config::{BelowQuorum, RoundPolicy, TaskConfig};
+use coevo_coordinator::CoordinatorConfig;
+use indicatif::{ProgressBar, ProgressStyle};
+use split::BenchSplit;
+
+/// Local training flags shared by the benches, with the same defaults, so their figures
+/// compare.
+#[derive(Clone, Debug, clap::Args)]
+pub struct LocalArgs {
+    /// Local epochs per round.
+    #[arg(long, default_value_t = 2)]
+    pub local_epochs: u32,
+    /// Local learning rate (SGD, momentum 0.9).
+    #[arg(long, default_value_t = 0.05)]
+    pub lr: f64,
+    /// Local batch size.
+    #[arg(long, default_value_t = 16)]
+    pub batch: u32,
+}
+
+/// The coordinator settings every bench fleet shares: rounds, mode, the split's server roles,
+/// a half-fleet quorum with one deadline extension, and the local training task.
+pub fn fleet_config(
+    c: &mut CoordinatorConfig,
+    split: &BenchSplit,
+    mode: Mode,
+    rounds: u64,
+    timeout_s: u64,
+    local: &LocalArgs,
+) {
+    c.rounds = rounds;
+    c.mode = mode;
+    c.server_data = split.roles.clone();
+    c.round = RoundPolicy {
+        quorum: (split.clients.len() as u32).div_ceil(2),
+        timeout_s,
+        below_quorum: BelowQuorum::Extend,
+        max_extensions: 1,
+    };
+    c.task = TaskConfig {
+        epochs: local.local_epochs,
+        batch_size: local.batch,
+        lr: local.lr,
+        momentum: 0.9,
+        prox_mu: 0.0,
+    };
+}
+
+/// A progress bar over one fleet run's rounds.
+pub fn round_bar(name: &str, rounds: u64) -> ProgressBar {
+    let bar = ProgressBar::new(rounds);
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "[{name}] round {{pos}}/{{len}} [{{bar:30}}] {{msg}} {{elapsed}}"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
 
 /// The benches.
 #[derive(Debug, clap::Subcommand)]

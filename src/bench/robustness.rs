@@ -15,11 +15,9 @@ use super::write_json;
 use crate::demo::{run_fleet_with, FleetRun};
 use anyhow::{bail, Context, Result};
 use coevo_coordinator::coevolve::{CoevolutionConfig, Mode};
-use coevo_coordinator::config::{BelowQuorum, RoundPolicy, TaskConfig};
 use coevo_coordinator::strategy::StrategyConfig;
 use coevo_coordinator::{RoundEvent, RoundReport};
 use coevo_edge::Attack;
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::Serialize;
@@ -85,15 +83,8 @@ pub struct RobustnessArgs {
     /// the teacher's pretraining in every run).
     #[arg(long, value_enum, default_value_t = RunMode::Fedavg)]
     pub mode: RunMode,
-    /// Local epochs per round (every run; the same as `coevo bench coevolution`).
-    #[arg(long, default_value_t = 2)]
-    pub local_epochs: u32,
-    /// Local learning rate (SGD, momentum 0.9).
-    #[arg(long, default_value_t = 0.05)]
-    pub lr: f64,
-    /// Local batch size.
-    #[arg(long, default_value_t = 16)]
-    pub batch: u32,
+    #[command(flatten)]
+    pub local: super::LocalArgs,
     /// Factor of the scaling attack.
     #[arg(long, default_value_t = 10.0)]
     pub scale: f32,
@@ -407,9 +398,9 @@ pub fn run(rt: &tokio::runtime::Runtime, args: &RobustnessArgs) -> Result<()> {
         settings: serde_json::json!({
             "server_labelled_writers": args.split.server_labelled,
             "server_unlabelled_writers": args.split.server_unlabelled,
-            "local_epochs": args.local_epochs,
-            "lr": args.lr,
-            "batch": args.batch,
+            "local_epochs": args.local.local_epochs,
+            "lr": args.local.lr,
+            "batch": args.local.batch,
             "scale_factor": args.scale,
             "noise_relative_std": args.noise,
             "round_timeout_s": args.round_timeout,
@@ -496,13 +487,7 @@ fn fleet_run(
     let name = format!("{}/{attack_name}", kind.name());
     let out = args.out.join(kind.name()).join(attack_name);
     let n = split.clients.len();
-    let bar = ProgressBar::new(args.rounds);
-    bar.set_style(
-        ProgressStyle::with_template(&format!(
-            "[{name}] round {{pos}}/{{len}} [{{bar:30}}] {{msg}} {{elapsed}}"
-        ))
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let bar = super::round_bar(&name, args.rounds);
     let server = split.server_data();
     let mode = match args.mode {
         RunMode::Fedavg => Mode::Fedavg,
@@ -519,24 +504,9 @@ fn fleet_run(
             seed: args.split.seed,
         },
         |c| {
-            c.rounds = args.rounds;
-            c.mode = mode;
+            super::fleet_config(c, split, mode, args.rounds, timeout_s, &args.local);
             c.aggregation = cfg.clone();
             c.coevolution = CoevolutionConfig::default();
-            c.server_data = split.roles.clone();
-            c.round = RoundPolicy {
-                quorum: (n as u32).div_ceil(2),
-                timeout_s,
-                below_quorum: BelowQuorum::Extend,
-                max_extensions: 1,
-            };
-            c.task = TaskConfig {
-                epochs: args.local_epochs,
-                batch_size: args.batch,
-                lr: args.lr,
-                momentum: 0.9,
-                prox_mu: 0.0,
-            };
         },
         |c| match mode {
             Mode::Coevolve => c.with_server_data(server),
