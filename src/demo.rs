@@ -224,6 +224,8 @@ pub async fn run_fleet_with(
             connect_timeout_s: 30,
             ca_cert: None,
         },
+        // Co-evolution needs server data, which only `prepare` can hand over: callers opt in.
+        mode: coevo_coordinator::coevolve::Mode::Fedavg,
         ..CoordinatorConfig::default()
     };
     configure(&mut cfg);

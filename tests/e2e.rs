@@ -133,6 +133,7 @@ async fn two_rounds_with_attacks_rejected() {
             below_quorum: BelowQuorum::Skip,
             max_extensions: 0,
         },
+        mode: coevo_coordinator::coevolve::Mode::Fedavg,
         ..CoordinatorConfig::default()
     };
     let coordinator = Coordinator::new(cfg, fleet.coordinator_key.clone(), data.test).unwrap();

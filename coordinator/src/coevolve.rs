@@ -17,9 +17,10 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Student-only federated averaging: the classic baseline.
-    #[default]
     Fedavg,
-    /// Teacher ⇄ student co-evolution: distil before each round, fuse after it.
+    /// Teacher ⇄ student co-evolution: distil before each round, fuse after it. The default:
+    /// it is what coevo is for (the server keeps `[server_data]` of its dataset).
+    #[default]
     Coevolve,
 }
 

@@ -329,6 +329,7 @@ mod tests {
         assert_eq!(sample.round.timeout_s, d.round.timeout_s);
         assert_eq!(sample.task.lr, d.task.lr);
         assert_eq!(sample.coevolution, d.coevolution);
+        assert_eq!(sample.mode, d.mode);
         assert_eq!(sample.aggregation, d.aggregation);
     }
 

@@ -109,6 +109,7 @@ pub fn coordinator_config(
             below_quorum: BelowQuorum::Skip,
             max_extensions: 0,
         },
+        mode: coevo_coordinator::coevolve::Mode::Fedavg,
         ..CoordinatorConfig::default()
     }
 }
