@@ -774,35 +774,11 @@ pub fn render(s: &Summary, strategies: &[StrategyKind], attacks: &[AttackKind]) 
             .iter()
             .find(|r| r.strategy == strategy && r.attack == attack)
     };
-    let _ = write!(t, "| strategy | clean |");
-    for a in attacks {
-        let _ = write!(t, " {} |", a.name());
-    }
-    let _ = write!(t, "\n|---|---:|");
-    for _ in attacks {
-        let _ = write!(t, "---:|");
-    }
-    t.push('\n');
-    for k in strategies {
-        let _ = write!(
-            t,
-            "| {} | {} |",
-            k.name(),
-            acc(cell(k.name(), "clean").and_then(|r| r.student_accuracy))
-        );
-        for a in attacks {
-            let r = cell(k.name(), a.name());
-            let _ = write!(
-                t,
-                " {} ({}) |",
-                acc(r.and_then(|r| r.student_accuracy)),
-                points(r.and_then(|r| r.student_delta_vs_clean))
-            );
-        }
-        t.push('\n');
-    }
-    if s.mode == "coevolve" {
-        let _ = write!(t, "\nteacher:\n\n| strategy | clean |");
+    // One strategy × attack table of a model's final accuracy (Δ vs the rule's clean run).
+    let model_table = |t: &mut String,
+                       accuracy: fn(&RunSummary) -> Option<f64>,
+                       delta: fn(&RunSummary) -> Option<f64>| {
+        let _ = write!(t, "| strategy | clean |");
         for a in attacks {
             let _ = write!(t, " {} |", a.name());
         }
@@ -812,23 +788,24 @@ pub fn render(s: &Summary, strategies: &[StrategyKind], attacks: &[AttackKind]) 
         }
         t.push('\n');
         for k in strategies {
-            let _ = write!(
-                t,
-                "| {} | {} |",
-                k.name(),
-                acc(cell(k.name(), "clean").and_then(|r| r.teacher_accuracy))
-            );
+            let clean = cell(k.name(), "clean").and_then(accuracy);
+            let _ = write!(t, "| {} | {} |", k.name(), acc(clean));
             for a in attacks {
                 let r = cell(k.name(), a.name());
                 let _ = write!(
                     t,
                     " {} ({}) |",
-                    acc(r.and_then(|r| r.teacher_accuracy)),
-                    points(r.and_then(|r| r.teacher_delta_vs_clean))
+                    acc(r.and_then(accuracy)),
+                    points(r.and_then(delta))
                 );
             }
             t.push('\n');
         }
+    };
+    model_table(&mut t, |r| r.student_accuracy, |r| r.student_delta_vs_clean);
+    if s.mode == "coevolve" {
+        let _ = write!(t, "\nteacher:\n\n");
+        model_table(&mut t, |r| r.teacher_accuracy, |r| r.teacher_delta_vs_clean);
     }
     let _ = writeln!(
         t,
