@@ -488,9 +488,7 @@ fn demo(rt: &tokio::runtime::Runtime, opts: &coevo::demo::DemoOptions) -> Result
                 r.registered,
                 r.rejected.len(),
                 r.student.test_accuracy.unwrap_or(f64::NAN),
-                r.teacher
-                    .test_accuracy
-                    .map_or_else(|| "-".to_string(), |a| format!("{a:.4}")),
+                coevo::table::acc(r.teacher.test_accuracy),
                 r.bytes_up,
                 r.bytes_down,
                 r.duration_ms as f64 / 1000.0

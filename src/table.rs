@@ -3,7 +3,8 @@
 use coevo_coordinator::RoundReport;
 use std::fmt::Write;
 
-fn acc(a: Option<f64>) -> String {
+/// An accuracy for tables and progress lines: 4 decimals, `-` when there is none.
+pub fn acc(a: Option<f64>) -> String {
     a.map_or_else(|| "-".to_string(), |v| format!("{v:.4}"))
 }
 

@@ -72,6 +72,21 @@ impl Default for CoevolutionConfig {
     }
 }
 
+impl CoevolutionConfig {
+    /// The teacher's supervised recipe: its pretraining on the labelled set, and the benches'
+    /// upper bound on all data, so the two bounds differ only in data and epochs.
+    pub fn teacher_training(&self, epochs: usize, seed: u64) -> TrainConfig {
+        TrainConfig {
+            epochs,
+            batch_size: 32,
+            lr: self.pretrain_lr,
+            momentum: 0.9,
+            prox_mu: 0.0,
+            seed,
+        }
+    }
+}
+
 /// What the teacher loop did in a round, for the report.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CoevolutionReport {
@@ -126,14 +141,7 @@ impl TeacherLoop {
 
     /// Trains the teacher on the labelled set: where it starts (the lower bound).
     pub fn pretrain(&mut self, seed: u64) -> Result<Evaluation, CoordinatorError> {
-        let cfg = TrainConfig {
-            epochs: self.cfg.pretrain_epochs,
-            batch_size: 32,
-            lr: self.cfg.pretrain_lr,
-            momentum: 0.9,
-            prox_mu: 0.0,
-            seed,
-        };
+        let cfg = self.cfg.teacher_training(self.cfg.pretrain_epochs, seed);
         train(&self.teacher, &self.teacher_vs, &self.data.labelled, &cfg)?;
         Ok(evaluate(&self.teacher, &self.data.validation, 512))
     }

@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use coevo_coordinator::coevolve::{CoevolutionConfig, Mode, TeacherLoop};
 use coevo_coordinator::{RoundEvent, RoundReport};
 use coevo_models::distill::GuardOutcome;
-use coevo_models::train::{evaluate, train, TrainConfig};
+use coevo_models::train::{evaluate, train};
 use coevo_models::Teacher;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -199,7 +199,7 @@ pub fn run(rt: &tokio::runtime::Runtime, args: &CoevolutionArgs) -> Result<()> {
             split.train_all.len(),
             args.upper_epochs
         );
-        let upper = upper_bound(&split, args.upper_epochs, args.split.seed)?;
+        let upper = upper_bound(&split, &coevolution, args.upper_epochs, args.split.seed)?;
         println!(
             "[bounds] upper_bound {upper:.4}  ({:.0} s)",
             t.elapsed().as_secs_f64()
@@ -334,7 +334,7 @@ fn finish(s: &mut Summary) {
 }
 
 fn print_table(s: &Summary) {
-    let f = |x: Option<f64>| x.map_or_else(|| "-".to_string(), |v| format!("{v:.4}"));
+    let f = crate::table::acc;
     println!(
         "\n| lower bound | upper bound | fedavg student | coevolve teacher | coevolve student | gap_closed |"
     );
@@ -352,18 +352,16 @@ fn print_table(s: &Summary) {
 }
 
 /// The upper bound: the same teacher trained centrally on every training sample of the split.
-fn upper_bound(split: &BenchSplit, epochs: usize, seed: u64) -> Result<f64> {
+fn upper_bound(
+    split: &BenchSplit,
+    coevolution: &CoevolutionConfig,
+    epochs: usize,
+    seed: u64,
+) -> Result<f64> {
     tch::manual_seed(seed as i64);
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
     let teacher = Teacher::new(&vs.root(), &split.shape);
-    let cfg = TrainConfig {
-        epochs,
-        batch_size: 32,
-        lr: CoevolutionConfig::default().pretrain_lr,
-        momentum: 0.9,
-        prox_mu: 0.0,
-        seed,
-    };
+    let cfg = coevolution.teacher_training(epochs, seed);
     train(&teacher, &vs, &split.train_all, &cfg)?;
     Ok(evaluate(&teacher, &split.test, 512).accuracy)
 }
@@ -409,7 +407,7 @@ fn fleet_run(
                 bar.suspend(|| println!("[{name}] rejected {client}: {reason}"))
             }
             RoundEvent::Finished(r) => {
-                let acc = |x: Option<f64>| x.map_or_else(|| "-".to_string(), |v| format!("{v:.4}"));
+                let acc = crate::table::acc;
                 bar.suspend(|| {
                     println!(
                         "[{name}] round {:>3}/{}  {}  student {}  teacher {}  {:.1}s",

@@ -13,6 +13,7 @@
 use super::split::{BenchSplit, SplitArgs};
 use super::write_json;
 use crate::demo::{run_fleet_with, FleetRun};
+use crate::table::acc;
 use anyhow::{bail, Context, Result};
 use coevo_coordinator::coevolve::{CoevolutionConfig, Mode};
 use coevo_coordinator::strategy::StrategyConfig;
@@ -550,10 +551,6 @@ fn fleet_run(
 
 fn ids_of(split: &BenchSplit) -> Vec<String> {
     split.clients.iter().map(|(id, _)| id.clone()).collect()
-}
-
-fn acc(x: Option<f64>) -> String {
-    x.map_or_else(|| "-".to_string(), |v| format!("{v:.4}"))
 }
 
 /// Accuracy change in points (1 point = 0.01), signed.
