@@ -197,7 +197,9 @@ fn main() -> Result<()> {
                 test = test.subset(&idx);
             }
             let out = cfg.out.clone();
-            let server = if cfg.mode == coevo_coordinator::coevolve::Mode::Coevolve {
+            let server = if cfg.mode == coevo_coordinator::coevolve::Mode::Coevolve
+                || cfg.aggregation.needs_reference()
+            {
                 let (server, _) = coevo_coordinator::coevolve::split_server_data(
                     &split.train,
                     &cfg.server_data,

@@ -8,7 +8,8 @@ pub fn acc(a: Option<f64>) -> String {
     a.map_or_else(|| "-".to_string(), |v| format!("{v:.4}"))
 }
 
-fn bytes(b: u64) -> String {
+/// A byte count for tables: bytes below 10 KiB, then KiB, then MiB (one decimal).
+pub fn bytes(b: u64) -> String {
     match b {
         b if b >= 10 * 1024 * 1024 => format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0)),
         b if b >= 10 * 1024 => format!("{:.1} KiB", b as f64 / 1024.0),

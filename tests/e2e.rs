@@ -16,7 +16,7 @@ use coevo_models::{DataShape, WeightCodec as ModelCodec, Weights};
 use coevo_mqtt::{Incoming, Session, Settings};
 use coevo_protocol::envelope::{self, Kind};
 use coevo_protocol::{
-    digest, DeltaChunk, DeltaHeader, LocalMetrics, Signed, SigningKey, Topic, WeightCodec,
+    digest, DeltaChunk, DeltaHeader, DownlinkCodec, LocalMetrics, Signed, SigningKey, Topic,
 };
 use std::time::Duration;
 
@@ -134,6 +134,11 @@ async fn two_rounds_with_attacks_rejected() {
             max_extensions: 0,
         },
         mode: coevo_coordinator::coevolve::Mode::Fedavg,
+        // Small uploads: mallory's forged deltas below fit in one chunk.
+        transfer: coevo_coordinator::config::TransferConfig {
+            uplink_codec: coevo_protocol::UplinkCodec::Int8,
+            ..Default::default()
+        },
         ..CoordinatorConfig::default()
     };
     let coordinator = Coordinator::new(cfg, fleet.coordinator_key.clone(), data.test).unwrap();
@@ -161,8 +166,10 @@ async fn two_rounds_with_attacks_rejected() {
             RoundEvent::Started { round: 2, .. } => {
                 assert!(!captured.is_empty(), "observed cam-0's round-1 delta");
                 let layout = round1_model.as_ref().unwrap();
-                let payload = layout.zeros_like().encode(ModelCodec::F32Zstd).unwrap();
-                let base = digest(&layout.encode(ModelCodec::F32Zstd).unwrap());
+                let payload = coevo_protocol::UplinkCodec::Int8
+                    .encode(&layout.zeros_like().to_named())
+                    .unwrap();
+                let base = digest(&layout.encode_model(DownlinkCodec::F16).unwrap());
                 let header = |len: u64, key: &SigningKey, id: &str| {
                     let h = DeltaHeader {
                         fleet: FLEET.into(),
@@ -171,7 +178,7 @@ async fn two_rounds_with_attacks_rejected() {
                         base_digest: base,
                         samples: 100,
                         metrics: LocalMetrics::default(),
-                        codec: WeightCodec::F32Zstd,
+                        codec: coevo_protocol::UplinkCodec::Int8,
                         payload_digest: digest(&payload),
                         payload_len: len,
                         chunks: 1,
@@ -204,6 +211,18 @@ async fn two_rounds_with_attacks_rejected() {
                 ];
                 // 4. cam-0's real round-1 delta, replayed verbatim into round 2
                 attacks.extend(captured.iter().cloned());
+                // 5. a message far over the chunk size, yet under the broker's payload limit:
+                //    the coordinator must read it and reject it, not lose its connection
+                //    (a persistent session would be handed the same message again and again).
+                attacks.push((
+                    Topic::DeltaChunk {
+                        client: "mallory".into(),
+                        round: 2,
+                        index: 0,
+                    }
+                    .path(FLEET),
+                    vec![0x5a; 1_000_000],
+                ));
                 for (topic, bytes) in attacks {
                     mallory.publish(topic, bytes, false).await.unwrap();
                 }
@@ -265,5 +284,6 @@ async fn two_rounds_with_attacks_rejected() {
     assert!(has("mallory", "length-mismatch"), "{rejected:?}");
     assert!(has("intruder", "unknown-client"), "{rejected:?}");
     assert!(has("cam-0", "wrong-round"), "{rejected:?}");
-    assert_eq!(rejected.len(), 4, "{rejected:?}");
+    assert!(has("mallory", "malformed"), "{rejected:?}");
+    assert_eq!(rejected.len(), 5, "{rejected:?}");
 }

@@ -326,7 +326,7 @@ fn upload_chunks(
         base_digest: base,
         samples,
         metrics: LocalMetrics::default(),
-        codec: WeightCodec::F32,
+        codec: UplinkCodec::F32,
         payload_digest: digest(full),
         payload_len: full.len() as u64,
         chunks: parts.len() as u32,
@@ -371,7 +371,7 @@ async fn duplicated_reordered_and_truncated_chunks() {
     let out = dir.path().join("out");
     let mut cfg = coordinator_config(&fleet, addr, out.clone(), 1);
     cfg.transfer.chunk_size = 4096;
-    cfg.transfer.uplink_codec = coevo_protocol::WeightCodec::F32;
+    cfg.transfer.uplink_codec = coevo_protocol::UplinkCodec::F32;
     cfg.round.quorum = 2;
     cfg.round.timeout_s = 8;
     let downlink = cfg.transfer.downlink_codec;
@@ -396,14 +396,16 @@ async fn duplicated_reordered_and_truncated_chunks() {
                 let base =
                     Weights::decode(&std::fs::read(base_path).unwrap(), ModelCodec::F32, 1 << 26)
                         .unwrap();
-                let base_digest = coevo_protocol::digest(&base.encode(downlink).unwrap());
+                let base_digest = coevo_protocol::digest(&base.encode_model(downlink).unwrap());
                 let mut delta = base.zeros_like();
                 for t in delta.tensors.values_mut() {
                     for (j, v) in t.data.iter_mut().enumerate() {
                         *v = ((j % 7) as f32 - 3.0) * 1e-3;
                     }
                 }
-                let full = delta.encode(ModelCodec::F32).unwrap();
+                let full = coevo_protocol::UplinkCodec::F32
+                    .encode(&delta.to_named())
+                    .unwrap();
                 let parts: Vec<Vec<u8>> = full.chunks(4096).map(<[u8]>::to_vec).collect();
                 let n = parts.len();
                 assert!(n > 50, "the delta spans many chunks ({n})");
@@ -472,8 +474,8 @@ async fn twenty_megabyte_model_through_one_mebibyte_packets() {
     let data = synthetic(40, 20, shape, 15);
     let out = dir.path().join("out");
     let mut cfg = coordinator_config(&fleet, addr, out.clone(), 1);
-    cfg.transfer.downlink_codec = coevo_protocol::WeightCodec::F32;
-    cfg.transfer.uplink_codec = coevo_protocol::WeightCodec::F32;
+    cfg.transfer.downlink_codec = coevo_protocol::DownlinkCodec::F32;
+    cfg.transfer.uplink_codec = coevo_protocol::UplinkCodec::F32;
     let coordinator = Coordinator::new(
         cfg,
         fleet.coordinator_key.clone(),

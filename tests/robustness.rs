@@ -7,6 +7,7 @@
 mod common;
 
 use coevo::demo::{run_fleet_with, FleetRun};
+use coevo_coordinator::coevolve::ServerData;
 use coevo_coordinator::config::{BelowQuorum, RoundPolicy};
 use coevo_coordinator::strategy::StrategyConfig;
 use coevo_coordinator::RoundReport;
@@ -23,6 +24,17 @@ const NAN: &str = "cam-5";
 
 /// Two median rounds of the 6-client fleet in `out`, with the attackers on or off.
 async fn run(data: &DataSplit, out: &Path, attackers: bool) -> Vec<RoundReport> {
+    run_with(data, out, attackers, StrategyConfig::Median, None).await
+}
+
+/// Two rounds of the 6-client fleet under `strategy`, with `server` data for the coordinator.
+async fn run_with(
+    data: &DataSplit,
+    out: &Path,
+    attackers: bool,
+    strategy: StrategyConfig,
+    server: Option<ServerData>,
+) -> Vec<RoundReport> {
     let parts = partition(
         &data.train.labels_vec(),
         None,
@@ -45,7 +57,7 @@ async fn run(data: &DataSplit, out: &Path, attackers: bool) -> Vec<RoundReport> 
         },
         |c| {
             c.rounds = ROUNDS;
-            c.aggregation = StrategyConfig::Median;
+            c.aggregation = strategy;
             // The NaN client is never accepted, so attacked rounds close at the deadline once
             // the 5 others are in; the extensions absorb a loaded machine.
             c.round = RoundPolicy {
@@ -55,7 +67,10 @@ async fn run(data: &DataSplit, out: &Path, attackers: bool) -> Vec<RoundReport> 
                 max_extensions: 3,
             };
         },
-        |c| c,
+        |c| match server {
+            Some(s) => c.with_server_data(s),
+            None => c,
+        },
         |o| {
             o.attack = match o.client_id.as_str() {
                 SIGN_FLIP if attackers => Some(Attack::SignFlip),
@@ -121,4 +136,70 @@ async fn median_outvotes_a_sign_flip_and_nan_is_rejected() {
         attacked_acc >= clean_acc - 0.1,
         "median under attack {attacked_acc} vs clean {clean_acc}"
     );
+}
+
+/// FLTrust through the whole stack: the coordinator trains its reference delta on its own
+/// labelled data every round, and the sign-flipped delta, pointing away from it, is excluded as
+/// `untrusted` while every honest one is merged. Without server data the coordinator refuses to
+/// start rather than aggregate without a reference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fltrust_excludes_a_sign_flip_by_the_servers_reference() {
+    common::init_logs();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = synthetic(1200, 300, common::SHAPE, 21);
+
+    let fleet = common::fleet(&dir.path().join("fleet"), 2);
+    let mut cfg = common::coordinator_config(
+        &fleet,
+        "127.0.0.1:1".parse().expect("addr"),
+        dir.path().join("refused"),
+        1,
+    );
+    cfg.aggregation = StrategyConfig::FlTrust;
+    let refused = coevo_coordinator::Coordinator::new(
+        cfg,
+        fleet.coordinator_key.clone(),
+        data.test.shallow_clone(),
+    )
+    .expect("config is valid")
+    .run(std::future::pending())
+    .await;
+    let err = refused
+        .expect_err("no server data, no reference")
+        .to_string();
+    assert!(err.contains("server_data"), "{err}");
+
+    // The server's labelled set: a class-balanced slice the clients also hold (synthetic data).
+    let idx: Vec<usize> = (0..200).collect();
+    let server = ServerData {
+        labelled: data.train.subset(&idx),
+        unlabelled: data.train.subset(&idx),
+        validation: data.test.subset(&idx[..50]),
+    };
+    let reports = run_with(
+        &data,
+        &dir.path().join("fltrust"),
+        true,
+        StrategyConfig::FlTrust,
+        Some(server),
+    )
+    .await;
+    for r in &reports {
+        assert_eq!(r.strategy, "fltrust");
+        assert_eq!(r.outcome, "completed", "round {}", r.round);
+        let excluded: Vec<(&str, &str)> = r
+            .excluded
+            .iter()
+            .map(|x| (x.client.as_str(), x.reason.as_str()))
+            .collect();
+        assert_eq!(
+            excluded,
+            vec![(SIGN_FLIP, "untrusted")],
+            "round {}",
+            r.round
+        );
+        assert_eq!(r.accepted, CLIENTS - 1, "round {}", r.round);
+    }
+    let acc = final_accuracy(&reports);
+    assert!(acc > 0.5, "fltrust under attack only reached {acc}");
 }

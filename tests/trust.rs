@@ -33,7 +33,7 @@ async fn forged_manifest_is_never_trained_on() {
         model: ModelRef {
             digest: digest(&model),
             size: model.len() as u64,
-            codec: WeightCodec::F32,
+            codec: DownlinkCodec::F32,
             chunks: 1,
             arch: ModelArch {
                 name: "student-cnn-v1".into(),
@@ -50,7 +50,7 @@ async fn forged_manifest_is_never_trained_on() {
             momentum: 0.9,
             prox_mu: 0.0,
         },
-        uplink_codec: WeightCodec::F32,
+        uplink_codec: UplinkCodec::F32,
         max_delta_bytes: 1 << 24,
         chunk_size: 1 << 18,
         deadline_unix_ms: u64::MAX,

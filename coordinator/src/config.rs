@@ -2,7 +2,7 @@
 //! `coordinator.sample.toml` documents them for operators.
 
 use crate::CoordinatorError;
-use coevo_protocol::WeightCodec;
+use coevo_protocol::{DownlinkCodec, UplinkCodec};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -208,8 +208,13 @@ impl Default for TaskConfig {
 pub struct TransferConfig {
     /// Chunk size for model and delta payloads, bytes.
     pub chunk_size: u32,
-    pub downlink_codec: WeightCodec,
-    pub uplink_codec: WeightCodec,
+    /// How the student is broadcast: `f32`, `f16` (default: half the bytes, error below
+    /// 2⁻¹¹ relative) or `int8` (affine per output channel). Clients train from the weights as
+    /// decoded and the coordinator merges onto that same base, so the rounding never drifts.
+    pub downlink_codec: DownlinkCodec,
+    /// How clients send deltas: `f32` (default), `int8`, `top-k:ρ` (the ⌈ρ·n⌉ largest entries,
+    /// with error feedback) or `top-k:ρ:no-ef`. Carried in every signed manifest.
+    pub uplink_codec: UplinkCodec,
     /// Largest delta payload accepted, bytes.
     pub max_delta_bytes: u64,
     /// Seconds after which an upload still missing chunks is dropped (the client re-sends).
@@ -220,8 +225,8 @@ impl Default for TransferConfig {
     fn default() -> Self {
         TransferConfig {
             chunk_size: coevo_protocol::DEFAULT_CHUNK_SIZE as u32,
-            downlink_codec: WeightCodec::F32Zstd,
-            uplink_codec: WeightCodec::F32Zstd,
+            downlink_codec: DownlinkCodec::F16,
+            uplink_codec: UplinkCodec::F32,
             max_delta_bytes: 64 * 1024 * 1024,
             stale_transfer_s: 120,
         }

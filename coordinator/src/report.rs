@@ -36,7 +36,11 @@ pub struct ClientReport {
     pub local_loss: f64,
     pub local_accuracy: f64,
     pub train_ms: u64,
+    /// Delta payload bytes this client sent (as encoded with the round's uplink codec).
     pub bytes_up: u64,
+    /// Model payload bytes this client was sent (the round's encoded student).
+    #[serde(default)]
+    pub bytes_down: u64,
     pub delta_norm: f64,
 }
 
@@ -58,9 +62,10 @@ pub struct RoundReport {
     pub model_digest: String,
     pub uplink_codec: String,
     pub downlink_codec: String,
-    /// Model bytes published once (retained) for the round.
+    /// Model payload bytes for the whole fleet: the encoded student × registered clients (each
+    /// fetches the retained model once; MQTT framing not counted).
     pub bytes_down: u64,
-    /// Accepted delta payload bytes.
+    /// Accepted delta payload bytes, summed over clients.
     pub bytes_up: u64,
     pub duration_ms: u64,
     pub phase_ms: PhaseTimings,

@@ -8,7 +8,8 @@ use crate::store::{write_atomic, State, Store};
 use crate::strategy::{build as build_strategy, Aggregation, Update};
 use crate::verify::{verify_signer, verify_upload, RoundContext};
 use crate::CoordinatorError;
-use coevo_models::{train::evaluate, Dataset, Student, Weights};
+use coevo_models::train::{evaluate, train, TrainConfig};
+use coevo_models::{Dataset, Student, Weights};
 use coevo_mqtt::{Incoming, Publish, Session, Settings};
 use coevo_protocol::chunk::{split, Reassembler};
 use coevo_protocol::envelope::{self, Kind};
@@ -21,6 +22,9 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
+
+/// Smallest incoming MQTT packet limit of the coordinator's session (see `run_rounds`).
+const MAX_INCOMING_PACKET: usize = 4 << 20;
 
 /// Architecture name clients must build for the weights in a manifest.
 pub const STUDENT_ARCH: &str = "student-cnn-v1";
@@ -79,6 +83,8 @@ pub struct Coordinator {
     test: Mutex<Option<Dataset>>,
     /// Taken by `run` in coevolve mode.
     server_data: Mutex<Option<ServerData>>,
+    /// The labelled server set, kept (shallowly) for strategies that need a reference delta.
+    reference_data: Mutex<Option<Dataset>>,
     events: Option<mpsc::UnboundedSender<RoundEvent>>,
 }
 
@@ -102,12 +108,17 @@ impl Coordinator {
             key,
             test: Mutex::new(Some(test)),
             server_data: Mutex::new(None),
+            reference_data: Mutex::new(None),
             events: None,
         })
     }
 
-    /// The server's labelled, unlabelled and validation data (needed in coevolve mode).
+    /// The server's labelled, unlabelled and validation data (needed in coevolve mode and by
+    /// strategies with a reference delta, which train on the labelled part).
     pub fn with_server_data(self, data: ServerData) -> Self {
+        if let Ok(mut d) = self.reference_data.lock() {
+            *d = Some(data.labelled.shallow_clone());
+        }
         if let Ok(mut d) = self.server_data.lock() {
             *d = Some(data);
         }
@@ -149,6 +160,15 @@ impl Coordinator {
             .as_deref()
             .map(coevo_mqtt::ClientTls::from_ca_file)
             .transpose()?;
+        if cfg.aggregation.needs_reference()
+            && !self.reference_data.lock().is_ok_and(|d| d.is_some())
+        {
+            return Err(CoordinatorError::Config(
+                "the fltrust strategy trains a reference delta on the server's labelled data: \
+                 configure [server_data]"
+                    .into(),
+            ));
+        }
         let store = Store::new(&cfg.out);
         let state = store.load_state()?;
         let test = self
@@ -203,7 +223,14 @@ impl Coordinator {
         // only once it is durably on disk, so a crash before that makes the broker re-deliver.
         settings.clean_session = false;
         settings.manual_acks = true;
-        settings.max_packet_bytes = cfg.transfer.chunk_size as usize + 64 * 1024;
+        // Room for any message a broker lets through (embedded: 4 chunks + 64 KiB; the
+        // Mosquitto export: 2 MiB), not just for a well-formed chunk: rumqttc drops the
+        // connection on a packet over this limit, and with a persistent session the broker
+        // hands the same message over again on every reconnect — one oversized publish by any
+        // client would cut the coordinator off for good. Oversized chunks are rejected by the
+        // envelope decoder instead, with a reason.
+        settings.max_packet_bytes =
+            (cfg.transfer.chunk_size as usize + 64 * 1024).max(MAX_INCOMING_PACKET);
         let mut session = Session::start(&settings, vec![Topic::all_deltas_filter(&cfg.fleet)]);
         wait_connected(&mut session, &cfg).await?;
 
@@ -276,10 +303,17 @@ impl Coordinator {
                 }
             }
         }
-        let round_base = global.clone();
 
-        // 1. Publish the model (retained chunks) and the signed manifest.
-        let model_bytes = global.encode(cfg.transfer.downlink_codec)?;
+        // 1. Publish the model (retained chunks) and the signed manifest. Clients train from
+        //    the model as they decode it, so the round's base is that decoded model: deltas are
+        //    merged onto exactly what they were computed against, and the downlink's rounding
+        //    is never silently added to the next round's error.
+        let model_bytes = global.encode_model(cfg.transfer.downlink_codec)?;
+        let undecoded = std::mem::replace(
+            global,
+            Weights::decode_model(&model_bytes, cfg.transfer.downlink_codec, global)?,
+        );
+        let round_base = global.clone();
         let model_digest = digest(&model_bytes);
         let chunk_size = cfg.transfer.chunk_size as usize;
         let chunks = split(&model_bytes, chunk_size);
@@ -480,11 +514,18 @@ impl Coordinator {
             clipped: Vec::new(),
         };
         let mut outcome = outcome.to_string();
+        let mut merged = false;
         if outcome == "completed" && !updates.is_empty() {
-            match strategy.aggregate(global, &updates) {
+            let reference = if strategy.needs_reference() {
+                Some(self.reference_delta(global, round).await?)
+            } else {
+                None
+            };
+            match strategy.aggregate_with_reference(global, &updates, reference.as_ref()) {
                 Ok(a) => {
                     aggregation = a;
                     *global = std::mem::take(&mut aggregation.weights);
+                    merged = true;
                 }
                 // Too few updates for the rule's guarantee (e.g. Multi-Krum needs 2f+3): keep
                 // the model rather than merge unsafely, and say so in the report.
@@ -494,6 +535,11 @@ impl Coordinator {
                 }
                 Err(e) => return Err(e.into()),
             }
+        }
+        if !merged {
+            // Nothing merged: a skipped round leaves the model exactly as it was, not rounded
+            // through the downlink codec.
+            *global = undecoded;
         }
         // 3b. Coevolve: the teacher learns from the merged student and every client student.
         if let (Some(t), true) = (teacher, outcome == "completed" && !updates.is_empty()) {
@@ -566,6 +612,7 @@ impl Coordinator {
                 local_accuracy: a.header.metrics.accuracy,
                 train_ms: a.header.metrics.train_ms,
                 bytes_up: a.bytes,
+                bytes_down: model_bytes.len() as u64,
                 delta_norm: a.delta.l2_norm(),
             })
             .collect();
@@ -630,6 +677,41 @@ impl Coordinator {
             "round {outcome}"
         );
         Ok((report, (model_digest, chunks.len() as u32)))
+    }
+
+    /// The coordinator's own training step from `base` on its labelled data, with the round's
+    /// task (what an honest client would send if it held the server's data).
+    async fn reference_delta(
+        &self,
+        base: &Weights,
+        round: u64,
+    ) -> Result<Weights, CoordinatorError> {
+        let data = self
+            .reference_data
+            .lock()
+            .ok()
+            .and_then(|d| d.as_ref().map(Dataset::shallow_clone))
+            .ok_or_else(|| CoordinatorError::Config("no server data for the reference".into()))?;
+        let task = &self.cfg.task;
+        let cfg = TrainConfig {
+            epochs: task.epochs as usize,
+            batch_size: task.batch_size as usize,
+            lr: task.lr,
+            momentum: task.momentum,
+            prox_mu: task.prox_mu,
+            seed: self.cfg.seed.wrapping_mul(7_919).wrapping_add(round),
+        };
+        let base = base.clone();
+        tokio::task::spawn_blocking(move || -> Result<Weights, CoordinatorError> {
+            let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
+            let net = Student::new(&vs.root(), &data.shape);
+            base.load_into(&mut vs)?;
+            let start = Weights::from_var_store(&vs);
+            train(&net, &vs, &data, &cfg)?;
+            Ok(Weights::from_var_store(&vs).sub(&start)?)
+        })
+        .await
+        .map_err(|e| CoordinatorError::Io(format!("reference training task: {e}")))?
     }
 
     /// Handles one delta chunk; returns a complete upload when its last chunk arrives.

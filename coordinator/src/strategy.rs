@@ -12,6 +12,7 @@
 //! | [`TrimmedMean`] | unweighted, coordinate-wise | trim count capped so ≥ 1 value is kept |
 //! | [`Median`] | unweighted, coordinate-wise | any n ≥ 1 (even n: mean of the two middle values) |
 //! | [`MultiKrum`] | samples, over the selected updates | [`StrategyError::TooFew`] when n < 2f + 3 |
+//! | [`FlTrust`] | trust = max(0, cos(Δ_k, reference)), every Δ_k scaled to the median norm | any n ≥ 1; needs the coordinator's reference delta |
 //!
 //! Samples are self-reported by clients, so a Byzantine client can inflate its weight in the
 //! samples-weighted rules; the coordinate-wise rules ignore samples entirely.
@@ -73,6 +74,23 @@ pub trait Strategy: Send + Sync {
     /// The new global weights from `base` and the round's accepted `updates`, with per-client
     /// norms and exclusions.
     fn aggregate(&self, base: &Weights, updates: &[Update]) -> Result<Aggregation, StrategyError>;
+
+    /// Whether the rule needs a *reference delta*: the coordinator's own training step from
+    /// `base` on its labelled server data (FLTrust's root dataset).
+    fn needs_reference(&self) -> bool {
+        false
+    }
+
+    /// [`Strategy::aggregate`] with the reference delta, for the rules that need one; the
+    /// others ignore it.
+    fn aggregate_with_reference(
+        &self,
+        base: &Weights,
+        updates: &[Update],
+        _reference: Option<&Weights>,
+    ) -> Result<Aggregation, StrategyError> {
+        self.aggregate(base, updates)
+    }
 }
 
 fn default_multiplier() -> f64 {
@@ -83,7 +101,7 @@ fn default_multiplier() -> f64 {
 ///
 /// ```toml
 /// [strategy]
-/// kind = "multi-krum"   # fedavg | norm-clip | trimmed-mean | median | multi-krum
+/// kind = "multi-krum"   # fedavg | norm-clip | trimmed-mean | median | multi-krum | fltrust
 /// byzantine = 2
 /// ```
 ///
@@ -121,6 +139,10 @@ pub enum StrategyConfig {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         select: Option<usize>,
     },
+    /// FLTrust: weight each delta by its cosine similarity to the coordinator's reference delta
+    /// (negative → excluded), after scaling it to the median delta norm. Needs `[server_data]`.
+    #[serde(rename = "fltrust")]
+    FlTrust,
 }
 
 /// Deserialisation form of [`StrategyConfig`]: serde ignores extra fields next to the tag of a
@@ -143,6 +165,8 @@ enum StrategyConfigRepr {
         #[serde(default)]
         select: Option<usize>,
     },
+    #[serde(rename = "fltrust")]
+    FlTrust {},
 }
 
 impl From<StrategyConfigRepr> for StrategyConfig {
@@ -155,15 +179,21 @@ impl From<StrategyConfigRepr> for StrategyConfig {
             StrategyConfigRepr::MultiKrum { byzantine, select } => {
                 StrategyConfig::MultiKrum { byzantine, select }
             }
+            StrategyConfigRepr::FlTrust {} => StrategyConfig::FlTrust,
         }
     }
 }
 
 impl StrategyConfig {
+    /// Whether the rule needs the coordinator's reference delta, hence server data.
+    pub fn needs_reference(&self) -> bool {
+        matches!(self, StrategyConfig::FlTrust)
+    }
+
     /// Checks parameter ranges; [`build`] strategies also check at aggregation time.
     pub fn validate(&self) -> Result<(), StrategyError> {
         match *self {
-            StrategyConfig::FedAvg | StrategyConfig::Median => Ok(()),
+            StrategyConfig::FedAvg | StrategyConfig::Median | StrategyConfig::FlTrust => Ok(()),
             StrategyConfig::NormClip { multiplier } => {
                 if multiplier.is_finite() && multiplier > 0.0 {
                     Ok(())
@@ -206,6 +236,7 @@ pub fn build(cfg: &StrategyConfig) -> Box<dyn Strategy> {
         StrategyConfig::MultiKrum { byzantine, select } => {
             Box::new(MultiKrum { byzantine, select })
         }
+        StrategyConfig::FlTrust => Box::new(FlTrust),
     }
 }
 
@@ -594,6 +625,127 @@ impl Strategy for MultiKrum {
     }
 }
 
+/// FLTrust (Cao et al., NDSS 2021), with the step size taken from the fleet instead of the
+/// server.
+///
+/// The coordinator trains the round's base model on its own labelled data (the same task a
+/// client runs) and passes the resulting *reference delta* g₀. Each client delta Δ_k gets the
+/// trust score `t_k = max(0, cos(Δ_k, g₀))` and is rescaled to the median client-delta norm;
+/// the new model is `base + Σ t_k · Δ̂_k / Σ t_k`. A delta pointing away from the reference
+/// (sign flip) has trust 0 and is excluded with reason `untrusted`; pure noise is nearly
+/// orthogonal to g₀ and gets almost no weight; a scaled-up delta is scaled back down.
+///
+/// *Why the median norm and not ‖g₀‖ as in the paper*: the server's labelled set is far larger
+/// than one camera's, so its delta is several times longer than any client's and using its norm
+/// would change the fleet's step size with the size of the server's dataset. The median is as
+/// hard to move as the reference while fewer than half of the clients are Byzantine.
+///
+/// Sample counts are ignored (they are self-reported). Deltas with a zero or non-finite norm
+/// get trust 0.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FlTrust;
+
+impl FlTrust {
+    /// Trust scores in input order.
+    fn trust(updates: &[Update], norms: &[(String, f64)], reference: &Weights) -> Vec<f64> {
+        let ref_norm = reference.l2_norm();
+        updates
+            .iter()
+            .zip(norms)
+            .map(|(u, &(_, n))| {
+                if !(n.is_finite() && n > 0.0 && ref_norm.is_finite() && ref_norm > 0.0) {
+                    return 0.0;
+                }
+                let dot: f64 = u
+                    .delta
+                    .tensors
+                    .values()
+                    .zip(reference.tensors.values())
+                    .flat_map(|(a, b)| a.data.iter().zip(&b.data))
+                    .map(|(&x, &y)| f64::from(x) * f64::from(y))
+                    .sum();
+                let cos = dot / (n * ref_norm);
+                if cos.is_finite() {
+                    cos.max(0.0)
+                } else {
+                    0.0
+                }
+            })
+            .collect()
+    }
+}
+
+impl Strategy for FlTrust {
+    fn name(&self) -> &'static str {
+        "fltrust"
+    }
+
+    fn aggregate(&self, base: &Weights, updates: &[Update]) -> Result<Aggregation, StrategyError> {
+        self.aggregate_with_reference(base, updates, None)
+    }
+
+    fn needs_reference(&self) -> bool {
+        true
+    }
+
+    fn aggregate_with_reference(
+        &self,
+        base: &Weights,
+        updates: &[Update],
+        reference: Option<&Weights>,
+    ) -> Result<Aggregation, StrategyError> {
+        let norms = check_updates(base, updates)?;
+        let reference = reference.ok_or_else(|| {
+            StrategyError::Config("fltrust needs the coordinator's reference delta".into())
+        })?;
+        if !reference.same_layout(base) {
+            return Err(StrategyError::Config(
+                "fltrust reference delta has another layout than the model".into(),
+            ));
+        }
+        let trust = Self::trust(updates, &norms, reference);
+        let finite: Vec<f64> = norms
+            .iter()
+            .map(|(_, n)| *n)
+            .filter(|n| n.is_finite())
+            .collect();
+        let target = median_f64(&finite);
+        let total: f64 = trust.iter().sum();
+        let mut weights = base.clone();
+        let mut clipped = Vec::new();
+        if total > 0.0 {
+            for ((u, &(_, n)), &t) in updates.iter().zip(&norms).zip(&trust) {
+                if t > 0.0 {
+                    weights
+                        .add_scaled(&u.delta, (t / total * target / n) as f32)
+                        .map_err(|source| StrategyError::Layout {
+                            client: u.client.clone(),
+                            source,
+                        })?;
+                    if n > target {
+                        clipped.push(u.client.clone());
+                    }
+                }
+            }
+        }
+        let excluded = updates
+            .iter()
+            .zip(&trust)
+            .filter(|(_, &t)| t <= 0.0)
+            .map(|(u, _)| Exclusion {
+                client: u.client.clone(),
+                reason: "untrusted".into(),
+            })
+            .collect();
+        Ok(Aggregation {
+            weights,
+            excluded,
+            norms,
+            clipped,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -629,6 +781,7 @@ mod tests {
                 byzantine: 2,
                 select: None,
             },
+            StrategyConfig::FlTrust,
         ]
     }
 
@@ -1025,6 +1178,22 @@ mod tests {
                 assert_eq!(excluded, vec!["c8", "c9"], "{attack:?}/{seed}");
                 assert!(out.excluded.iter().all(|e| e.reason == "krum-score"));
 
+                // The server's own delta points roughly where the honest ones do.
+                let reference = Weights {
+                    tensors: updates[0].delta.tensors.clone(),
+                };
+                let out = FlTrust
+                    .aggregate_with_reference(&base, &updates, Some(&reference))
+                    .unwrap();
+                let trust = relative_error(&base, &out.weights, &honest);
+                assert!(trust < 0.15, "{attack:?}/{seed}: fltrust {trust}");
+                if let Attack::SignFlip = attack {
+                    let excluded: Vec<&str> =
+                        out.excluded.iter().map(|e| e.client.as_str()).collect();
+                    assert_eq!(excluded, vec!["c8", "c9"], "{seed}");
+                    assert!(out.excluded.iter().all(|e| e.reason == "untrusted"));
+                }
+
                 let (clip, out) = err(&NormClip { multiplier: 1.0 });
                 match attack {
                     // A same-magnitude sign flip passes any norm bound: clipping only caps its
@@ -1054,9 +1223,17 @@ mod tests {
             .map(|i| upd(&format!("c{i}"), 1, &[0.1 * i as f32, 1.0]))
             .collect();
         updates[3] = upd("nan", 1, &[f32::NAN, f32::INFINITY]);
+        let reference = w(&[0.1, 1.0]);
         for cfg in all_configs() {
-            let _ = build(&cfg).aggregate(&base, &updates).unwrap();
+            let _ = build(&cfg)
+                .aggregate_with_reference(&base, &updates, Some(&reference))
+                .unwrap();
         }
+        let out = FlTrust
+            .aggregate_with_reference(&base, &updates, Some(&reference))
+            .unwrap();
+        assert!(out.excluded.iter().any(|e| e.client == "nan"));
+        assert!(out.weights.all_finite());
         let out = MultiKrum {
             byzantine: 2,
             select: None,
@@ -1067,5 +1244,54 @@ mod tests {
         assert!(out.weights.all_finite());
         let out = Median.aggregate(&base, &updates).unwrap();
         assert!(out.weights.all_finite());
+    }
+
+    #[test]
+    fn fltrust_weights_by_cosine_and_rescales_to_the_median_norm() {
+        let base = w(&[0.0, 0.0]);
+        let updates = [
+            upd("along", 1, &[2.0, 0.0]),    // cos 1, norm 2
+            upd("diag", 1, &[0.0, 1.0]),     // cos 0 → excluded
+            upd("against", 1, &[-1.0, 0.0]), // cos −1 → excluded
+            upd("big", 1, &[30.0, 40.0]),    // cos 0.6, norm 50 → scaled to 2
+        ];
+        let reference = w(&[1.0, 0.0]);
+        let out = FlTrust
+            .aggregate_with_reference(&base, &updates, Some(&reference))
+            .unwrap();
+        // Median norm of (2, 1, 1, 50) = 1.5; Σ trust = 1.6.
+        // along → (1.5, 0) · 1/1.6; big → (0.9, 1.2) · 0.6/1.6.
+        let p = &out.weights.tensors["p"].data;
+        let (x, y) = ((1.5 + 0.6 * 0.9) / 1.6, 0.6 * 1.2 / 1.6);
+        assert!((p[0] - x).abs() < 1e-5 && (p[1] - y).abs() < 1e-5, "{p:?}");
+        let excluded: Vec<&str> = out.excluded.iter().map(|e| e.client.as_str()).collect();
+        assert_eq!(excluded, vec!["diag", "against"]);
+        assert_eq!(out.clipped, vec!["along".to_string(), "big".to_string()]);
+        assert_eq!(out.norms.len(), 4);
+
+        // Nothing trusted: the model stays where it was.
+        let out = FlTrust
+            .aggregate_with_reference(&base, &updates[1..3], Some(&reference))
+            .unwrap();
+        assert_eq!(out.weights, base);
+        assert_eq!(out.excluded.len(), 2);
+        // A zero reference trusts nobody.
+        let out = FlTrust
+            .aggregate_with_reference(&base, &updates, Some(&w(&[0.0, 0.0])))
+            .unwrap();
+        assert_eq!(out.weights, base);
+        // Without a reference, or with another layout, it refuses.
+        assert!(FlTrust.needs_reference() && build(&StrategyConfig::FlTrust).needs_reference());
+        assert!(matches!(
+            FlTrust.aggregate(&base, &updates),
+            Err(StrategyError::Config(_))
+        ));
+        assert!(matches!(
+            FlTrust.aggregate_with_reference(&base, &updates, Some(&w(&[1.0]))),
+            Err(StrategyError::Config(_))
+        ));
+        let cfg: StrategyConfig = toml::from_str("kind = \"fltrust\"").unwrap();
+        assert_eq!(cfg, StrategyConfig::FlTrust);
+        assert!(cfg.needs_reference() && !StrategyConfig::Median.needs_reference());
     }
 }

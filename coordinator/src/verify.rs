@@ -2,9 +2,10 @@
 //! decoding last. Pure: no I/O, so every rejection path is unit-testable.
 
 use crate::registry::FleetRegistry;
+use coevo_models::ModelError;
 use coevo_models::Weights;
 use coevo_protocol::{
-    digest, envelope::Kind, DeltaHeader, Digest, RejectReason, Signed, WeightCodec,
+    digest, envelope::Kind, CodecError, DeltaHeader, Digest, RejectReason, Signed, UplinkCodec,
 };
 
 /// Largest signed header we decode.
@@ -15,7 +16,7 @@ pub struct RoundContext<'a> {
     pub fleet: &'a str,
     pub round: u64,
     pub base_digest: Digest,
-    pub uplink_codec: WeightCodec,
+    pub uplink_codec: UplinkCodec,
     pub max_delta_bytes: u64,
     /// The global model: names and shapes every delta must have.
     pub layout: &'a Weights,
@@ -104,10 +105,13 @@ pub fn verify_upload(
     if digest(payload) != h.payload_digest {
         return Err(RejectReason::DigestMismatch);
     }
-    // Decoded size can't exceed an f32 copy of the model (plus container overhead).
-    let cap = ctx.layout.num_params() * 4 + 64 * 1024;
-    let delta = Weights::decode(payload, h.codec, cap)
-        .map_err(|e| RejectReason::Malformed(e.to_string()))?;
+    // Bounded by the round model's size and checked against its names and shapes while
+    // decoding, so a payload can't make the coordinator allocate more than one model.
+    let delta = Weights::decode_delta(payload, h.codec, ctx.layout).map_err(|e| match e {
+        ModelError::Wire(CodecError::Layout(m)) => RejectReason::ShapeMismatch(m),
+        ModelError::Wire(CodecError::NonFinite { .. }) => RejectReason::NonFinite,
+        other => RejectReason::Malformed(other.to_string()),
+    })?;
     if !delta.same_layout(ctx.layout) {
         return Err(RejectReason::ShapeMismatch(
             "tensor names or shapes differ from the round's model".into(),
@@ -157,7 +161,7 @@ mod tests {
             fleet: "city",
             round: 5,
             base_digest: f.base,
-            uplink_codec: WeightCodec::F32,
+            uplink_codec: UplinkCodec::F32,
             max_delta_bytes: 1 << 20,
             layout: &f.layout,
             registry: &f.registry,
@@ -170,7 +174,7 @@ mod tests {
         delta: &Weights,
         tweak: impl FnOnce(&mut DeltaHeader),
     ) -> (Signed, Vec<u8>) {
-        let payload = delta.encode(WeightCodec::F32).unwrap();
+        let payload = encode_f32(delta);
         let mut h = DeltaHeader {
             fleet: "city".into(),
             round: 5,
@@ -178,7 +182,7 @@ mod tests {
             base_digest: f.base,
             samples: 10,
             metrics: LocalMetrics::default(),
-            codec: WeightCodec::F32,
+            codec: UplinkCodec::F32,
             payload_digest: digest(&payload),
             payload_len: payload.len() as u64,
             chunks: 1,
@@ -188,6 +192,24 @@ mod tests {
             Signed::sign(Kind::DeltaHeader, &h, &h.client.clone(), &f.key),
             payload,
         )
+    }
+
+    /// The `f32` payload of `delta`, NaNs included: the codec refuses to encode non-finite
+    /// values, so they are written into the raw body (the last `4 · n` bytes) afterwards.
+    fn encode_f32(delta: &Weights) -> Vec<u8> {
+        let mut clean = delta.clone();
+        for t in clean.tensors.values_mut() {
+            t.data.iter_mut().for_each(|v| *v = 0.0);
+        }
+        let mut payload = UplinkCodec::F32.encode(&clean.to_named()).unwrap();
+        let body: Vec<u8> = delta
+            .tensors
+            .values()
+            .flat_map(|t| t.data.iter().flat_map(|v| v.to_le_bytes()))
+            .collect();
+        let start = payload.len() - body.len();
+        payload[start..].copy_from_slice(&body);
+        payload
     }
 
     fn code(r: Result<Verified, RejectReason>) -> &'static str {
@@ -292,7 +314,7 @@ mod tests {
             "shape-mismatch"
         );
         // garbage payload with a matching header
-        let junk = b"definitely not safetensors".to_vec();
+        let junk = b"definitely not a codec payload".to_vec();
         let (h, _) = upload(&f, &good, |h| {
             h.payload_digest = digest(&junk);
             h.payload_len = junk.len() as u64;
@@ -300,6 +322,51 @@ mod tests {
         assert_eq!(
             code(verify_upload(&c, "cam-1", Some(&h), &junk)),
             "malformed"
+        );
+        // another codec than the round's
+        let (h, p) = upload(&f, &good, |h| h.codec = UplinkCodec::Int8);
+        assert_eq!(code(verify_upload(&c, "cam-1", Some(&h), &p)), "malformed");
+        // a top-k payload with more entries than its ρ allows
+        let topk = RoundContext {
+            uplink_codec: UplinkCodec::TopK {
+                rho: 0.2,
+                error_feedback: true,
+            },
+            ..ctx(&f)
+        };
+        let mut dense = good.clone();
+        if let Some(t) = dense.tensors.get_mut("w") {
+            t.data = vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        }
+        let wide = UplinkCodec::TopK {
+            rho: 1.0,
+            error_feedback: true,
+        };
+        let payload = wide.encode(&dense.to_named()).unwrap();
+        let (h, _) = upload(&f, &good, |h| {
+            h.codec = topk.uplink_codec;
+            h.payload_digest = digest(&payload);
+            h.payload_len = payload.len() as u64;
+        });
+        assert_eq!(
+            code(verify_upload(&topk, "cam-1", Some(&h), &payload)),
+            "malformed"
+        );
+        // and one within it is accepted
+        let payload = topk.uplink_codec.encode(&dense.to_named()).unwrap();
+        let (h, _) = upload(&f, &good, |h| {
+            h.codec = topk.uplink_codec;
+            h.payload_digest = digest(&payload);
+            h.payload_len = payload.len() as u64;
+        });
+        let v = verify_upload(&topk, "cam-1", Some(&h), &payload).unwrap();
+        assert_eq!(
+            v.delta.tensors["w"]
+                .data
+                .iter()
+                .filter(|x| **x != 0.0)
+                .count(),
+            2
         );
         // no header at all
         assert_eq!(code(verify_upload(&c, "cam-1", None, &junk)), "malformed");

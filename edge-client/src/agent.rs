@@ -6,10 +6,11 @@ use coevo_models::train::{train, TrainConfig};
 use coevo_models::{DataShape, Dataset, Student, Weights};
 use coevo_mqtt::{ClientTls, Incoming, Session, Settings};
 use coevo_protocol::chunk::{split, Reassembler};
+use coevo_protocol::codec::Limits;
 use coevo_protocol::envelope::{self, Kind};
 use coevo_protocol::{
-    digest, DeltaChunk, DeltaHeader, Digest, LocalMetrics, ModelChunk, PublicKey, Receipt,
-    ReceiptOutcome, RoundManifest, Signed, SigningKey, Status, StatusState, Topic,
+    digest, DeltaChunk, DeltaHeader, Digest, ErrorFeedback, LocalMetrics, ModelChunk, PublicKey,
+    Receipt, ReceiptOutcome, RoundManifest, Signed, SigningKey, Status, StatusState, Topic,
 };
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -41,6 +42,10 @@ pub struct AgentOptions {
     pub coordinator_key: PublicKey,
     /// Stop after this many rounds (None: run until shut down).
     pub max_rounds: Option<u64>,
+    /// Where the agent keeps what must survive a restart: the uplink's error-feedback residual
+    /// (`residual.bin`, what compressed rounds computed but have not sent yet). `None`: in
+    /// memory only, so a restart drops the residual.
+    pub state_dir: Option<PathBuf>,
     pub seed: u64,
     /// First wait for a receipt before re-sending; doubles up to `max_retry_wait`.
     pub retry_wait: Duration,
@@ -71,6 +76,7 @@ impl AgentOptions {
             coordinator_id: coordinator_id.into(),
             coordinator_key,
             max_rounds: None,
+            state_dir: None,
             seed: 0,
             retry_wait: Duration::from_secs(10),
             max_retry_wait: Duration::from_secs(60),
@@ -89,6 +95,9 @@ pub struct AgentSummary {
     pub rejected_rounds: Vec<(u64, String)>,
     /// Manifests or receipts that failed verification and were ignored.
     pub ignored_messages: u64,
+    /// L2 norm of the error-feedback residual read back from `state_dir` at the first
+    /// compressed round (`None`: nothing on disk, or no `state_dir`).
+    pub restored_residual_norm: Option<f64>,
 }
 
 /// Typed view of what arrives on our subscriptions.
@@ -118,7 +127,13 @@ pub struct Agent {
     summary: AgentSummary,
     /// Last round's upload, kept only under [`Attack::StaleReplay`].
     replay: Option<WireUpload>,
+    /// The uplink's error-feedback residual; `None` until read from `state_dir` (lazily: its
+    /// bound is the size of the first round's model).
+    feedback: Option<ErrorFeedback>,
 }
+
+/// File name of the error-feedback residual in [`AgentOptions::state_dir`].
+pub const RESIDUAL_FILE: &str = "residual.bin";
 
 impl Agent {
     /// `data` is this device's local training data.
@@ -144,6 +159,7 @@ impl Agent {
             data: std::sync::Mutex::new(data),
             summary: AgentSummary::default(),
             replay: None,
+            feedback: None,
         })
     }
 
@@ -441,9 +457,50 @@ impl Agent {
         }
     }
 
+    /// The residual kept in `state_dir` (or a zero one): read once, bounded by the model
+    /// size. An unreadable file is logged and replaced, never fatal: the residual is an
+    /// optimisation of future rounds, not data the fleet depends on.
+    fn feedback(&mut self, max_params: usize) -> ErrorFeedback {
+        if let Some(f) = &self.feedback {
+            return f.clone();
+        }
+        let loaded = match self.residual_path() {
+            None => None,
+            Some(path) => match ErrorFeedback::load(&path, Limits::for_params(max_params)) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::warn!(client = %self.opts.client_id, error = %e, "discarding an unreadable error-feedback residual");
+                    None
+                }
+            },
+        };
+        if let Some(f) = &loaded {
+            let norm = f
+                .residual()
+                .iter()
+                .flat_map(|t| &t.values)
+                .map(|&v| f64::from(v) * f64::from(v))
+                .sum::<f64>()
+                .sqrt();
+            tracing::info!(client = %self.opts.client_id, norm, "restored the error-feedback residual");
+            self.summary.restored_residual_norm = Some(norm);
+        }
+        let f = loaded.unwrap_or_default();
+        self.feedback = Some(f.clone());
+        f
+    }
+
+    fn residual_path(&self) -> Option<PathBuf> {
+        self.opts.state_dir.as_ref().map(|d| d.join(RESIDUAL_FILE))
+    }
+
     /// Fine-tunes on local data; returns the encoded delta against the weights as received.
+    ///
+    /// The delta is compressed with the round's uplink codec through error feedback: what the
+    /// codec leaves out is added to the next round's delta. The new residual is saved to
+    /// `state_dir` before the upload, so a restart continues from it.
     async fn train_round(
-        &self,
+        &mut self,
         m: &RoundManifest,
         base: &[u8],
     ) -> Result<(Vec<u8>, LocalMetrics), EdgeError> {
@@ -486,32 +543,66 @@ impl Agent {
             ),
             None => None,
         };
-        tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, LocalMetrics), EdgeError> {
-            let t0 = Instant::now();
-            let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
-            let net = Student::new(&vs.root(), &shape);
-            let cap = Weights::from_var_store(&vs).num_params() * 4 + 64 * 1024;
-            let received = Weights::decode(&base, codec, cap)?;
-            received.load_into(&mut vs)?;
-            // The delta is taken against the weights exactly as loaded (DESIGN §5.3).
-            let received = Weights::from_var_store(&vs);
-            let stats = train(&net, &vs, &data, &cfg)?;
-            let mut delta = Weights::from_var_store(&vs).sub(&received)?;
-            if let Some(a) = &attack {
-                a.corrupt_delta(&mut delta, corruption_seed);
-            }
-            let bytes = delta.encode(up_codec)?;
-            Ok((
-                bytes,
-                LocalMetrics {
-                    loss: stats.loss,
-                    accuracy: stats.accuracy,
-                    train_ms: t0.elapsed().as_millis() as u64,
-                },
-            ))
-        })
+        let residual_path = self.residual_path();
+        let client = self.opts.client_id.clone();
+        let max_params = {
+            let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+            let _net = Student::new(&vs.root(), &shape);
+            Weights::from_var_store(&vs).num_params()
+        };
+        let feedback = self.feedback(max_params);
+        let (payload, metrics, feedback) = tokio::task::spawn_blocking(
+            move || -> Result<(Vec<u8>, LocalMetrics, ErrorFeedback), EdgeError> {
+                let t0 = Instant::now();
+                let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
+                let net = Student::new(&vs.root(), &shape);
+                let layout = Weights::from_var_store(&vs);
+                let received = Weights::decode_model(&base, codec, &layout)?;
+                received.load_into(&mut vs)?;
+                // The delta is taken against the weights exactly as loaded (DESIGN §5.3).
+                let received = Weights::from_var_store(&vs);
+                let stats = train(&net, &vs, &data, &cfg)?;
+                let mut delta = Weights::from_var_store(&vs).sub(&received)?;
+                if let Some(a) = &attack {
+                    a.corrupt_delta(&mut delta, corruption_seed);
+                }
+                let named = delta.to_named();
+                let (payload, feedback) = if attack == Some(Attack::NonFinite) {
+                    (crate::attack::raw_f32_payload(&delta)?, feedback)
+                } else {
+                    match feedback.compress(&named, up_codec) {
+                        Ok(x) => x,
+                        // A residual of another architecture (the fleet's model changed):
+                        // it can't be added to this delta, so start a fresh one.
+                        Err(coevo_protocol::CodecError::Layout(e)) => {
+                            tracing::warn!(client = %client, error = %e, "error-feedback residual does not fit the new model; starting a fresh one");
+                            ErrorFeedback::new().compress(&named, up_codec)?
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                };
+                if let Some(path) = &residual_path {
+                    if let Some(dir) = path.parent() {
+                        std::fs::create_dir_all(dir)
+                            .map_err(|e| EdgeError::Config(format!("{}: {e}", dir.display())))?;
+                    }
+                    feedback.save(path)?;
+                }
+                Ok((
+                    payload,
+                    LocalMetrics {
+                        loss: stats.loss,
+                        accuracy: stats.accuracy,
+                        train_ms: t0.elapsed().as_millis() as u64,
+                    },
+                    feedback,
+                ))
+            },
+        )
         .await
-        .map_err(|e| EdgeError::Task(e.to_string()))?
+        .map_err(|e| EdgeError::Task(e.to_string()))??;
+        self.feedback = Some(feedback);
+        Ok((payload, metrics))
     }
 
     /// Publishes the signed delta and re-sends it with backoff until a receipt arrives or a

@@ -107,6 +107,28 @@ impl Attack {
     }
 }
 
+/// The `f32` wire payload of `delta` with its values exactly as they are, NaN and ∞ included.
+///
+/// The codec refuses to encode non-finite values (an honest client must never send them), so
+/// [`Attack::NonFinite`] encodes a finite copy and writes the raw values into the payload's
+/// `f32` body (its last `4 · n` bytes) afterwards: the coordinator's decoder must catch them.
+/// Always an `f32` payload: a round with a compressed uplink rejects it as malformed first.
+pub fn raw_f32_payload(delta: &Weights) -> Result<Vec<u8>, coevo_protocol::CodecError> {
+    let mut finite = delta.to_named();
+    for t in &mut finite {
+        t.values.iter_mut().for_each(|v| *v = 0.0);
+    }
+    let mut payload = coevo_protocol::UplinkCodec::F32.encode(&finite)?;
+    let body: Vec<u8> = delta
+        .tensors
+        .values()
+        .flat_map(|t| t.data.iter().flat_map(|v| v.to_le_bytes()))
+        .collect();
+    let start = payload.len().saturating_sub(body.len());
+    payload[start..].copy_from_slice(&body);
+    Ok(payload)
+}
+
 /// The seed of a client's corruption in one round: its training seed mixed with its id, so
 /// attackers sharing a run seed still draw different noise.
 pub(crate) fn corruption_seed(client_id: &str, train_seed: u64) -> u64 {

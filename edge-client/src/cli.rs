@@ -70,6 +70,7 @@ pub async fn run(args: &EdgeArgs) -> Result<(), EdgeError> {
         .clone()
         .or_else(|| std::env::var("COEVO_BROKER_PASSWORD").ok());
     opts.max_rounds = args.rounds.or(cfg.max_rounds);
+    opts.state_dir = cfg.state_dir.clone();
     opts.seed = cfg.seed;
     let agent = Agent::new(opts, key, data)?;
     let summary = agent

@@ -27,6 +27,10 @@ pub struct EdgeConfig {
     /// Seed for local shuffling.
     #[serde(default)]
     pub seed: u64,
+    /// Folder for state that must survive a restart (the compressed uplink's error-feedback
+    /// residual). Default: `state/<client_id>` beside this file.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
 }
 
 fn default_coordinator() -> String {
@@ -85,9 +89,13 @@ impl EdgeConfig {
         let mut cfg: EdgeConfig = toml::from_str(&text)
             .map_err(|e| EdgeError::Config(format!("{}: {e}", path.display())))?;
         if let Some(base) = path.parent() {
+            if cfg.state_dir.is_none() {
+                cfg.state_dir = Some(PathBuf::from("state").join(&cfg.client_id));
+            }
             for p in [&mut cfg.key, &mut cfg.data.path]
                 .into_iter()
                 .chain(cfg.broker.ca_cert.as_mut())
+                .chain(cfg.state_dir.as_mut())
             {
                 if p.is_relative() {
                     *p = base.join(&*p);

@@ -30,6 +30,8 @@ pub enum EdgeError {
     Mqtt(#[from] coevo_mqtt::MqttError),
     #[error("key: {0}")]
     Key(#[from] coevo_protocol::CryptoError),
+    #[error("codec: {0}")]
+    Codec(#[from] coevo_protocol::CodecError),
     #[error("training task: {0}")]
     Task(String),
 }

@@ -22,6 +22,9 @@ pub enum ModelError {
     /// A weight payload could not be encoded or decoded.
     #[error("weight codec error: {0}")]
     Codec(String),
+    /// A wire payload (model or delta) could not be encoded or decoded.
+    #[error("wire codec: {0}")]
+    Wire(#[from] coevo_protocol::CodecError),
     /// An input exceeded a configured bound (bytes, elements, …); refusing protects memory.
     #[error("limit exceeded: {0}")]
     Limit(String),

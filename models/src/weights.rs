@@ -3,12 +3,16 @@
 //! Aggregation (FedAvg, deltas, norms) is plain arithmetic over named `f32` arrays; keeping it
 //! out of libtorch lets the coordinator's strategies be tested without tensors and keeps the
 //! only tch ↔ bytes bridge in one place ([`Weights::from_var_store`] / [`Weights::load_into`]).
-//! On the wire, weights are safetensors bytes (a documented, self-describing format), optionally
-//! zstd-compressed; decoding is bounded because payloads come from untrusted peers.
+//! On disk (checkpoints, the teacher) weights are safetensors bytes (a documented,
+//! self-describing format), optionally zstd-compressed. On the wire they go through the shared
+//! [`coevo_protocol::codec`] (f32/f16/int8 models, f32/int8/top-k deltas): [`Weights::encode_model`],
+//! [`Weights::decode_model`], [`Weights::decode_delta`]. Decoding is bounded either way because
+//! files and payloads may be corrupt or hostile.
 
 use std::collections::BTreeMap;
 use std::io::Read;
 
+use coevo_protocol::codec::{DownlinkCodec, Limits, NamedTensor, TensorSpec, UplinkCodec};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use tch::{nn, Kind, Tensor};
 
@@ -36,9 +40,15 @@ pub struct Weights {
     pub tensors: BTreeMap<String, ParamTensor>,
 }
 
-/// How [`Weights`] are turned into bytes: the wire protocol's own enum, so the codec a manifest
-/// names is the codec used, with no mapping in between.
-pub use coevo_protocol::WeightCodec;
+/// How [`Weights`] are stored on disk (checkpoints, teacher, round bases): exact `f32`, so a
+/// restarted coordinator reads back bit for bit what it wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightCodec {
+    /// safetensors, float32.
+    F32,
+    /// zstd of the safetensors float32 bytes.
+    F32Zstd,
+}
 
 fn layout_error(what: &str, a: &Weights, b: &Weights) -> ModelError {
     let names = |w: &Weights| w.tensors.keys().cloned().collect::<Vec<_>>().join(",");
@@ -204,6 +214,72 @@ impl Weights {
             .map(|&v| f64::from(v) * f64::from(v))
             .sum::<f64>()
             .sqrt()
+    }
+
+    /// As the wire codecs' tensor list, in name order.
+    pub fn to_named(&self) -> Vec<NamedTensor> {
+        self.tensors
+            .iter()
+            .map(|(name, t)| NamedTensor {
+                name: name.clone(),
+                shape: t.shape.clone(),
+                values: t.data.clone(),
+            })
+            .collect()
+    }
+
+    /// From the wire codecs' tensor list; duplicate names are an error.
+    pub fn from_named(tensors: Vec<NamedTensor>) -> Result<Weights, ModelError> {
+        let mut out = Weights::default();
+        for t in tensors {
+            let name = t.name;
+            let p = ParamTensor {
+                shape: t.shape,
+                data: t.values,
+            };
+            if out.tensors.insert(name.clone(), p).is_some() {
+                return Err(ModelError::Shape(format!("tensor {name} appears twice")));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Names and shapes, in name order: the layout a decoder checks payloads against.
+    pub fn specs(&self) -> Vec<TensorSpec> {
+        self.tensors
+            .iter()
+            .map(|(name, t)| TensorSpec {
+                name: name.clone(),
+                shape: t.shape.clone(),
+            })
+            .collect()
+    }
+
+    /// Encodes a model for the downlink.
+    pub fn encode_model(&self, codec: DownlinkCodec) -> Result<Vec<u8>, ModelError> {
+        Ok(codec.encode(&self.to_named())?)
+    }
+
+    /// Decodes a downlink model that must have `layout`'s names and shapes (the receiver's own
+    /// network), so a payload can never make it allocate more than that model.
+    pub fn decode_model(
+        bytes: &[u8],
+        codec: DownlinkCodec,
+        layout: &Weights,
+    ) -> Result<Weights, ModelError> {
+        let limits = Limits::for_params(layout.num_params());
+        Weights::from_named(codec.decode(bytes, limits, Some(&layout.specs()))?)
+    }
+
+    /// Decodes an uplink delta that must have `layout`'s names and shapes; a top-k payload with
+    /// more entries than the codec's ρ allows is refused.
+    pub fn decode_delta(
+        bytes: &[u8],
+        codec: UplinkCodec,
+        layout: &Weights,
+    ) -> Result<Weights, ModelError> {
+        let limits = Limits::for_params(layout.num_params());
+        Weights::from_named(codec.decode(bytes, limits, Some(&layout.specs()))?)
     }
 
     /// Serialises with `codec`.
@@ -523,5 +599,42 @@ mod tests {
                 prop_assert_eq!(&Weights::decode(&bytes, codec, 1 << 16).unwrap(), &w);
             }
         }
+    }
+
+    #[test]
+    fn wire_codecs_round_trip_against_the_receivers_layout() {
+        let mut w = sample();
+        // f16 can't carry −1e9; keep the model in a range every downlink codec represents.
+        w.tensors.get_mut("a.weight").unwrap().data[5] = -9.0;
+        assert_eq!(Weights::from_named(w.to_named()).unwrap(), w);
+        for codec in [DownlinkCodec::F32, DownlinkCodec::F16, DownlinkCodec::Int8] {
+            let bytes = w.encode_model(codec).unwrap();
+            let back = Weights::decode_model(&bytes, codec, &w).unwrap();
+            assert!(back.same_layout(&w), "{codec}");
+            let err = back.sub(&w).unwrap().l2_norm();
+            assert!(err < 0.05, "{codec}: {err}");
+            // Another receiver's network (other shapes) refuses the payload.
+            let mut other = w.clone();
+            other.tensors.get_mut("a.weight").unwrap().shape = vec![3, 2];
+            assert!(matches!(
+                Weights::decode_model(&bytes, codec, &other),
+                Err(ModelError::Wire(_))
+            ));
+        }
+        let delta = w.to_named();
+        let codec: UplinkCodec = "top-k:0.5".parse().unwrap();
+        let bytes = codec.encode(&delta).unwrap();
+        let back = Weights::decode_delta(&bytes, codec, &w).unwrap();
+        let sent = back
+            .tensors
+            .values()
+            .flat_map(|t| &t.data)
+            .filter(|v| **v != 0.0)
+            .count();
+        assert_eq!(sent, codec.keep_count(w.num_params()).unwrap());
+        // Duplicate names can't come out of a decoder, but from_named refuses them anyway.
+        let mut twice = w.to_named();
+        twice.push(twice[0].clone());
+        assert!(Weights::from_named(twice).is_err());
     }
 }

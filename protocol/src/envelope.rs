@@ -205,7 +205,7 @@ mod tests {
                 accuracy: 0.8,
                 train_ms: 10,
             },
-            codec: WeightCodec::F32,
+            codec: crate::UplinkCodec::F32,
             payload_digest: digest(b"payload"),
             payload_len: 7,
             chunks: 1,
@@ -228,11 +228,11 @@ mod tests {
             decode::<DeltaHeader>(&bytes, Kind::DeltaHeader, 10),
             Err(DecodeError::TooLarge { .. })
         ));
-        let mut v2 = bytes.clone();
-        v2[0] = 2;
+        let mut other = bytes.clone();
+        other[0] = PROTOCOL_VERSION + 1;
         assert_eq!(
-            decode::<DeltaHeader>(&v2, Kind::DeltaHeader, LIMIT),
-            Err(DecodeError::Version(2))
+            decode::<DeltaHeader>(&other, Kind::DeltaHeader, LIMIT),
+            Err(DecodeError::Version(PROTOCOL_VERSION + 1))
         );
         let mut trailing = bytes.clone();
         trailing.push(0);

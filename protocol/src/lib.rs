@@ -32,13 +32,13 @@ pub use crypto::{digest, CryptoError, Digest, PublicKey, SigningKey};
 pub use envelope::{DecodeError, Kind, Signed};
 pub use message::{
     DeltaChunk, DeltaHeader, LocalMetrics, ModelArch, ModelChunk, ModelRef, Receipt,
-    ReceiptOutcome, RejectReason, RoundManifest, Status, StatusState, TrainTask, WeightCodec,
+    ReceiptOutcome, RejectReason, RoundManifest, Status, StatusState, TrainTask,
 };
 pub use topic::{Topic, TopicError};
 
 /// Version byte at the front of every message; a receiver refuses any other version outright
 /// rather than guessing at a layout it does not know.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 
 /// Default chunk size for models and deltas: small enough to pass brokers with a 1 MiB packet
 /// limit with room for the envelope.

@@ -1,29 +1,10 @@
 //! The messages of DESIGN §4. Fields that bind a message to its context (fleet, round, sender,
 //! payload digest) sit inside the signed bodies, so a signature can't be replayed elsewhere.
 
+use crate::codec::{DownlinkCodec, UplinkCodec};
 use crate::crypto::Digest;
 use serde::{Deserialize, Serialize};
 use std::fmt;
-
-/// How a weight payload (model or delta) is encoded. Set by the coordinator in the signed
-/// manifest so both sides always agree.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum WeightCodec {
-    /// safetensors, float32.
-    F32,
-    /// zstd of the safetensors float32 bytes.
-    F32Zstd,
-}
-
-impl fmt::Display for WeightCodec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            WeightCodec::F32 => "f32",
-            WeightCodec::F32Zstd => "f32-zstd",
-        })
-    }
-}
 
 /// The network a manifest's weights belong to; the client builds the same architecture from it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,7 +24,9 @@ pub struct ModelRef {
     pub digest: Digest,
     /// Encoded size in bytes.
     pub size: u64,
-    pub codec: WeightCodec,
+    /// How the model is compressed; clients train from the weights as decoded, and the
+    /// coordinator applies deltas to that same dequantised base.
+    pub codec: DownlinkCodec,
     pub chunks: u32,
     pub arch: ModelArch,
 }
@@ -68,7 +51,9 @@ pub struct RoundManifest {
     pub coordinator: String,
     pub model: ModelRef,
     pub task: TrainTask,
-    pub uplink_codec: WeightCodec,
+    /// How clients must compress their deltas this round (codec and, for top-k, ρ and error
+    /// feedback): signed here, so the fleet's uplink can be changed from one round to the next.
+    pub uplink_codec: UplinkCodec,
     /// Largest delta payload (encoded bytes) the coordinator will accept.
     pub max_delta_bytes: u64,
     /// Chunk size clients must use for deltas.
@@ -98,7 +83,8 @@ pub struct DeltaHeader {
     /// Local training samples, the FedAvg weight.
     pub samples: u64,
     pub metrics: LocalMetrics,
-    pub codec: WeightCodec,
+    /// Must equal the manifest's `uplink_codec`.
+    pub codec: UplinkCodec,
     pub payload_digest: Digest,
     pub payload_len: u64,
     pub chunks: u32,

@@ -3,6 +3,7 @@
 //! `DIR/summary.json` plus per-round curves.
 
 pub mod coevolution;
+pub mod compression;
 pub mod robustness;
 pub mod split;
 
@@ -56,6 +57,32 @@ pub fn fleet_config(
     };
 }
 
+/// Which coordinator loop a bench's fleet runs use (`--mode` of the robustness and compression
+/// benches).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RunMode {
+    Fedavg,
+    Coevolve,
+}
+
+impl RunMode {
+    /// As written on the command line and in summaries.
+    pub fn name(self) -> &'static str {
+        match self {
+            RunMode::Fedavg => "fedavg",
+            RunMode::Coevolve => "coevolve",
+        }
+    }
+
+    /// The coordinator's mode.
+    pub fn mode(self) -> Mode {
+        match self {
+            RunMode::Fedavg => Mode::Fedavg,
+            RunMode::Coevolve => Mode::Coevolve,
+        }
+    }
+}
+
 /// A progress bar over one fleet run's rounds.
 pub fn round_bar(name: &str, rounds: u64) -> ProgressBar {
     let bar = ProgressBar::new(rounds);
@@ -76,6 +103,9 @@ pub enum BenchCmd {
     /// Byzantine clients (sign flip, ×10, noise, NaN, replay, impersonation) against every
     /// aggregation rule: accuracy vs the clean run, and what was rejected.
     Robustness(robustness::RobustnessArgs),
+    /// Uplink and downlink codecs (int8, top-k with and without error feedback, f16): bytes
+    /// per client and round against final accuracy, next to uncompressed f32.
+    Compression(compression::CompressionArgs),
 }
 
 impl BenchCmd {
@@ -84,6 +114,7 @@ impl BenchCmd {
         match self {
             BenchCmd::Coevolution(a) => coevolution::run(rt, a),
             BenchCmd::Robustness(a) => robustness::run(rt, a),
+            BenchCmd::Compression(a) => compression::run(rt, a),
         }
     }
 }

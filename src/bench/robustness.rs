@@ -11,7 +11,7 @@
 //! be read while it runs.
 
 use super::split::{BenchSplit, SplitArgs};
-use super::write_json;
+use super::{write_json, RunMode};
 use crate::demo::{run_fleet_with, FleetRun};
 use crate::table::acc;
 use anyhow::{bail, Context, Result};
@@ -76,7 +76,7 @@ pub struct RobustnessArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "fedavg,norm-clip,trimmed-mean,median,multi-krum"
+        default_value = "fedavg,norm-clip,trimmed-mean,median,multi-krum,fltrust"
     )]
     pub strategies: Vec<StrategyKind>,
     /// `fedavg`: the student alone (the default: a round of 75 clients is ~11 s on 2 cores);
@@ -140,6 +140,8 @@ pub enum StrategyKind {
     TrimmedMean,
     Median,
     MultiKrum,
+    /// FLTrust: trust by cosine to the coordinator's reference delta (its labelled writers).
+    Fltrust,
 }
 
 impl StrategyKind {
@@ -150,6 +152,7 @@ impl StrategyKind {
             StrategyKind::TrimmedMean => "trimmed-mean",
             StrategyKind::Median => "median",
             StrategyKind::MultiKrum => "multi-krum",
+            StrategyKind::Fltrust => "fltrust",
         }
     }
 
@@ -169,22 +172,7 @@ impl StrategyKind {
                 byzantine,
                 select: None,
             },
-        }
-    }
-}
-
-/// Which coordinator loop the runs use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum RunMode {
-    Fedavg,
-    Coevolve,
-}
-
-impl RunMode {
-    fn name(self) -> &'static str {
-        match self {
-            RunMode::Fedavg => "fedavg",
-            RunMode::Coevolve => "coevolve",
+            StrategyKind::Fltrust => StrategyConfig::FlTrust,
         }
     }
 }
@@ -490,10 +478,7 @@ fn fleet_run(
     let n = split.clients.len();
     let bar = super::round_bar(&name, args.rounds);
     let server = split.server_data();
-    let mode = match args.mode {
-        RunMode::Fedavg => Mode::Fedavg,
-        RunMode::Coevolve => Mode::Coevolve,
-    };
+    let mode = args.mode.mode();
     let (mut accepted, mut rejected) = (0usize, 0usize);
     let t = Instant::now();
     let reports = rt.block_on(run_fleet_with(
@@ -509,9 +494,12 @@ fn fleet_run(
             c.aggregation = cfg.clone();
             c.coevolution = CoevolutionConfig::default();
         },
-        |c| match mode {
-            Mode::Coevolve => c.with_server_data(server),
-            Mode::Fedavg => c,
+        |c| {
+            if mode == Mode::Coevolve || cfg.needs_reference() {
+                c.with_server_data(server)
+            } else {
+                c
+            }
         },
         |o| {
             if let Some(kind) = attack {

@@ -161,6 +161,21 @@ fn spawn_agent_with(
     rounds: Option<u64>,
     ca_cert: Option<&Path>,
 ) -> JoinHandle<Result<AgentSummary, coevo_edge::EdgeError>> {
+    spawn_agent_custom(fleet, i, addr, data, stop, |o| {
+        o.max_rounds = rounds;
+        o.ca_cert = ca_cert.map(Path::to_path_buf);
+    })
+}
+
+/// Like [`spawn_agent`], with `configure` applied to the agent's options last.
+pub fn spawn_agent_custom(
+    fleet: &Fleet,
+    i: usize,
+    addr: SocketAddr,
+    data: Dataset,
+    stop: &tokio::sync::watch::Receiver<bool>,
+    configure: impl FnOnce(&mut AgentOptions),
+) -> JoinHandle<Result<AgentSummary, coevo_edge::EdgeError>> {
     let (id, key, pw) = fleet.clients[i].clone();
     let mut o = AgentOptions::new(
         FLEET,
@@ -171,11 +186,10 @@ fn spawn_agent_with(
     o.broker_host = addr.ip().to_string();
     o.broker_port = addr.port();
     o.password = Some(pw);
-    o.ca_cert = ca_cert.map(Path::to_path_buf);
     o.retry_wait = Duration::from_secs(2);
     o.max_retry_wait = Duration::from_secs(4);
     o.seed = i as u64;
-    o.max_rounds = rounds;
+    configure(&mut o);
     let agent = Agent::new(o, key, data).expect("agent");
     let mut rx = stop.clone();
     tokio::spawn(agent.run(async move {
@@ -214,7 +228,22 @@ fn read_weights(path: &Path) -> Weights {
 /// accepted delta is in it and none twice. Returns the clients whose deltas are in it.
 pub fn assert_merge_consistent(out: &Path, round: u64) -> Vec<String> {
     let store = Store::new(out);
-    let base = read_weights(&store.checkpoint_path(round - 1));
+    // Deltas are merged onto the model as clients decoded it (the round's downlink codec).
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(store.report_path(round)).expect("round report"))
+            .expect("report parses");
+    let downlink: coevo_protocol::DownlinkCodec = report["downlink_codec"]
+        .as_str()
+        .expect("downlink codec in the report")
+        .parse()
+        .expect("known downlink codec");
+    let stored = read_weights(&store.checkpoint_path(round - 1));
+    let base = Weights::decode_model(
+        &stored.encode_model(downlink).expect("encodes"),
+        downlink,
+        &stored,
+    )
+    .expect("decodes");
     let merged = read_weights(&store.checkpoint_path(round));
     let records = store.load_deltas(round, 1 << 30).expect("deltas readable");
     let mut updates = Vec::new();
@@ -229,7 +258,7 @@ pub fn assert_merge_consistent(out: &Path, round: u64) -> Vec<String> {
         updates.push(Update {
             client: rec.client.clone(),
             samples: h.samples,
-            delta: Weights::decode(&rec.data, codec, 1 << 30).expect("delta decodes"),
+            delta: Weights::decode_delta(&rec.data, codec, &base).expect("delta decodes"),
         });
     }
     let expected = FedAvg
