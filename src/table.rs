@@ -22,7 +22,7 @@ pub fn render(reports: &[RoundReport]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:>5}  {:<9}  {:>8}  {:>8}  {:>8}  {:>8}  {:>11}  {:>11}  {:>9}",
+        "{:>5}  {:<9}  {:>8}  {:>8}  {:>8}  {:>8}  {:>11}  {:>11}  {:<16}  {:>9}",
         "round",
         "outcome",
         "accepted",
@@ -31,12 +31,13 @@ pub fn render(reports: &[RoundReport]) -> String {
         "teacher",
         "bytes down",
         "bytes up",
+        "codecs down/up",
         "time"
     );
     for r in reports {
         let _ = writeln!(
             s,
-            "{:>5}  {:<9}  {:>8}  {:>8}  {:>8}  {:>8}  {:>11}  {:>11}  {:>8.1}s",
+            "{:>5}  {:<9}  {:>8}  {:>8}  {:>8}  {:>8}  {:>11}  {:>11}  {:<16}  {:>8.1}s",
             r.round,
             r.outcome,
             format!("{}/{}", r.accepted, r.registered),
@@ -45,6 +46,7 @@ pub fn render(reports: &[RoundReport]) -> String {
             acc(r.teacher.test_accuracy),
             bytes(r.bytes_down),
             bytes(r.bytes_up),
+            format!("{}/{}", r.downlink_codec, r.uplink_codec),
             r.duration_ms as f64 / 1000.0
         );
     }

@@ -15,9 +15,7 @@ use coevo_models::partition::{partition, PartitionSpec};
 use coevo_models::{DataShape, WeightCodec as ModelCodec, Weights};
 use coevo_mqtt::{Incoming, Session, Settings};
 use coevo_protocol::envelope::{self, Kind};
-use coevo_protocol::{
-    digest, DeltaChunk, DeltaHeader, DownlinkCodec, LocalMetrics, Signed, SigningKey, Topic,
-};
+use coevo_protocol::{digest, DeltaChunk, DeltaHeader, LocalMetrics, Signed, SigningKey, Topic};
 use std::time::Duration;
 
 const FLEET: &str = "e2e";
@@ -169,7 +167,8 @@ async fn two_rounds_with_attacks_rejected() {
                 let payload = coevo_protocol::UplinkCodec::Int8
                     .encode(&layout.zeros_like().to_named())
                     .unwrap();
-                let base = digest(&layout.encode_model(DownlinkCodec::F16).unwrap());
+                let downlink = coevo_coordinator::config::TransferConfig::default().downlink_codec;
+                let base = digest(&layout.encode_model(downlink).unwrap());
                 let header = |len: u64, key: &SigningKey, id: &str| {
                     let h = DeltaHeader {
                         fleet: FLEET.into(),

@@ -208,12 +208,14 @@ impl Default for TaskConfig {
 pub struct TransferConfig {
     /// Chunk size for model and delta payloads, bytes.
     pub chunk_size: u32,
-    /// How the student is broadcast: `f32`, `f16` (default: half the bytes, error below
-    /// 2⁻¹¹ relative) or `int8` (affine per output channel). Clients train from the weights as
-    /// decoded and the coordinator merges onto that same base, so the rounding never drifts.
+    /// How the student is broadcast: `f32`, `f16` or `int8` (the default: affine per output
+    /// channel + zstd, 4.2× smaller than f32 at no measured accuracy cost, BENCHMARKS.md).
+    /// Clients train from the weights as decoded and the coordinator merges onto that same
+    /// base, so the rounding never drifts.
     pub downlink_codec: DownlinkCodec,
-    /// How clients send deltas: `f32` (default), `int8`, `top-k:ρ` (the ⌈ρ·n⌉ largest entries,
-    /// with error feedback) or `top-k:ρ:no-ef`. Carried in every signed manifest.
+    /// How clients send deltas: `f32`, `int8` (the default: 4.8× smaller, −0.1 point after 20
+    /// FEMNIST rounds), `top-k:ρ` (the ⌈ρ·n⌉ largest entries, with error feedback) or
+    /// `top-k:ρ:no-ef`. Carried in every signed manifest.
     pub uplink_codec: UplinkCodec,
     /// Largest delta payload accepted, bytes.
     pub max_delta_bytes: u64,
@@ -225,8 +227,8 @@ impl Default for TransferConfig {
     fn default() -> Self {
         TransferConfig {
             chunk_size: coevo_protocol::DEFAULT_CHUNK_SIZE as u32,
-            downlink_codec: DownlinkCodec::F16,
-            uplink_codec: UplinkCodec::F32,
+            downlink_codec: DownlinkCodec::Int8,
+            uplink_codec: UplinkCodec::Int8,
             max_delta_bytes: 64 * 1024 * 1024,
             stale_transfer_s: 120,
         }
