@@ -30,7 +30,9 @@ pub struct LocalArgs {
 }
 
 /// The coordinator settings every bench fleet shares: rounds, mode, the split's server roles,
-/// a half-fleet quorum with one deadline extension, and the local training task.
+/// a half-fleet quorum with one deadline extension, the local training task, and lossless f32
+/// codecs both ways — so a bench measures only its own variable, and its figures stay
+/// comparable when the coordinator's default codecs change (`bench compression` sets its own).
 pub fn fleet_config(
     c: &mut CoordinatorConfig,
     split: &BenchSplit,
@@ -55,6 +57,8 @@ pub fn fleet_config(
         momentum: 0.9,
         prox_mu: 0.0,
     };
+    c.transfer.downlink_codec = coevo_protocol::DownlinkCodec::F32;
+    c.transfer.uplink_codec = coevo_protocol::UplinkCodec::F32;
 }
 
 /// Which coordinator loop a bench's fleet runs use (`--mode` of the robustness and compression
