@@ -152,4 +152,29 @@ mod tests {
         assert!(cfg.coordinator_public_key().is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn state_dir_defaults_beside_the_config_file() {
+        let dir = std::env::temp_dir().join(format!("coevo-edge-state-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("edge.toml");
+        std::fs::write(&path, include_str!("../edge.sample.toml")).unwrap();
+        let cfg = EdgeConfig::load(&path).unwrap();
+        assert_eq!(cfg.state_dir, Some(dir.join("state").join("cam-001")));
+        let text = format!(
+            "{}\nstate_dir = \"/var/lib/coevo\"\n",
+            include_str!("../edge.sample.toml")
+                .split("\n[broker]")
+                .next()
+                .unwrap()
+        );
+        let rest = include_str!("../edge.sample.toml")
+            .split_once("\n[broker]")
+            .map(|(_, r)| r)
+            .unwrap();
+        std::fs::write(&path, format!("{text}\n[broker]{rest}")).unwrap();
+        let cfg = EdgeConfig::load(&path).unwrap();
+        assert_eq!(cfg.state_dir, Some(PathBuf::from("/var/lib/coevo")));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
