@@ -50,8 +50,8 @@ accuracy change): each --uplink codec with downlink f32, plus each --downlink co
 f32 — 10 fleet runs with the default lists. --full-grid runs every uplink × downlink pair \
 instead (24 with the default lists).
 
-A FedAvg round of 75 FEMNIST clients takes ~11 s on 2 cores, so the default grid at 20 rounds \
-is about 40 min; --mode coevolve costs ~100 s a round (plus the teacher's pretraining in every \
+A FedAvg round of 75 FEMNIST clients takes ~8 s on 2 cores, so the default grid at 20 rounds \
+takes about 30 min (29.5 measured); --mode coevolve costs ~100 s a round (plus the teacher's pretraining in every \
 run): narrow the lists or lower --rounds with it.
 
 Example: coevo bench compression --data ../shared/data/femnist --out out/bench-compression")]
