@@ -12,15 +12,6 @@ use coevo_protocol::codec::Limits;
 use coevo_protocol::{DownlinkCodec, ErrorFeedback, UplinkCodec};
 use common::*;
 
-fn norm(f: &ErrorFeedback) -> f64 {
-    f.residual()
-        .iter()
-        .flat_map(|t| &t.values)
-        .map(|&v| f64::from(v) * f64::from(v))
-        .sum::<f64>()
-        .sqrt()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compressed_rounds_and_the_residual_survives_a_restart() {
     init_logs();
@@ -66,7 +57,7 @@ async fn compressed_rounds_and_the_residual_survives_a_restart() {
     let r1 = ErrorFeedback::load(&state.join(RESIDUAL_FILE), limits)
         .unwrap()
         .expect("the residual is on disk after round 1");
-    let n1 = norm(&r1);
+    let n1 = r1.residual_norm();
     assert!(
         n1 > 0.0,
         "top-k 1 % leaves most of the delta in the residual"

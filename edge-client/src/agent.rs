@@ -124,6 +124,9 @@ pub struct Agent {
     data: std::sync::Mutex<Dataset>,
     samples: usize,
     shape: DataShape,
+    /// Parameters of the student for `shape` (every round's model must have this shape): the
+    /// bound for reading the error-feedback residual back from disk.
+    model_params: usize,
     summary: AgentSummary,
     /// Last round's upload, kept only under [`Attack::StaleReplay`].
     replay: Option<WireUpload>,
@@ -156,6 +159,11 @@ impl Agent {
             key,
             samples: data.len(),
             shape: data.shape,
+            model_params: {
+                let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+                let _net = Student::new(&vs.root(), &data.shape);
+                Weights::from_var_store(&vs).num_params()
+            },
             data: std::sync::Mutex::new(data),
             summary: AgentSummary::default(),
             replay: None,
@@ -475,13 +483,7 @@ impl Agent {
             },
         };
         if let Some(f) = &loaded {
-            let norm = f
-                .residual()
-                .iter()
-                .flat_map(|t| &t.values)
-                .map(|&v| f64::from(v) * f64::from(v))
-                .sum::<f64>()
-                .sqrt();
+            let norm = f.residual_norm();
             tracing::info!(client = %self.opts.client_id, norm, "restored the error-feedback residual");
             self.summary.restored_residual_norm = Some(norm);
         }
@@ -545,12 +547,7 @@ impl Agent {
         };
         let residual_path = self.residual_path();
         let client = self.opts.client_id.clone();
-        let max_params = {
-            let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-            let _net = Student::new(&vs.root(), &shape);
-            Weights::from_var_store(&vs).num_params()
-        };
-        let feedback = self.feedback(max_params);
+        let feedback = self.feedback(self.model_params);
         let (payload, metrics, feedback) = tokio::task::spawn_blocking(
             move || -> Result<(Vec<u8>, LocalMetrics, ErrorFeedback), EdgeError> {
                 let t0 = Instant::now();

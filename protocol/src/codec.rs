@@ -571,6 +571,17 @@ impl ErrorFeedback {
         &self.residual
     }
 
+    /// L2 norm of the residual (0 before the first compression): how much unsent update the
+    /// client is carrying, for logs and tests.
+    pub fn residual_norm(&self) -> f64 {
+        self.residual
+            .iter()
+            .flat_map(|t| &t.values)
+            .map(|&v| f64::from(v) * f64::from(v))
+            .sum::<f64>()
+            .sqrt()
+    }
+
     /// Compresses `delta + residual` with `codec` and returns the payload and the new state;
     /// `self` is unchanged, so the caller decides when to commit (e.g. [`ErrorFeedback::save`]
     /// the new state, then replace the old one).
