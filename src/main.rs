@@ -119,7 +119,9 @@ enum FleetCmd {
         #[arg(long, env = "COEVO_NEW_PASSWORD")]
         password: Option<String>,
     },
-    /// Remove a client from the registry and the credential file (effective next round).
+    /// Remove a client from the registry and the credential file. A running embedded broker
+    /// (`coevo broker`, `coevo demo`) re-reads the file within ~1 s and closes the client's
+    /// connection; Mosquitto needs a re-export and `kill -HUP`.
     Remove {
         id: String,
         #[arg(long, default_value = "fleet.toml")]
@@ -388,7 +390,15 @@ fn fleet(cmd: FleetCmd) -> Result<()> {
             }
             reg.save(&registry)?;
             creds.save(&credentials)?;
-            eprintln!("removed {id}; it is refused from the next round on");
+            eprintln!(
+                "removed {id} from {} and {}. A running embedded broker using {} closes its \
+                 connection and refuses it within ~1 s; the coordinator refuses its deltas from the next \
+                 round on (it reads the registry per round). On Mosquitto: re-run `coevo fleet export-mosquitto` and \
+                 `kill -HUP` the broker.",
+                registry.display(),
+                credentials.display(),
+                credentials.display()
+            );
         }
         FleetCmd::List { registry } => {
             let reg = load_registry(&registry)?;
@@ -435,6 +445,12 @@ fn fleet(cmd: FleetCmd) -> Result<()> {
             let pw = password.unwrap_or_else(coevo_broker::generate_password);
             creds.set_password(&id, &pw)?;
             creds.save(&credentials)?;
+            eprintln!(
+                "set the password of {id} in {}. A running embedded broker using it closes {id}'s \
+                 open connection within ~1 s; it must reconnect with the new password. On \
+                 Mosquitto: re-run `coevo fleet export-mosquitto` and `kill -HUP` the broker.",
+                credentials.display()
+            );
             if generated {
                 println!("{pw}");
             }

@@ -1,7 +1,7 @@
-//! The rumqttd auth handler: [`Credentials::check`] without stalling the broker.
+//! Password checks for the front end ([`crate::front`]): [`Credentials::check`] without
+//! stalling the event loop.
 //!
-//! rumqttd 0.20 awaits the handler (`Fn(ClientId, AuthUser, AuthPass) -> impl Future<Output =
-//! bool>`) inside the listener's single-threaded tokio runtime. An argon2 verification takes
+//! The front end awaits the verdict inside its tokio runtime. An argon2 verification takes
 //! tens of milliseconds of CPU, so calling it inline would freeze every other connection on
 //! that listener during a reconnect storm. Instead verifications run on a small fixed pool of
 //! OS threads behind a bounded queue, and the future resolves when the pool answers:
@@ -12,13 +12,18 @@
 //! - a cache of successful checks (client id → cheap keyed argon2 digest of the accepted
 //!   password) makes reconnects of already-verified clients nearly free. It is only written
 //!   after a full verification and only for known client ids, so it is bounded by the fleet
-//!   size; the credential set never changes while the broker runs, so it never goes stale.
+//!   size. Each entry remembers the stored hash it was verified against and only counts while
+//!   that is still the client's hash, so a reloaded credential file (removal, new password)
+//!   can never be bypassed through the cache, even by a verification that was in flight.
+//!
+//! The credential set is swapped as a whole by [`Verifier::replace`] (the file watcher in
+//! `lib.rs`); every verification works on the snapshot it started with.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll, Waker};
 
 use argon2::password_hash::rand_core::{OsRng, RngCore};
@@ -31,16 +36,18 @@ const QUEUE_DEPTH: usize = 1024;
 /// Upper bound on verification threads (each argon2 run holds ~19 MiB).
 const MAX_WORKERS: usize = 4;
 
-/// Shared state of the auth handler.
+/// Shared state of the password checks.
 pub(crate) struct Verifier {
-    credentials: Credentials,
-    cache: Mutex<HashMap<String, [u8; 32]>>,
+    credentials: RwLock<Arc<Credentials>>,
+    /// Client id → (stored PHC hash the password was verified against, cheap digest of it).
+    cache: Mutex<HashMap<String, (String, [u8; 32])>>,
     /// Per-process random salt for cache digests, so they are useless outside this process.
     cache_salt: [u8; 16],
     jobs: SyncSender<Job>,
 }
 
 struct Job {
+    credentials: Arc<Credentials>,
     client_id: String,
     password: String,
     reply: Reply,
@@ -53,7 +60,7 @@ impl Verifier {
         let mut cache_salt = [0u8; 16];
         OsRng.fill_bytes(&mut cache_salt);
         let verifier = Arc::new(Self {
-            credentials,
+            credentials: RwLock::new(Arc::new(credentials)),
             cache: Mutex::new(HashMap::new()),
             cache_salt,
             jobs: tx,
@@ -75,74 +82,93 @@ impl Verifier {
         Ok(verifier)
     }
 
-    /// The rumqttd auth handler body.
-    pub(crate) fn authenticate(
-        self: &Arc<Self>,
-        client_id: String,
-        username: String,
-        password: String,
-    ) -> AuthFuture {
-        // Cheap refusals first: no argon2 work for requests that cannot succeed.
-        if client_id != username || !self.credentials.clients.contains_key(&client_id) {
-            tracing::warn!(
-                client_id,
-                username,
-                "MQTT connect refused: unknown client or user name differs from client id"
-            );
-            return AuthFuture::ready(false);
-        }
-        if self.cached(&client_id, &password) {
-            tracing::debug!(client_id, "MQTT connect accepted (cached verification)");
-            return AuthFuture::ready(true);
-        }
-        let (reply, future) = Reply::new();
-        let job = Job {
-            client_id,
-            password,
-            reply,
-        };
-        match self.jobs.try_send(job) {
-            Ok(()) => future,
-            Err(TrySendError::Full(job)) => {
-                tracing::warn!(
-                    client_id = job.client_id,
-                    "MQTT connect refused: auth queue full"
-                );
-                job.reply.send(false);
-                future
-            }
-            Err(TrySendError::Disconnected(job)) => {
-                tracing::error!(
-                    client_id = job.client_id,
-                    "MQTT connect refused: auth workers gone"
-                );
-                job.reply.send(false);
-                future
-            }
+    /// The current credential snapshot.
+    pub(crate) fn snapshot(&self) -> Arc<Credentials> {
+        match self.credentials.read() {
+            Ok(c) => Arc::clone(&c),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
         }
     }
 
+    /// Swaps in a reloaded credential set. Cache entries verified against a hash that is no
+    /// longer the client's stop counting at once (see [`Self::cached`]); they are also dropped
+    /// here so the cache never holds removed clients.
+    pub(crate) fn replace(&self, credentials: Credentials) {
+        let credentials = Arc::new(credentials);
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.retain(|id, (hash, _)| credentials.clients.get(id) == Some(hash));
+        }
+        match self.credentials.write() {
+            Ok(mut c) => *c = credentials,
+            Err(poisoned) => *poisoned.into_inner() = credentials,
+        }
+    }
+
+    /// Whether `client_id` is still known with the stored hash `hash` (the one its open
+    /// connection authenticated against).
+    pub(crate) fn is_current(&self, client_id: &str, hash: &str) -> bool {
+        self.snapshot()
+            .clients
+            .get(client_id)
+            .is_some_and(|h| h == hash)
+    }
+
+    /// Checks `password` for `client_id` (the caller has already checked that the user name
+    /// equals the client id). Returns the verdict and the stored hash it is checked against
+    /// (`None`: unknown client, verdict already `false`), which the caller keeps to notice a
+    /// later revocation or password change with [`Self::is_current`].
+    pub(crate) fn authenticate(
+        self: &Arc<Self>,
+        client_id: &str,
+        password: &str,
+    ) -> (AuthFuture, Option<String>) {
+        let credentials = self.snapshot();
+        // Cheap refusal first: no argon2 work for an id that cannot succeed.
+        let Some(hash) = credentials.clients.get(client_id).cloned() else {
+            return (AuthFuture::ready(false), None);
+        };
+        if self.cached(client_id, &hash, password) {
+            tracing::debug!(client_id, "MQTT connect accepted (cached verification)");
+            return (AuthFuture::ready(true), Some(hash));
+        }
+        let (reply, future) = Reply::new();
+        let job = Job {
+            credentials,
+            client_id: client_id.to_owned(),
+            password: password.to_owned(),
+            reply,
+        };
+        match self.jobs.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(job)) => {
+                tracing::debug!(client_id = job.client_id, "auth queue full");
+                job.reply.send(false);
+            }
+            Err(TrySendError::Disconnected(job)) => {
+                tracing::error!(client_id = job.client_id, "auth workers gone");
+                job.reply.send(false);
+            }
+        }
+        (future, Some(hash))
+    }
+
     fn run(&self, job: Job) {
-        let ok = self
+        let ok = job
             .credentials
             .check(&job.client_id, &job.client_id, &job.password);
         if ok {
-            if let Some(digest) = self.digest(&job.password) {
+            let hash = job.credentials.clients.get(&job.client_id);
+            if let (Some(hash), Some(digest)) = (hash, self.digest(&job.password)) {
                 if let Ok(mut cache) = self.cache.lock() {
-                    cache.insert(job.client_id.clone(), digest);
+                    cache.insert(job.client_id.clone(), (hash.clone(), digest));
                 }
             }
-            tracing::info!(client_id = job.client_id, "MQTT connect accepted");
-        } else {
-            tracing::warn!(
-                client_id = job.client_id,
-                "MQTT connect refused: wrong password"
-            );
         }
         job.reply.send(ok);
     }
 
-    fn cached(&self, client_id: &str, password: &str) -> bool {
+    /// A cache hit needs the same password *and* the same stored hash as when it was verified.
+    fn cached(&self, client_id: &str, hash: &str, password: &str) -> bool {
         let Some(digest) = self.digest(password) else {
             return false;
         };
@@ -151,7 +177,7 @@ impl Verifier {
         };
         cache
             .get(client_id)
-            .is_some_and(|known| constant_time_eq(known, &digest))
+            .is_some_and(|(h, known)| h == hash && constant_time_eq(known, &digest))
     }
 
     /// Keyed digest of a password for the cache: argon2id at minimum cost (8 KiB, 1 pass) with
@@ -182,8 +208,9 @@ fn worker(rx: Arc<Mutex<Receiver<Job>>>, verifier: std::sync::Weak<Verifier>) {
     }
 }
 
-fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Compares without an early exit, so timing does not reveal how many bytes matched.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Result slot shared between a worker and the waiting connection task.
@@ -296,39 +323,42 @@ mod tests {
         }
     }
 
+    fn check(v: &Arc<Verifier>, id: &str, pw: &str) -> bool {
+        block_on(v.authenticate(id, pw).0)
+    }
+
     #[test]
     fn verifies_on_pool_and_caches() {
         let mut creds = Credentials::default();
         creds.set_password("cam-1", "secret").unwrap();
-        let v = Verifier::start(creds).unwrap();
-        assert!(!block_on(v.authenticate(
-            "cam-1".into(),
-            "cam-1".into(),
-            "wrong".into()
-        )));
-        assert!(!v.cached("cam-1", "secret"));
-        assert!(block_on(v.authenticate(
-            "cam-1".into(),
-            "cam-1".into(),
-            "secret".into()
-        )));
-        assert!(v.cached("cam-1", "secret"));
-        assert!(!v.cached("cam-1", "wrong"));
-        assert!(block_on(v.authenticate(
-            "cam-1".into(),
-            "cam-1".into(),
-            "secret".into()
-        )));
-        assert!(!block_on(v.authenticate(
-            "cam-1".into(),
-            "cam-2".into(),
-            "secret".into()
-        )));
-        assert!(!block_on(v.authenticate(
-            "cam-9".into(),
-            "cam-9".into(),
-            "secret".into()
-        )));
+        let v = Verifier::start(creds.clone()).unwrap();
+        let hash = creds.clients["cam-1"].clone();
+        assert!(!check(&v, "cam-1", "wrong"));
+        assert!(!v.cached("cam-1", &hash, "secret"));
+        assert!(check(&v, "cam-1", "secret"));
+        assert!(v.cached("cam-1", &hash, "secret"));
+        assert!(!v.cached("cam-1", &hash, "wrong"));
+        assert!(check(&v, "cam-1", "secret"));
+        assert!(!check(&v, "cam-9", "secret"));
+        assert!(v.is_current("cam-1", &hash));
+    }
+
+    #[test]
+    fn replaced_credentials_invalidate_cache_and_sessions() {
+        let mut creds = Credentials::default();
+        creds.set_password("cam-1", "old").unwrap();
+        creds.set_password("cam-2", "two").unwrap();
+        let v = Verifier::start(creds.clone()).unwrap();
+        let old_hash = creds.clients["cam-1"].clone();
+        assert!(check(&v, "cam-1", "old"));
+        assert!(check(&v, "cam-2", "two"));
+        creds.set_password("cam-1", "new").unwrap();
+        creds.remove("cam-2");
+        v.replace(creds);
+        assert!(!v.is_current("cam-1", &old_hash));
+        assert!(!check(&v, "cam-1", "old"), "the cached old password must not count");
+        assert!(check(&v, "cam-1", "new"));
+        assert!(!check(&v, "cam-2", "two"));
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::acl::AclConfig;
 use crate::BrokerError;
 
 /// Largest model chunk the protocol publishes, in bytes (see the protocol crate's chunking).
@@ -58,6 +59,9 @@ pub struct BrokerConfig {
     /// serves plain TCP, fine on loopback; anything reachable from a network should set it,
     /// or passwords and models cross that network in the clear.
     pub tls: Option<TlsConfig>,
+    /// `[acl]`: topic ACLs enforced on every client's SUBSCRIBE and PUBLISH (see
+    /// [`crate::acl`]); the same rules `coevo fleet export-mosquitto` writes for Mosquitto.
+    pub acl: AclConfig,
 }
 
 /// The broker's TLS identity: a PEM certificate chain and its private key, e.g. `broker.pem`
@@ -87,6 +91,7 @@ impl Default for BrokerConfig {
             max_segment_count: 10,
             credentials: None,
             tls: None,
+            acl: AclConfig::default(),
         }
     }
 }
@@ -160,6 +165,6 @@ impl BrokerConfig {
         if self.max_segment_count == 0 {
             return fail("max_segment_count must be at least 1".into());
         }
-        Ok(())
+        self.acl.validate()
     }
 }

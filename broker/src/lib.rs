@@ -1,9 +1,9 @@
 //! The coevo embedded MQTT broker: [rumqttd] 0.20 with our configuration, per-client argon2id
-//! authentication and limits.
+//! authentication, topic ACLs, live revocation and limits.
 //!
-//! The broker is deliberately dumb (DESIGN.md §6–7): it authenticates clients and moves bytes.
-//! Integrity comes from signatures in the protocol crate and the coordinator is the source of
-//! truth, because rumqttd keeps nothing on disk and may drop QoS 1 messages for a subscriber
+//! The broker is deliberately simple (DESIGN.md §6–7): it authenticates clients, keeps each
+//! camera inside its own topics, and moves bytes. Integrity comes from signatures in the
+//! protocol crate and the coordinator is the source of truth, because rumqttd keeps nothing on disk and may drop QoS 1 messages for a subscriber
 //! that falls too far behind (see [`BrokerConfig::max_segment_size`]).
 //!
 //! # Layout
@@ -12,27 +12,37 @@
 //!   (`broker/broker.sample.toml` documents every field for operators).
 //! - [`credentials`]: [`Credentials`], the per-client argon2id hash file, plus
 //!   [`hash_password`] and [`generate_password`] for provisioning.
-//! - `auth` (private): the rumqttd auth handler; runs argon2 off the broker's event loop on a
-//!   bounded worker pool and caches successful checks.
-//! - `tls` (private): with `[tls]` configured, our own rustls front end on `listen` that pipes
-//!   to rumqttd on a loopback port (rumqttd's own TLS listener can be stalled by one idle
-//!   socket; the module doc says why).
-//! - this file: [`start`] / [`BrokerHandle`] (run rumqttd on its own thread and wait until it
-//!   accepts TCP connections), [`free_local_addr`], and [`BrokerError`].
+//! - [`acl`]: [`AclConfig`] / [`Acl`], the topic rules shared with the Mosquitto export.
+//! - `front` (private): the MQTT-aware front end on `listen` (plain TCP or TLS): checks
+//!   CONNECT, PUBLISH and SUBSCRIBE, closes revoked clients, and pipes the rest to rumqttd on
+//!   a loopback port that accepts only the front end's secret.
+//! - `auth` (private): password checks; runs argon2 off the event loop on a bounded worker
+//!   pool and caches successful checks; its credential set can be replaced while running.
+//! - `tls` (private): loads the `[tls]` identity (rumqttd's own TLS listener can be stalled
+//!   by one idle socket; the module doc says why).
+//! - this file: [`start`] / [`BrokerHandle`] (run rumqttd on its own thread, the front end,
+//!   and the credential-file watcher), [`BrokerStats`], [`free_local_addr`], [`BrokerError`].
 //!
 //! rumqttd has no shutdown API: a started broker lives until the process exits.
 
+pub mod acl;
 pub mod config;
 pub mod credentials;
 
 mod auth;
+mod front;
 mod tls;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use argon2::password_hash::rand_core::{OsRng, RngCore};
+
+pub use acl::{Acl, AclConfig};
 pub use config::{BrokerConfig, TlsConfig};
 pub use credentials::{generate_password, hash_password, Credentials};
 
@@ -63,6 +73,34 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 const PROBE_INTERVAL: Duration = Duration::from_millis(20);
 /// rumqttd's per-connection cap on QoS 0 messages read from a log in one go.
 const MAX_OUTGOING_PACKET_COUNT: u64 = 200;
+/// How often the credential file is checked for changes: revocation takes effect within
+/// about this long (plus the time to close the connections).
+pub const CREDENTIALS_POLL: Duration = Duration::from_secs(1);
+/// How often changed counters are logged.
+const STATS_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// What the broker refused and did, since start. Every refused CONNECT, PUBLISH and SUBSCRIBE
+/// is counted here (and logged, rate-limited, with the client id).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BrokerStats {
+    /// PUBLISHes (and last-will topics) outside the client's topics; each closed the
+    /// connection (or refused the CONNECT).
+    pub acl_refused_publish: u64,
+    /// SUBSCRIBEs with a filter outside the client's topics; each closed the connection.
+    pub acl_refused_subscribe: u64,
+    /// CONNECTs refused for an unknown client, a wrong password or an invalid client id.
+    pub auth_refused: u64,
+    /// CONNECTs refused because the client id differed from the user name.
+    pub client_id_mismatch: u64,
+    /// Open connections closed because their client was removed or its password changed.
+    pub revoked_disconnects: u64,
+    /// Times a changed credential file was loaded.
+    pub credential_reloads: u64,
+    /// Times a changed credential file could not be loaded (the previous set stays in force).
+    pub credential_reload_errors: u64,
+    /// CONNECTs admitted and handed to the router.
+    pub connections_accepted: u64,
+}
 
 /// A running embedded broker. rumqttd has no shutdown API, so it runs on its own OS thread for
 /// the life of the process; dropping the handle does not stop it.
@@ -75,15 +113,27 @@ pub struct BrokerHandle {
     /// Whether `addr` speaks TLS (`[tls]` configured) rather than plain MQTT.
     pub tls_enabled: bool,
     thread: JoinHandle<()>,
-    /// The TLS front end, when `[tls]` is configured.
-    tls_thread: Option<JoinHandle<()>>,
+    /// The front end on `addr` (plain or TLS).
+    front_thread: JoinHandle<()>,
+    front: Arc<front::Front>,
 }
 
 impl BrokerHandle {
-    /// False once rumqttd's listener (or the TLS front end) has died (their threads only return
+    /// False once rumqttd's router or the front end has died (their threads only return
     /// when serving failed); the process should then exit or restart the broker.
     pub fn is_running(&self) -> bool {
-        !self.thread.is_finished() && self.tls_thread.as_ref().is_none_or(|t| !t.is_finished())
+        !self.thread.is_finished() && !self.front_thread.is_finished()
+    }
+
+    /// rumqttd's own loopback listener behind the front end. It admits only the front end
+    /// (per-process secret); exposed so tests and operators can check that.
+    pub fn router_addr(&self) -> SocketAddr {
+        self.front.backend
+    }
+
+    /// The refusal and revocation counters since start.
+    pub fn stats(&self) -> BrokerStats {
+        self.front.counters.snapshot()
     }
 }
 
@@ -91,12 +141,14 @@ impl BrokerHandle {
 /// accepts TCP connections.
 ///
 /// If `config.credentials` is set the file is loaded first (a missing or malformed file is an
-/// error: never fall back to an open broker) and every CONNECT is checked with
-/// [`Credentials::check`]; otherwise anyone may connect and a warning is logged.
+/// error: never fall back to an open broker), every CONNECT is checked with
+/// [`Credentials::check`], and the file is re-read when it changes (removed clients and changed
+/// passwords are disconnected within about [`CREDENTIALS_POLL`]); otherwise anyone may connect
+/// and a warning is logged. Either way `config.acl` is enforced on every PUBLISH, SUBSCRIBE and
+/// last will (see [`acl`]).
 ///
-/// With `config.tls`, `listen` speaks only TLS: the certificate and key are loaded and checked
-/// first, rumqttd listens on a free 127.0.0.1 port, and a TLS front end on `listen` pipes each
-/// connection to it (see the `tls` module for why rumqttd's own TLS listener isn't used).
+/// rumqttd listens on a free 127.0.0.1 port; the front end on `listen` (plain TCP, or only TLS
+/// with `config.tls`) checks each connection and pipes it there.
 ///
 /// Errors: invalid config, credentials or TLS files, a listen address that cannot be bound
 /// (e.g. port in use), or a broker thread that dies or never starts listening.
@@ -117,22 +169,21 @@ pub fn start(config: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         None => None,
     };
 
-    // rumqttd reports a failed bind only in its own log and then its thread ends, and it cannot
-    // tell us which port it got for port 0. So bind here first: this resolves port 0 and turns
-    // "address in use" into a typed error. (The port could be taken between this check and
-    // rumqttd's bind; the thread-death check below catches that case.) With TLS the public
-    // listener is ours and stays bound; rumqttd gets a loopback port nobody outside can reach.
+    // rumqttd reports a failed bind only in its own log and then its thread ends. So bind the
+    // public listener here: this resolves port 0 and turns "address in use" into a typed
+    // error. The listener stays ours (the front end); rumqttd gets a loopback port.
     let public = TcpListener::bind(config.listen)
         .map_err(|e| BrokerError::Start(format!("cannot listen on {}: {e}", config.listen)))?;
     let addr = public.local_addr()?;
-    let (rumqttd_addr, front) = match acceptor {
-        None => {
-            drop(public);
-            (addr, None)
-        }
-        Some(acceptor) => (free_local_addr()?, Some((public, acceptor))),
-    };
+    let rumqttd_addr = free_local_addr()?;
 
+    // rumqttd admits only CONNECTs carrying this secret, which only the front end sends: its
+    // loopback port is no way around authentication or the ACLs.
+    let secret = {
+        let mut bytes = [0u8; 32];
+        OsRng.fill_bytes(&mut bytes);
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
     let mut connections = rumqttd::ConnectionSettings {
         connection_timeout_ms: config.connection_timeout_ms,
         max_payload_size: config.max_payload_bytes,
@@ -145,10 +196,13 @@ pub fn start(config: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         // kept for later subscribers).
         dynamic_filters: true,
     };
-    let auth_enabled = verifier.is_some();
-    if let Some(verifier) = verifier {
-        connections.set_auth_handler(move |client_id, username, password| {
-            verifier.authenticate(client_id, username, password)
+    {
+        let secret = secret.clone();
+        connections.set_auth_handler(move |_client_id, _username, password: String| {
+            std::future::ready(auth::constant_time_eq(
+                password.as_bytes(),
+                secret.as_bytes(),
+            ))
         });
     }
 
@@ -189,17 +243,31 @@ pub fn start(config: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         .map_err(|e| BrokerError::Start(format!("cannot spawn broker thread: {e}")))?;
 
     wait_until_listening(rumqttd_addr, &thread)?;
-    let tls_enabled = front.is_some();
-    let tls_thread = match front {
-        Some((listener, acceptor)) => Some(tls::spawn_front(
-            listener,
-            acceptor,
-            rumqttd_addr,
-            Duration::from_millis(u64::from(config.connection_timeout_ms)),
-            config.max_connections,
-        )?),
-        None => None,
-    };
+    let auth_enabled = verifier.is_some();
+    let tls_enabled = acceptor.is_some();
+    let front = Arc::new(front::Front {
+        acl: Acl::any_fleet(&config.acl),
+        verifier: verifier.clone(),
+        secret,
+        backend: rumqttd_addr,
+        connect_timeout: Duration::from_millis(u64::from(config.connection_timeout_ms)),
+        max_packet: config.max_payload_bytes,
+        counters: front::Counters::default(),
+        generation: tokio::sync::watch::Sender::new(0),
+        log_limit: front::RateLimit::new(config.max_connections.saturating_mul(2)),
+    });
+    let front_thread = front::spawn(
+        public,
+        acceptor,
+        Arc::clone(&front),
+        config.max_connections,
+    )?;
+    let watched = config.credentials.clone().zip(verifier);
+    let weak = Arc::downgrade(&front);
+    std::thread::Builder::new()
+        .name("coevo-broker-watch".to_owned())
+        .spawn(move || watch(watched, weak))
+        .map_err(|e| BrokerError::Start(format!("cannot spawn the credential watcher: {e}")))?;
 
     if auth_enabled {
         tracing::info!(
@@ -212,6 +280,8 @@ pub fn start(config: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
             max_segment_count = config.max_segment_count,
             auth = true,
             tls = tls_enabled,
+            topic_root = config.acl.topic_root,
+            coordinators = ?config.acl.coordinators,
             "embedded MQTT broker listening",
         );
     } else {
@@ -225,7 +295,7 @@ pub fn start(config: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
             max_segment_count = config.max_segment_count,
             auth = false,
             tls = tls_enabled,
-            "embedded MQTT broker listening WITHOUT authentication: anyone who can reach it may connect",
+            "embedded MQTT broker listening WITHOUT authentication: anyone who can reach it may connect (topic ACLs still apply to the client id they claim)",
         );
     }
 
@@ -234,8 +304,75 @@ pub fn start(config: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         auth_enabled,
         tls_enabled,
         thread,
-        tls_thread,
+        front_thread,
+        front,
     })
+}
+
+/// File identity used to notice a change cheaply: (modified, length, inode on Unix).
+fn file_stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    #[cfg(unix)]
+    let ino = std::os::unix::fs::MetadataExt::ino(&meta);
+    #[cfg(not(unix))]
+    let ino = 0;
+    Some((meta.modified().ok()?, meta.len(), ino))
+}
+
+/// The watcher thread: every [`CREDENTIALS_POLL`], reload a changed credential file (so
+/// `coevo fleet remove` and password changes take effect without a restart; open connections
+/// of affected clients are then closed by the front end), and every [`STATS_LOG_INTERVAL`]
+/// log the counters if they changed. A file that fails to load keeps the previous set in
+/// force (a half-edited file must not lock the whole fleet out, nor open the broker).
+/// Ends when the front end is gone.
+fn watch(credentials: Option<(PathBuf, Arc<auth::Verifier>)>, front: Weak<front::Front>) {
+    let mut stamp = credentials.as_ref().and_then(|(p, _)| file_stamp(p));
+    let mut content = credentials
+        .as_ref()
+        .and_then(|(p, _)| std::fs::read(p).ok());
+    let mut logged = BrokerStats::default();
+    let mut last_log = Instant::now();
+    loop {
+        std::thread::sleep(CREDENTIALS_POLL);
+        let Some(front) = front.upgrade() else { return };
+        if let Some((path, verifier)) = &credentials {
+            let now = file_stamp(path);
+            if now != stamp {
+                stamp = now;
+                let text = std::fs::read(path).ok();
+                if text.is_some() && text != content {
+                    content = text;
+                    match Credentials::load(path) {
+                        Ok(creds) => {
+                            let clients = creds.clients.len();
+                            verifier.replace(creds);
+                            front
+                                .counters
+                                .credential_reloads
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            front.generation.send_modify(|g| *g += 1);
+                            tracing::info!(path = %path.display(), clients, "credential file reloaded; removed or changed clients are disconnected");
+                        }
+                        Err(e) => {
+                            front
+                                .counters
+                                .credential_reload_errors
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            tracing::error!(error = %e, "cannot reload the credential file; the previous credentials stay in force");
+                        }
+                    }
+                } else if text.is_none() {
+                    tracing::warn!(path = %path.display(), "credential file unreadable or gone; the previous credentials stay in force");
+                }
+            }
+        }
+        let stats = front.counters.snapshot();
+        if stats != logged && last_log.elapsed() >= STATS_LOG_INTERVAL {
+            tracing::info!(?stats, "embedded MQTT broker counters");
+            logged = stats;
+            last_log = Instant::now();
+        }
+    }
 }
 
 /// Polls `addr` with TCP connects until it accepts, the broker thread dies, or the timeout.

@@ -1,5 +1,5 @@
-//! The TLS front end: coevo terminates TLS itself and pipes the decrypted bytes to rumqttd,
-//! which then listens on a loopback-only port.
+//! TLS: coevo terminates TLS itself in the front end ([`crate::front`]) and pipes the decrypted
+//! bytes to rumqttd, which listens on a loopback-only port. This module loads the identity.
 //!
 //! Why not rumqttd's own `use-rustls` listener: rumqttd 0.20 runs the TLS handshake inline in
 //! its accept loop, with no timeout, before it spawns the connection. A single TCP connection
@@ -12,28 +12,18 @@
 //! Costs, and why they are acceptable: every byte is copied once more over loopback (small next
 //! to TLS itself and to training); rumqttd sees every TLS client as coming from 127.0.0.1 (we
 //! log the real peer at accept); and rumqttd's plain port is reachable by local processes on the
-//! broker host. That port still requires a client's password, just like the TLS one.
+//! broker host. That port accepts only the front end's per-process secret, so it cannot be
+//! used to bypass authentication or the topic ACLs.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::TlsConfig;
 use crate::BrokerError;
-
-/// Read buffer per direction: large enough that a 256 KiB model chunk moves in a few syscalls.
-const PIPE_BUFFER: usize = 64 * 1024;
-/// Pause after a failed `accept` (e.g. out of file descriptors) so the loop doesn't spin.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// Loads the certificate chain and key and builds the server config, so a missing, malformed
 /// or mismatched file is a typed error at start-up rather than a failed handshake later.
@@ -82,135 +72,5 @@ fn pem_error(e: &rustls::pki_types::pem::Error) -> String {
     match e {
         rustls::pki_types::pem::Error::NoItemsFound => "no PEM certificate or key found".into(),
         other => other.to_string(),
-    }
-}
-
-/// Serves TLS on `listener` (already bound, so the caller knows the port) on a thread of its
-/// own, piping each connection to rumqttd at `backend`. At most `max_connections` sockets are
-/// served at once (the broker's connection limit); further ones are closed at once.
-pub(crate) fn spawn_front(
-    listener: std::net::TcpListener,
-    acceptor: TlsAcceptor,
-    backend: SocketAddr,
-    handshake_timeout: Duration,
-    max_connections: usize,
-) -> Result<JoinHandle<()>, BrokerError> {
-    listener.set_nonblocking(true)?;
-    // Built here, not on the thread, so a failure is reported to the caller.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    std::thread::Builder::new()
-        .name("coevo-broker-tls".to_owned())
-        .spawn(move || {
-            runtime.block_on(async move {
-                match TcpListener::from_std(listener) {
-                    Ok(listener) => {
-                        serve(
-                            listener,
-                            acceptor,
-                            backend,
-                            handshake_timeout,
-                            max_connections,
-                        )
-                        .await
-                    }
-                    Err(e) => tracing::error!(error = %e, "TLS listener failed"),
-                }
-            })
-        })
-        .map_err(|e| BrokerError::Start(format!("cannot spawn TLS thread: {e}")))
-}
-
-async fn serve(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    backend: SocketAddr,
-    handshake_timeout: Duration,
-    max_connections: usize,
-) {
-    let slots = Arc::new(Semaphore::new(max_connections));
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!(error = %e, "TLS listener: accept failed");
-                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                continue;
-            }
-        };
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            tracing::warn!(%peer, max_connections, "TLS connection refused: connection limit reached");
-            continue;
-        };
-        let acceptor = acceptor.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            match connect(tcp, &acceptor, backend, handshake_timeout).await {
-                Ok((tls, upstream)) => {
-                    tracing::debug!(%peer, "TLS connection established");
-                    pipe(tls, upstream).await;
-                }
-                Err(reason) => tracing::warn!(%peer, "TLS connection dropped: {reason}"),
-            }
-        });
-    }
-}
-
-/// Handshake (bounded by `timeout`), then a plain connection to rumqttd.
-async fn connect(
-    tcp: TcpStream,
-    acceptor: &TlsAcceptor,
-    backend: SocketAddr,
-    timeout: Duration,
-) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, TcpStream), String> {
-    // MQTT is many small packets: don't let Nagle hold them back on either leg.
-    let _ = tcp.set_nodelay(true);
-    let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => return Err(format!("TLS handshake failed: {e}")),
-        Err(_) => return Err(format!("no TLS handshake within {timeout:?}")),
-    };
-    let upstream = TcpStream::connect(backend)
-        .await
-        .map_err(|e| format!("cannot reach the MQTT broker at {backend}: {e}"))?;
-    let _ = upstream.set_nodelay(true);
-    Ok((tls, upstream))
-}
-
-/// Copies both ways until either side ends, then closes both. (Not `copy_bidirectional`: it
-/// waits for *both* directions, so a client that vanished without a FIN would keep its task
-/// and slot after rumqttd dropped it for a missed keep-alive.)
-async fn pipe(
-    client: impl AsyncRead + AsyncWrite + Unpin,
-    broker: impl AsyncRead + AsyncWrite + Unpin,
-) {
-    let (client_rx, mut client_tx) = tokio::io::split(client);
-    let (broker_rx, mut broker_tx) = tokio::io::split(broker);
-    let up = async {
-        let r = tokio::io::copy_buf(
-            &mut BufReader::with_capacity(PIPE_BUFFER, client_rx),
-            &mut broker_tx,
-        )
-        .await;
-        let _ = broker_tx.shutdown().await;
-        r
-    };
-    let down = async {
-        let r = tokio::io::copy_buf(
-            &mut BufReader::with_capacity(PIPE_BUFFER, broker_rx),
-            &mut client_tx,
-        )
-        .await;
-        // Sends TLS close_notify after everything rumqttd wrote (e.g. a refused CONNACK).
-        let _ = client_tx.shutdown().await;
-        r
-    };
-    let result = tokio::select! {
-        r = up => r,
-        r = down => r,
-    };
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "TLS connection closed with an error");
     }
 }

@@ -60,11 +60,12 @@ async fn connect_outcome(eventloop: &mut EventLoop) -> Result<(), ConnectionErro
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authorised_client_round_trips_large_qos1_publish() {
-    let (handle, _dir) = broker_with(&[("cam-001", "right-password")]);
-    let (client, mut eventloop) = client(&handle, "cam-001", "cam-001", "right-password");
+    // The coordinator role may both publish and read any topic under the root.
+    let (handle, _dir) = broker_with(&[("coordinator", "right-password")]);
+    let (client, mut eventloop) = client(&handle, "coordinator", "coordinator", "right-password");
     connect_outcome(&mut eventloop).await.expect("connects");
 
-    let topic = "coevo/test/cam-001";
+    let topic = "coevo/v1/test/model/abc/0";
     client
         .subscribe(topic, QoS::AtLeastOnce)
         .await
@@ -105,10 +106,15 @@ async fn authorised_client_round_trips_large_qos1_publish() {
 async fn wrong_password_is_refused() {
     let (handle, _dir) = broker_with(&[("cam-001", "right-password")]);
     let (_client, mut eventloop) = client(&handle, "cam-001", "cam-001", "wrong-password");
-    // rumqttd closes the socket without a ConnAck: rumqttc reports MqttState(ConnectionAborted),
-    // not ConnectionRefused.
     let err = connect_outcome(&mut eventloop).await.expect_err("refused");
-    assert!(!matches!(err, ConnectionError::NetworkTimeout), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            ConnectionError::ConnectionRefused(rumqttc::ConnectReturnCode::BadUserNamePassword)
+        ),
+        "{err:?}"
+    );
+    assert_eq!(handle.stats().auth_refused, 1);
     // The broker is unaffected and still admits the right password.
     let (_c2, mut el2) = client(&handle, "cam-001", "cam-001", "right-password");
     connect_outcome(&mut el2)
@@ -122,6 +128,7 @@ async fn user_name_must_equal_client_id() {
     // cam-002's valid login used under cam-001's client id: impersonation attempt.
     let (_client, mut eventloop) = client(&handle, "cam-001", "cam-002", "pw-two");
     assert!(connect_outcome(&mut eventloop).await.is_err());
+    assert_eq!(handle.stats().client_id_mismatch, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
