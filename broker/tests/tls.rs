@@ -206,21 +206,22 @@ fn bad_certificate_files_are_typed_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_client_round_trips_and_plain_mqtt_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (handle, pki) = tls_broker(dir.path(), &[("cam-001", "pw")], 5_000);
+    let (handle, pki) = tls_broker(dir.path(), &[("coordinator", "pw")], 5_000);
 
-    let (cam, mut eventloop) = client(&handle, "cam-001", "pw", Some(&pki.ca));
+    let (cam, mut eventloop) = client(&handle, "coordinator", "pw", Some(&pki.ca));
     connect_outcome(&mut eventloop)
         .await
         .expect("TLS client connects");
-    cam.subscribe("t/x", QoS::AtLeastOnce)
+    cam.subscribe("coevo/v1/t/model/x/0", QoS::AtLeastOnce)
         .await
         .expect("subscribe");
     let payload: Vec<u8> = (0..300 * 1024).map(|i| (i % 251) as u8).collect();
+    // The coordinator role may read and write the whole root.
     let received = timeout(WAIT, async {
         loop {
             match eventloop.poll().await.expect("event loop") {
                 Event::Incoming(Packet::SubAck(_)) => cam
-                    .publish("t/x", QoS::AtLeastOnce, false, payload.clone())
+                    .publish("coevo/v1/t/model/x/0", QoS::AtLeastOnce, false, payload.clone())
                     .await
                     .expect("publish"),
                 Event::Incoming(Packet::Publish(p)) => return p,
@@ -233,7 +234,7 @@ async fn tls_client_round_trips_and_plain_mqtt_is_refused() {
     assert_eq!(&received.payload[..], &payload[..]);
 
     // The same valid login in plain MQTT: the front end finds no TLS ClientHello and hangs up.
-    let (_c, mut plain) = client(&handle, "cam-001", "pw", None);
+    let (_c, mut plain) = client(&handle, "coordinator", "pw", None);
     let err = connect_outcome(&mut plain)
         .await
         .expect_err("plain MQTT refused");

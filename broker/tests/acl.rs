@@ -1,0 +1,388 @@
+//! Topic ACLs, client id = user name and live revocation, over real sockets: a real embedded
+//! broker on 127.0.0.1 and rumqttc clients. Synchronisation is by MQTT events with timeouts;
+//! the only sleeps are "nothing more arrives" windows after a positive control arrived.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use coevo_broker::{free_local_addr, start, BrokerConfig, BrokerHandle, Credentials};
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, LastWill, MqttOptions,
+    Packet, QoS,
+};
+use tokio::time::timeout;
+
+const WAIT: Duration = Duration::from_secs(20);
+const F: &str = "coevo/v1/city";
+
+struct Fleet {
+    handle: BrokerHandle,
+    creds_path: PathBuf,
+    creds: Credentials,
+    _dir: tempfile::TempDir,
+}
+
+/// A broker whose credential file knows the coordinator and `cameras` (password = id + "-pw").
+fn fleet(cameras: &[&str]) -> Fleet {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let creds_path = dir.path().join("creds.toml");
+    let mut creds = Credentials::default();
+    for id in std::iter::once(&"coordinator").chain(cameras) {
+        creds.set_password(id, &format!("{id}-pw")).expect("hash");
+    }
+    creds.save(&creds_path).expect("save");
+    let handle = start(BrokerConfig {
+        listen: free_local_addr().expect("free port"),
+        credentials: Some(creds_path.clone()),
+        ..BrokerConfig::default()
+    })
+    .expect("broker starts");
+    Fleet {
+        handle,
+        creds_path,
+        creds,
+        _dir: dir,
+    }
+}
+
+fn options(addr: std::net::SocketAddr, id: &str, user: &str, pw: &str) -> MqttOptions {
+    let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    opts.set_credentials(user, pw);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts
+}
+
+fn login(f: &Fleet, id: &str) -> (AsyncClient, EventLoop) {
+    AsyncClient::new(options(f.handle.addr, id, id, &format!("{id}-pw")), 64)
+}
+
+/// Polls until CONNACK: `Ok` when accepted.
+async fn connected(el: &mut EventLoop) -> Result<(), ConnectionError> {
+    timeout(WAIT, async {
+        loop {
+            if let Event::Incoming(Packet::ConnAck(ack)) = el.poll().await? {
+                return match ack.code {
+                    ConnectReturnCode::Success => Ok(()),
+                    code => Err(ConnectionError::ConnectionRefused(code)),
+                };
+            }
+        }
+    })
+    .await
+    .expect("connect outcome within timeout")
+}
+
+/// A connected client whose events are collected by a background task: the publishes it
+/// received (topic, payload), and whether the broker closed it.
+struct Watched {
+    client: AsyncClient,
+    seen: tokio::sync::mpsc::UnboundedReceiver<Option<(String, Vec<u8>)>>,
+}
+
+async fn watched(f: &Fleet, id: &str) -> Watched {
+    let (client, mut el) = login(f, id);
+    connected(&mut el).await.expect("connects");
+    let (tx, seen) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let _ = tx.send(Some((p.topic.clone(), p.payload.to_vec())));
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    // Closed by the broker: report once and stop (no reconnects).
+                    let _ = tx.send(None);
+                    return;
+                }
+            }
+        }
+    });
+    Watched { client, seen }
+}
+
+impl Watched {
+    /// Waits for a publish on `topic`; panics on close or timeout.
+    async fn expect(&mut self, topic: &str) -> Vec<u8> {
+        timeout(WAIT, async {
+            loop {
+                match self.seen.recv().await.flatten() {
+                    Some((t, p)) if t == topic => return p,
+                    Some(_) => {}
+                    None => panic!("closed while waiting for {topic}"),
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("nothing on {topic}"))
+    }
+
+    /// Waits until the broker closes the connection, returning what arrived before.
+    async fn expect_closed(&mut self) -> Vec<(String, Vec<u8>)> {
+        let mut got = Vec::new();
+        timeout(WAIT, async {
+            loop {
+                match self.seen.recv().await {
+                    Some(Some(m)) => got.push(m),
+                    Some(None) | None => return,
+                }
+            }
+        })
+        .await
+        .expect("the broker closes the connection");
+        got
+    }
+
+    /// Everything that arrived so far (connection still open or not).
+    fn drain(&mut self) -> Vec<(String, Vec<u8>)> {
+        let mut got = Vec::new();
+        while let Ok(Some(m)) = self.seen.try_recv() {
+            got.push(m);
+        }
+        got
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn camera_wildcards_are_refused_and_it_never_reads_another_cameras_delta() {
+    let f = fleet(&["cam-1", "cam-2"]);
+    let mut coord = watched(&f, "coordinator").await;
+    coord
+        .client
+        .subscribe(format!("{F}/delta/+/+/+"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+
+    for filter in [
+        "#".to_string(),
+        "+/#".into(),
+        "$SYS/#".into(),
+        "coevo/v1/#".into(),
+        "coevo/v1/+/cam-2/#".into(),
+        format!("{F}/delta/+/+/+"),
+        format!("{F}/receipt/cam-2"),
+        format!("{F}/report/1"),
+    ] {
+        let mut spy = watched(&f, "cam-1").await;
+        spy.client.subscribe(&filter, QoS::AtLeastOnce).await.unwrap();
+        spy.expect_closed().await;
+    }
+    assert_eq!(f.handle.stats().acl_refused_subscribe, 8);
+
+    // Allowed filters: cam-1 stays connected, gets the round but not cam-2's delta.
+    let mut cam1 = watched(&f, "cam-1").await;
+    for filter in [
+        format!("{F}/round/current"),
+        format!("{F}/model/+/+"),
+        format!("{F}/receipt/cam-1"),
+    ] {
+        cam1.client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    }
+    let cam2 = watched(&f, "cam-2").await;
+    let delta = format!("{F}/delta/cam-2/1/0");
+    cam2.client
+        .publish(&delta, QoS::AtLeastOnce, false, b"secret delta".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(coord.expect(&delta).await, b"secret delta");
+    coord
+        .client
+        .publish(format!("{F}/round/current"), QoS::AtLeastOnce, true, b"m".to_vec())
+        .await
+        .unwrap();
+    cam1.expect(&format!("{F}/round/current")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(cam1.drain().iter().all(|(t, _)| !t.contains("delta")));
+    assert_eq!(f.handle.stats().acl_refused_subscribe, 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn camera_publishes_outside_its_topics_are_refused_retained_too() {
+    let f = fleet(&["cam-1", "cam-2"]);
+    let mut coord = watched(&f, "coordinator").await;
+    coord
+        .client
+        .subscribe(format!("{F}/#"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    // The coordinator's retained manifest: nothing a camera does may replace it.
+    let round = format!("{F}/round/current");
+    coord
+        .client
+        .publish(&round, QoS::AtLeastOnce, true, b"signed manifest".to_vec())
+        .await
+        .unwrap();
+    coord.expect(&round).await;
+
+    let forbidden = [
+        (format!("{F}/delta/cam-2/1/0"), false),
+        (round.clone(), true),
+        (format!("{F}/model/abc/0"), true),
+        (format!("{F}/receipt/cam-2"), false),
+        (format!("{F}/receipt/cam-1"), false),
+        (format!("{F}/report/1"), true),
+        (format!("{F}/status/cam-2"), true),
+        ("elsewhere/topic".to_string(), false),
+    ];
+    for (topic, retain) in &forbidden {
+        let mut cam = watched(&f, "cam-1").await;
+        cam.client
+            .publish(topic, QoS::AtLeastOnce, *retain, b"garbage".to_vec())
+            .await
+            .unwrap();
+        cam.expect_closed().await;
+    }
+    assert_eq!(f.handle.stats().acl_refused_publish, forbidden.len() as u64);
+
+    // Its own delta and status do get through (positive control, and the end of the window).
+    let cam = watched(&f, "cam-1").await;
+    let own = format!("{F}/delta/cam-1/1/0");
+    cam.client
+        .publish(&own, QoS::AtLeastOnce, false, b"mine".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(coord.expect(&own).await, b"mine");
+    let seen = coord.drain();
+    assert!(
+        seen.iter().all(|(_, p)| p != b"garbage"),
+        "a refused publish got through: {seen:?}"
+    );
+
+    // A late subscriber still gets the coordinator's retained manifest, not garbage.
+    let mut late = watched(&f, "cam-2").await;
+    late.client.subscribe(&round, QoS::AtLeastOnce).await.unwrap();
+    assert_eq!(late.expect(&round).await, b"signed manifest");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn camera_cannot_take_the_coordinators_client_id_or_a_forbidden_will() {
+    let f = fleet(&["cam-1"]);
+    let mut coord = watched(&f, "coordinator").await;
+    // cam-1's valid password under the coordinator's client id.
+    let (_c, mut el) = AsyncClient::new(
+        options(f.handle.addr, "coordinator", "cam-1", "cam-1-pw"),
+        4,
+    );
+    match connected(&mut el).await {
+        Err(ConnectionError::ConnectionRefused(ConnectReturnCode::BadClientId)) => {}
+        other => panic!("expected identifier rejected, got {other:?}"),
+    }
+    assert_eq!(f.handle.stats().client_id_mismatch, 1);
+
+    // A last will on another camera's status topic is refused at CONNECT.
+    let mut opts = options(f.handle.addr, "cam-1", "cam-1", "cam-1-pw");
+    opts.set_last_will(LastWill::new(
+        format!("{F}/status/cam-2"),
+        b"offline".to_vec(),
+        QoS::AtLeastOnce,
+        true,
+    ));
+    let (_c, mut el) = AsyncClient::new(opts, 4);
+    match connected(&mut el).await {
+        Err(ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized)) => {}
+        other => panic!("expected not authorised, got {other:?}"),
+    }
+
+    // The real coordinator was never kicked off: it still publishes and reads.
+    coord
+        .client
+        .subscribe(format!("{F}/status/+"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let topic = format!("{F}/status/cam-9");
+    coord
+        .client
+        .publish(&topic, QoS::AtLeastOnce, false, b"x".to_vec())
+        .await
+        .unwrap();
+    coord.expect(&topic).await;
+    assert!(coord.drain().is_empty());
+}
+
+/// rumqttd's own loopback port admits only the front end: a camera's (or the coordinator's)
+/// valid password is refused there, so nobody can go around the ACLs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_router_port_cannot_be_used_to_bypass_the_front_end() {
+    let f = fleet(&["cam-1"]);
+    for id in ["cam-1", "coordinator"] {
+        let (_c, mut el) = AsyncClient::new(
+            options(f.handle.router_addr(), id, id, &format!("{id}-pw")),
+            4,
+        );
+        assert!(connected(&mut el).await.is_err(), "{id} got in directly");
+    }
+    let (_c, mut el) = login(&f, "cam-1");
+    connected(&mut el).await.expect("the front end still admits cam-1");
+}
+
+async fn wait_closed_within(w: &mut Watched, limit: Duration) -> Duration {
+    let t0 = Instant::now();
+    w.expect_closed().await;
+    let took = t0.elapsed();
+    assert!(took < limit, "closed only after {took:?}");
+    took
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removal_closes_the_open_connection_and_refuses_reconnects() {
+    let mut f = fleet(&["cam-1", "cam-2"]);
+    let mut cam1 = watched(&f, "cam-1").await;
+    let mut cam2 = watched(&f, "cam-2").await;
+    assert!(f.creds.remove("cam-1"));
+    f.creds.save(&f.creds_path).unwrap();
+    let took = wait_closed_within(&mut cam1, Duration::from_secs(5)).await;
+    eprintln!("revocation closed cam-1 after {took:?}");
+    let (_c, mut el) = login(&f, "cam-1");
+    assert!(matches!(
+        connected(&mut el).await,
+        Err(ConnectionError::ConnectionRefused(
+            ConnectReturnCode::BadUserNamePassword
+        ))
+    ));
+    // cam-2 is untouched.
+    cam2.client
+        .subscribe(format!("{F}/round/current"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        matches!(
+            cam2.seen.try_recv(),
+            Err(tokio::sync::mpsc::error::TryRecvError::Empty)
+        ),
+        "cam-2 was closed too"
+    );
+    let s = f.handle.stats();
+    assert_eq!(s.revoked_disconnects, 1);
+    assert_eq!(s.credential_reloads, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_change_closes_the_connection_and_only_the_new_password_works() {
+    let mut f = fleet(&["cam-1"]);
+    let mut cam1 = watched(&f, "cam-1").await;
+    f.creds.set_password("cam-1", "brand-new").unwrap();
+    f.creds.save(&f.creds_path).unwrap();
+    wait_closed_within(&mut cam1, Duration::from_secs(5)).await;
+    // The old password was cached as verified; it must not count any more.
+    let (_c, mut el) = login(&f, "cam-1");
+    assert!(connected(&mut el).await.is_err());
+    let (_c, mut el) = AsyncClient::new(
+        options(f.handle.addr, "cam-1", "cam-1", "brand-new"),
+        4,
+    );
+    connected(&mut el).await.expect("the new password works");
+
+    // A broken credential file keeps the previous set in force.
+    std::fs::write(&f.creds_path, "not toml [").unwrap();
+    let t0 = Instant::now();
+    while f.handle.stats().credential_reload_errors == 0 {
+        assert!(t0.elapsed() < WAIT, "the broken file was never noticed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_c, mut el) = AsyncClient::new(
+        options(f.handle.addr, "cam-1", "cam-1", "brand-new"),
+        4,
+    );
+    connected(&mut el).await.expect("still admitted");
+}
