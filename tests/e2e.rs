@@ -60,16 +60,22 @@ async fn two_rounds_with_attacks_rejected() {
     ids.push("mallory".into());
     let fleet = provision(dir.path(), "coordinator", &ids).unwrap();
 
+    // mallory holds a coordinator-role account (a compromised collector): the broker's topic
+    // ACLs let it read and write anywhere under the root, so only the coordinator's own checks
+    // stand between it and the model. (A mere camera cannot even try: broker/tests/acl.rs.)
     let broker = coevo_broker::start(BrokerConfig {
         listen: coevo_broker::free_local_addr().unwrap(),
         credentials: Some(fleet.credentials_path.clone()),
+        acl: coevo_broker::AclConfig {
+            coordinators: vec!["coordinator".into(), "mallory".into()],
+            ..Default::default()
+        },
         ..BrokerConfig::default()
     })
     .unwrap();
     let addr = broker.addr;
 
-    // The attacker's own connection: registered, so the broker lets it in (rumqttd has no
-    // topic ACLs); it also watches cam-0's round-1 upload to replay it later.
+    // The attacker's own connection: it watches cam-0's round-1 upload to replay it later.
     let (_, mallory_key, mallory_pw) = fleet.clients[3].clone();
     let mut settings = Settings::new(addr.ip().to_string(), addr.port(), "mallory");
     settings.password = Some(mallory_pw);

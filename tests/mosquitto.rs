@@ -160,3 +160,118 @@ async fn wait_until_connected(s: &mut coevo_mqtt::Session) {
     .await
     .expect("connected to mosquitto");
 }
+
+/// A raw MQTT 3.1.1 CONNECT (clean session, keep-alive 30 s) with a user name that need not
+/// equal the client id — what a hostile camera sends; rumqttc-based sessions cannot.
+fn raw_connect(client_id: &str, user: &str, password: &str) -> Vec<u8> {
+    let field = |b: &[u8]| {
+        let mut v = (b.len() as u16).to_be_bytes().to_vec();
+        v.extend_from_slice(b);
+        v
+    };
+    let mut body = field(b"MQTT");
+    body.extend_from_slice(&[4, 0xc2, 0, 30]);
+    for f in [client_id, user, password] {
+        body.extend(field(f.as_bytes()));
+    }
+    let mut packet = vec![0x10, body.len() as u8];
+    packet.extend(body);
+    packet
+}
+
+/// The exported config as an operator runs it on Debian: `mosquitto -c` as root, no `user`
+/// (Mosquitto drops to `mosquitto` and must still read the 0600 password file). A camera's
+/// password under the coordinator's client id is then mapped to the camera's own id
+/// (`use_username_as_clientid`): the coordinator is not kicked off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exported_config_starts_as_root_and_no_camera_takes_the_coordinators_id() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    // The `mosquitto` user must be able to reach the export (tempdirs are 0700).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let fleet = fleet(dir.path(), 1);
+    let addr = coevo_broker::free_local_addr().unwrap();
+    let registry = coevo_coordinator::FleetRegistry::load(&fleet.registry_path).unwrap();
+    let creds = coevo_broker::Credentials::load(&fleet.credentials_path).unwrap();
+    let mdir = dir.path().join("mosquitto");
+    coevo::mosquitto::export(
+        &coevo::mosquitto::Export {
+            fleet: FLEET,
+            coordinator_id: "coordinator",
+            registry: &registry,
+            credentials: &creds,
+            listen_host: "127.0.0.1",
+            listen_port: addr.port(),
+            user: None,
+        },
+        &mdir,
+    )
+    .unwrap();
+    let conf = std::fs::read_to_string(mdir.join("mosquitto.conf")).unwrap();
+    assert!(conf.contains("use_username_as_clientid true"), "{conf}");
+    let acl = std::fs::read_to_string(mdir.join("acl")).unwrap();
+    assert!(!acl.contains("report"), "cameras read no reports: {acl}");
+    let log_path = dir.path().join("mosquitto.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut mosquitto = Command::new(mosquitto_bin())
+        .arg("-c")
+        .arg(mdir.join("mosquitto.conf"))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("mosquitto is installed (scripts/setup)");
+    let started = wait_until_ok(Duration::from_secs(20), || {
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+    })
+    .await;
+    if !started {
+        let _ = mosquitto.kill();
+        panic!(
+            "mosquitto did not start: {}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
+    }
+
+    let mut s = coevo_mqtt::Settings::new("127.0.0.1", addr.port(), "coordinator");
+    s.password = Some(fleet.coordinator_password.clone());
+    let mut coord = coevo_mqtt::Session::start(&s, vec![]);
+    wait_until_connected(&mut coord).await;
+
+    // cam-0's login under the coordinator's client id.
+    let (_, _, cam_pw) = fleet.clients[0].clone();
+    let mut raw = std::net::TcpStream::connect(addr).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    raw.write_all(&raw_connect("coordinator", "cam-0", &cam_pw))
+        .unwrap();
+    let mut connack = [0u8; 4];
+    raw.read_exact(&mut connack).unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0], "accepted, as cam-0");
+    // The real coordinator keeps its connection.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    while let Some(ev) = coord.try_recv() {
+        assert!(
+            !matches!(ev, coevo_mqtt::Incoming::Disconnected(_)),
+            "the coordinator was kicked off: {ev:?}"
+        );
+    }
+    drop(raw);
+    let _ = mosquitto.kill();
+    let _ = mosquitto.wait();
+}
+
+/// Polls `ok` until it holds (true) or `limit` passes (false).
+async fn wait_until_ok(limit: Duration, ok: impl Fn() -> bool) -> bool {
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < limit {
+        if ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}

@@ -14,7 +14,19 @@ use std::time::Duration;
 async fn forged_manifest_is_never_trained_on() {
     let dir = tempfile::tempdir().unwrap();
     let fleet = fleet(dir.path(), 2);
-    let broker = start_broker(&fleet);
+    // cam-1 turns attacker with a coordinator-role broker account (or a broker without topic
+    // ACLs): it may publish the manifest and models, but it has not the coordinator's key.
+    // (With a camera's account the broker refuses those publishes: broker/tests/acl.rs.)
+    let broker = start_broker_with(
+        &fleet,
+        coevo_broker::BrokerConfig {
+            acl: coevo_broker::AclConfig {
+                coordinators: vec!["coordinator".into(), "cam-1".into()],
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    );
     let addr = broker.addr;
     let shape = SHAPE;
     let data = synthetic(300, 100, shape, 31);
