@@ -106,7 +106,11 @@ pub fn acl_file(e: &Export<'_>) -> Result<String> {
         let read = rules.read_filters(id);
         let write = rules.write_filters(id);
         for f in &read {
-            let access = if write.contains(f) { "readwrite" } else { "read" };
+            let access = if write.contains(f) {
+                "readwrite"
+            } else {
+                "read"
+            };
             let _ = writeln!(acl, "topic {access} {f}");
         }
         for f in write.iter().filter(|f| !read.contains(f)) {

@@ -331,10 +331,7 @@ mod tests {
         assert_eq!(a.role("coordinator"), Role::Coordinator);
         assert!(a.may_subscribe("coordinator", "coevo/v1/city/delta/+/+/+"));
         assert!(a.may_subscribe("coordinator", "coevo/v1/#"));
-        assert!(a.may_subscribe(
-            "coordinator",
-            "$share/collectors/coevo/v1/city/delta/+/+/+"
-        ));
+        assert!(a.may_subscribe("coordinator", "$share/collectors/coevo/v1/city/delta/+/+/+"));
         assert!(a.may_publish("coordinator", "coevo/v1/city/round/current"));
         assert!(a.may_publish("coordinator", "coevo/v1/city/receipt/cam-1"));
         assert!(!a.may_subscribe("coordinator", "#"));

@@ -356,7 +356,10 @@ mod tests {
         creds.remove("cam-2");
         v.replace(creds);
         assert!(!v.is_current("cam-1", &old_hash));
-        assert!(!check(&v, "cam-1", "old"), "the cached old password must not count");
+        assert!(
+            !check(&v, "cam-1", "old"),
+            "the cached old password must not count"
+        );
         assert!(check(&v, "cam-1", "new"));
         assert!(!check(&v, "cam-2", "two"));
     }

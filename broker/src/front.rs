@@ -30,7 +30,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tokio::io::{
-    AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf,
+    AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
+    ReadHalf,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
@@ -279,23 +280,22 @@ where
     let mut rx = BufReader::with_capacity(PIPE_BUFFER, rx);
     // Subscribed before authenticating, so a reload during the check is not missed.
     let mut generation = front.generation.subscribe();
-    let connect = match tokio::time::timeout(front.connect_timeout, read_connect(front, &mut rx))
-        .await
-    {
-        Ok(Ok(c)) => c,
-        Ok(Err(End::Protocol(reason))) => {
-            tracing::debug!(%peer, "connection dropped before CONNECT: {reason}");
-            if reason.starts_with("protocol level") {
-                refuse(&mut tx, CONNACK_BAD_PROTOCOL).await;
+    let connect =
+        match tokio::time::timeout(front.connect_timeout, read_connect(front, &mut rx)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(End::Protocol(reason))) => {
+                tracing::debug!(%peer, "connection dropped before CONNECT: {reason}");
+                if reason.starts_with("protocol level") {
+                    refuse(&mut tx, CONNACK_BAD_PROTOCOL).await;
+                }
+                return;
             }
-            return;
-        }
-        Ok(Err(_)) => return,
-        Err(_) => {
-            tracing::debug!(%peer, "no CONNECT within {:?}", front.connect_timeout);
-            return;
-        }
-    };
+            Ok(Err(_)) => return,
+            Err(_) => {
+                tracing::debug!(%peer, "no CONNECT within {:?}", front.connect_timeout);
+                return;
+            }
+        };
     let id = connect.client_id.clone();
     let hash = match tokio::time::timeout(front.connect_timeout, admit(front, &connect, peer)).await
     {
@@ -331,8 +331,8 @@ where
         end
     };
     let down = async {
-        let _ = tokio::io::copy_buf(&mut BufReader::with_capacity(PIPE_BUFFER, up_rx), &mut tx)
-            .await;
+        let _ =
+            tokio::io::copy_buf(&mut BufReader::with_capacity(PIPE_BUFFER, up_rx), &mut tx).await;
         // Sends TLS close_notify after everything rumqttd wrote.
         let _ = tx.shutdown().await;
     };
@@ -740,7 +740,12 @@ mod tests {
 
     fn connect(will: Option<(&str, &[u8])>, user: Option<&str>, pw: Option<&[u8]>) -> Connect {
         Connect {
-            flags: 0x02 | if will.is_some() { 0x04 | 0x08 | 0x20 } else { 0 },
+            flags: 0x02
+                | if will.is_some() {
+                    0x04 | 0x08 | 0x20
+                } else {
+                    0
+                },
             keep_alive: 30,
             client_id: "cam-1".into(),
             will: will.map(|(t, m)| (t.to_owned(), m.to_vec())),
@@ -775,7 +780,9 @@ mod tests {
         }
         let mut v3 = good[2..].to_vec();
         v3[6] = 3;
-        assert!(parse_connect(&v3).unwrap_err().starts_with("protocol level"));
+        assert!(parse_connect(&v3)
+            .unwrap_err()
+            .starts_with("protocol level"));
         let mut reserved = good[2..].to_vec();
         reserved[7] |= 1;
         assert!(parse_connect(&reserved).is_err());

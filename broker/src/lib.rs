@@ -256,12 +256,7 @@ pub fn start(config: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         generation: tokio::sync::watch::Sender::new(0),
         log_limit: front::RateLimit::new(config.max_connections.saturating_mul(2)),
     });
-    let front_thread = front::spawn(
-        public,
-        acceptor,
-        Arc::clone(&front),
-        config.max_connections,
-    )?;
+    let front_thread = front::spawn(public, acceptor, Arc::clone(&front), config.max_connections)?;
     let watched = config.credentials.clone().zip(verifier);
     let weak = Arc::downgrade(&front);
     std::thread::Builder::new()

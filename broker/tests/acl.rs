@@ -164,7 +164,10 @@ async fn camera_wildcards_are_refused_and_it_never_reads_another_cameras_delta()
         format!("{F}/report/1"),
     ] {
         let mut spy = watched(&f, "cam-1").await;
-        spy.client.subscribe(&filter, QoS::AtLeastOnce).await.unwrap();
+        spy.client
+            .subscribe(&filter, QoS::AtLeastOnce)
+            .await
+            .unwrap();
         spy.expect_closed().await;
     }
     assert_eq!(f.handle.stats().acl_refused_subscribe, 8);
@@ -176,7 +179,10 @@ async fn camera_wildcards_are_refused_and_it_never_reads_another_cameras_delta()
         format!("{F}/model/+/+"),
         format!("{F}/receipt/cam-1"),
     ] {
-        cam1.client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+        cam1.client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .unwrap();
     }
     let cam2 = watched(&f, "cam-2").await;
     let delta = format!("{F}/delta/cam-2/1/0");
@@ -187,7 +193,12 @@ async fn camera_wildcards_are_refused_and_it_never_reads_another_cameras_delta()
     assert_eq!(coord.expect(&delta).await, b"secret delta");
     coord
         .client
-        .publish(format!("{F}/round/current"), QoS::AtLeastOnce, true, b"m".to_vec())
+        .publish(
+            format!("{F}/round/current"),
+            QoS::AtLeastOnce,
+            true,
+            b"m".to_vec(),
+        )
         .await
         .unwrap();
     cam1.expect(&format!("{F}/round/current")).await;
@@ -250,7 +261,10 @@ async fn camera_publishes_outside_its_topics_are_refused_retained_too() {
 
     // A late subscriber still gets the coordinator's retained manifest, not garbage.
     let mut late = watched(&f, "cam-2").await;
-    late.client.subscribe(&round, QoS::AtLeastOnce).await.unwrap();
+    late.client
+        .subscribe(&round, QoS::AtLeastOnce)
+        .await
+        .unwrap();
     assert_eq!(late.expect(&round).await, b"signed manifest");
 }
 
@@ -312,7 +326,9 @@ async fn the_router_port_cannot_be_used_to_bypass_the_front_end() {
         assert!(connected(&mut el).await.is_err(), "{id} got in directly");
     }
     let (_c, mut el) = login(&f, "cam-1");
-    connected(&mut el).await.expect("the front end still admits cam-1");
+    connected(&mut el)
+        .await
+        .expect("the front end still admits cam-1");
 }
 
 async fn wait_closed_within(w: &mut Watched, limit: Duration) -> Duration {
@@ -367,10 +383,7 @@ async fn password_change_closes_the_connection_and_only_the_new_password_works()
     // The old password was cached as verified; it must not count any more.
     let (_c, mut el) = login(&f, "cam-1");
     assert!(connected(&mut el).await.is_err());
-    let (_c, mut el) = AsyncClient::new(
-        options(f.handle.addr, "cam-1", "cam-1", "brand-new"),
-        4,
-    );
+    let (_c, mut el) = AsyncClient::new(options(f.handle.addr, "cam-1", "cam-1", "brand-new"), 4);
     connected(&mut el).await.expect("the new password works");
 
     // A broken credential file keeps the previous set in force.
@@ -380,9 +393,6 @@ async fn password_change_closes_the_connection_and_only_the_new_password_works()
         assert!(t0.elapsed() < WAIT, "the broken file was never noticed");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (_c, mut el) = AsyncClient::new(
-        options(f.handle.addr, "cam-1", "cam-1", "brand-new"),
-        4,
-    );
+    let (_c, mut el) = AsyncClient::new(options(f.handle.addr, "cam-1", "cam-1", "brand-new"), 4);
     connected(&mut el).await.expect("still admitted");
 }

@@ -221,7 +221,12 @@ async fn tls_client_round_trips_and_plain_mqtt_is_refused() {
         loop {
             match eventloop.poll().await.expect("event loop") {
                 Event::Incoming(Packet::SubAck(_)) => cam
-                    .publish("coevo/v1/t/model/x/0", QoS::AtLeastOnce, false, payload.clone())
+                    .publish(
+                        "coevo/v1/t/model/x/0",
+                        QoS::AtLeastOnce,
+                        false,
+                        payload.clone(),
+                    )
                     .await
                     .expect("publish"),
                 Event::Incoming(Packet::Publish(p)) => return p,
