@@ -396,3 +396,93 @@ async fn password_change_closes_the_connection_and_only_the_new_password_works()
     let (_c, mut el) = AsyncClient::new(options(f.handle.addr, "cam-1", "cam-1", "brand-new"), 4);
     connected(&mut el).await.expect("still admitted");
 }
+
+/// Resident set size of this process, in KiB (Linux).
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A raw MQTT 3.1.1 CONNECT without credentials.
+fn raw_connect(client_id: &str) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 120];
+    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    body.extend_from_slice(client_id.as_bytes());
+    let mut packet = vec![0x10, body.len() as u8];
+    packet.extend(body);
+    packet
+}
+
+/// Figures for BENCHMARKS.md (run with `--ignored --nocapture`): memory per idle camera
+/// connection through the front end and rumqttd, and QoS 1 throughput of 256 KiB publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement; run explicitly"]
+async fn measure_connection_cost_and_throughput() {
+    use std::io::{Read, Write};
+    let handle = start(BrokerConfig {
+        listen: free_local_addr().expect("free port"),
+        ..BrokerConfig::default()
+    })
+    .expect("broker starts");
+    let n = 2000;
+    let before = rss_kib();
+    let mut conns = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut s = std::net::TcpStream::connect(handle.addr).expect("connect");
+        s.write_all(&raw_connect(&format!("cam-{i}"))).expect("send");
+        let mut ack = [0u8; 4];
+        s.read_exact(&mut ack).expect("connack");
+        assert_eq!(ack, [0x20, 2, 0, 0], "cam-{i} admitted");
+        conns.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_kib();
+    eprintln!(
+        "{n} idle connections: RSS {before} KiB -> {after} KiB = {:.1} KiB per connection",
+        (after.saturating_sub(before)) as f64 / n as f64
+    );
+    drop(conns);
+
+    let mut opts = MqttOptions::new("coordinator", "127.0.0.1", handle.addr.port());
+    opts.set_max_packet_size(2 << 20, 2 << 20);
+    opts.set_keep_alive(Duration::from_secs(30));
+    let (client, mut el) = AsyncClient::new(opts, 64);
+    connected(&mut el).await.expect("connects");
+    let topic = format!("{F}/model/x/0");
+    client.subscribe(&topic, QoS::AtLeastOnce).await.unwrap();
+    let payload = vec![7u8; 256 * 1024];
+    let count = 200usize;
+    let t0 = Instant::now();
+    let mut received = 0;
+    let mut sent = 0;
+    timeout(Duration::from_secs(120), async {
+        while received < count {
+            match el.poll().await.expect("event loop") {
+                Event::Incoming(Packet::SubAck(_)) | Event::Incoming(Packet::PubAck(_))
+                    if sent < count =>
+                {
+                    client
+                        .publish(&topic, QoS::AtLeastOnce, false, payload.clone())
+                        .await
+                        .unwrap();
+                    sent += 1;
+                }
+                Event::Incoming(Packet::Publish(_)) => received += 1,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("all publishes come back");
+    let secs = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "{count} x 256 KiB QoS 1 publish+receive through the front end: {secs:.2} s, {:.0} MiB/s each way",
+        count as f64 * 0.25 / secs
+    );
+}
