@@ -134,8 +134,9 @@ enum FleetCmd {
         #[arg(long, default_value = "fleet.toml")]
         registry: PathBuf,
     },
-    /// Write a Mosquitto password file, ACL file (each client may publish only its own
-    /// delta/{client}/# and status/{client}) and mosquitto.conf for this fleet into DIR.
+    /// Write a Mosquitto password file, ACL file (the embedded broker's rules: each camera may
+    /// publish only its own delta/{client}/# and status/{client}, and read only the round, the
+    /// models and its own receipts) and mosquitto.conf (client id = user name) into DIR.
     ExportMosquitto {
         dir: PathBuf,
         /// Fleet name (topic namespace) the ACLs are for.
@@ -151,8 +152,8 @@ enum FleetCmd {
         /// Listener address for mosquitto.conf.
         #[arg(long, default_value = "127.0.0.1:1883")]
         listen: std::net::SocketAddr,
-        /// User Mosquitto switches to after start (must be able to read DIR/passwd, which is
-        /// 0600); default: Mosquitto's own (`mosquitto`).
+        /// User Mosquitto switches to after start (it reads DIR/passwd, 0600, as that user);
+        /// default: Mosquitto's own (`mosquitto`). Run as root, the export gives DIR to it.
         #[arg(long)]
         user: Option<String>,
     },

@@ -51,6 +51,9 @@ const SMALL_PACKET: usize = 4 * 1024;
 /// At most one log line per client (and reason class) per interval: a flood of refused packets
 /// must not become a flood of log lines.
 pub(crate) const LOG_INTERVAL: Duration = Duration::from_secs(60);
+/// Largest CONNECT read before authentication: id, will, user name and password are small, and
+/// an unauthenticated peer must not make us buffer a whole `max_packet`.
+const MAX_CONNECT: usize = 64 * 1024;
 /// Pause after a failed `accept` (e.g. out of file descriptors) so the loop doesn't spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
@@ -76,6 +79,7 @@ pub(crate) struct Counters {
     pub(crate) credential_reloads: AtomicU64,
     pub(crate) credential_reload_errors: AtomicU64,
     pub(crate) connections_accepted: AtomicU64,
+    pub(crate) protocol_violations: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -94,6 +98,7 @@ impl Counters {
             credential_reloads: get(&self.credential_reloads),
             credential_reload_errors: get(&self.credential_reload_errors),
             connections_accepted: get(&self.connections_accepted),
+            protocol_violations: get(&self.protocol_violations),
         }
     }
 }
@@ -286,6 +291,7 @@ where
         match tokio::time::timeout(front.connect_timeout, read_connect(front, &mut rx)).await {
             Ok(Ok(c)) => c,
             Ok(Err(End::Protocol(reason))) => {
+                bump(&front.counters.protocol_violations);
                 tracing::debug!(%peer, "connection dropped before CONNECT: {reason}");
                 if reason.starts_with("protocol level") {
                     refuse(&mut tx, CONNACK_BAD_PROTOCOL).await;
@@ -294,6 +300,7 @@ where
             }
             Ok(Err(_)) => return,
             Err(_) => {
+                bump(&front.counters.protocol_violations);
                 tracing::debug!(%peer, "no CONNECT within {:?}", front.connect_timeout);
                 return;
             }
@@ -343,6 +350,7 @@ where
         end = up => match end {
             End::Gone => {}
             End::Protocol(reason) => {
+                bump(&front.counters.protocol_violations);
                 if front.log_limit.allow(&id) {
                     tracing::warn!(client_id = %id, %peer, "closing connection: {reason}");
                 }
@@ -489,7 +497,7 @@ async fn read_connect<R: AsyncRead + Unpin>(front: &Front, r: &mut R) -> Result<
     if first >> 4 != CONNECT {
         return Err(End::Protocol("first packet is not CONNECT".into()));
     }
-    if len > front.max_packet {
+    if len > MAX_CONNECT.min(front.max_packet) {
         return Err(End::Protocol(format!("CONNECT of {len} bytes")));
     }
     let mut body = vec![0u8; len];

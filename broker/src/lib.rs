@@ -100,6 +100,9 @@ pub struct BrokerStats {
     pub credential_reload_errors: u64,
     /// CONNECTs admitted and handed to the router.
     pub connections_accepted: u64,
+    /// Connections closed for not speaking MQTT 3.1.1 as a client must (no or malformed
+    /// CONNECT, a second CONNECT, a packet over `max_payload_bytes`).
+    pub protocol_violations: u64,
 }
 
 /// A running embedded broker. rumqttd has no shutdown API, so it runs on its own OS thread for

@@ -488,3 +488,59 @@ async fn measure_connection_cost_and_throughput() {
         count as f64 * 0.25 / secs
     );
 }
+
+/// Reads until the broker closes the socket (or `WAIT` passes: then panics).
+fn read_until_closed(s: &mut std::net::TcpStream) {
+    use std::io::Read;
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut buf = [0u8; 64];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+            Err(e) => panic!("socket still open: {e}"),
+        }
+    }
+}
+
+/// Without credentials the claimed client id is still the ACL identity; non-MQTT bytes and
+/// oversized packets close the connection and are counted.
+#[test]
+fn open_broker_still_enforces_acls_and_counts_protocol_violations() {
+    use std::io::{Read, Write};
+    let handle = start(BrokerConfig {
+        listen: free_local_addr().expect("free port"),
+        ..BrokerConfig::default()
+    })
+    .expect("broker starts");
+    let connect = |id: &str| {
+        let mut s = std::net::TcpStream::connect(handle.addr).unwrap();
+        s.write_all(&raw_connect(id)).unwrap();
+        let mut ack = [0u8; 4];
+        s.read_exact(&mut ack).unwrap();
+        assert_eq!(ack, [0x20, 2, 0, 0]);
+        s
+    };
+
+    let mut http = std::net::TcpStream::connect(handle.addr).unwrap();
+    http.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    read_until_closed(&mut http);
+    assert_eq!(handle.stats().protocol_violations, 1, "not MQTT");
+
+    // A PUBLISH header announcing 16 MiB, over the 1 MiB + 64 KiB packet limit.
+    let mut big = connect("cam-1");
+    big.write_all(&[0x30, 0x80, 0x80, 0x80, 0x08]).unwrap();
+    read_until_closed(&mut big);
+    assert_eq!(handle.stats().protocol_violations, 2, "oversized");
+
+    // SUBSCRIBE "#" (packet id 1, QoS 1) by a claimed camera id.
+    let mut spy = connect("cam-1");
+    spy.write_all(&[0x82, 6, 0, 1, 0, 1, b'#', 1]).unwrap();
+    read_until_closed(&mut spy);
+
+    let s = handle.stats();
+    assert_eq!(s.protocol_violations, 2, "{s:?}");
+    assert_eq!(s.acl_refused_subscribe, 1, "{s:?}");
+    assert_eq!(s.connections_accepted, 2, "{s:?}");
+}
