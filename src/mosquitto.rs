@@ -189,3 +189,42 @@ fn write_private(path: &Path, data: &[u8]) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acl_file_is_the_embedded_rule_set_for_the_fleet() {
+        let mut registry = FleetRegistry::default();
+        let pk = coevo_protocol::SigningKey::generate().unwrap().public_key();
+        registry.add("cam-1", &pk).unwrap();
+        let credentials = Credentials::default();
+        let e = Export {
+            fleet: "city",
+            coordinator_id: "coordinator",
+            registry: &registry,
+            credentials: &credentials,
+            listen_host: "127.0.0.1",
+            listen_port: 1883,
+            user: None,
+        };
+        let acl = acl_file(&e).unwrap();
+        let body: Vec<&str> = acl.lines().skip(1).filter(|l| !l.is_empty()).collect();
+        assert_eq!(
+            body,
+            [
+                "user coordinator",
+                "topic readwrite coevo/v1/city/#",
+                "user cam-1",
+                "topic read coevo/v1/city/round/current",
+                "topic read coevo/v1/city/model/+/+",
+                "topic read coevo/v1/city/receipt/cam-1",
+                "topic write coevo/v1/city/delta/cam-1/#",
+                "topic write coevo/v1/city/status/cam-1",
+            ]
+        );
+        let bad = Export { fleet: "a/b", ..e };
+        assert!(acl_file(&bad).is_err());
+    }
+}
