@@ -187,7 +187,7 @@ fn raw_connect(client_id: &str, user: &str, password: &str) -> Vec<u8> {
 async fn exported_config_starts_as_root_and_no_camera_takes_the_coordinators_id() {
     use std::io::{Read, Write};
     let dir = tempfile::tempdir().unwrap();
-    // The `mosquitto` user must be able to reach the export (tempdirs are 0700).
+    // The `mosquitto` user must be able to reach the export, whatever the umask.
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
