@@ -287,3 +287,39 @@ async fn silent_socket_neither_blocks_others_nor_lingers() {
         closed.1
     );
 }
+
+/// The ACLs hold behind TLS too: a camera's wildcard SUBSCRIBE closes its TLS connection,
+/// and its own receipt topic is fine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acls_apply_over_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (handle, pki) = tls_broker(dir.path(), &[("cam-001", "pw")], 5_000);
+    let (cam, mut eventloop) = client(&handle, "cam-001", "pw", Some(&pki.ca));
+    connect_outcome(&mut eventloop).await.expect("connects");
+    cam.subscribe("coevo/v1/city/receipt/cam-001", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    let mut subacks = 0;
+    let closed = timeout(WAIT, async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    subacks += 1;
+                    cam.subscribe("coevo/v1/#", QoS::AtLeastOnce)
+                        .await
+                        .expect("subscribe");
+                }
+                Ok(_) => {}
+                Err(e) => return e,
+            }
+        }
+    })
+    .await
+    .expect("the broker closes the TLS connection");
+    assert!(
+        !matches!(closed, ConnectionError::NetworkTimeout),
+        "{closed:?}"
+    );
+    assert_eq!(subacks, 1, "the allowed filter was acknowledged");
+    assert_eq!(handle.stats().acl_refused_subscribe, 1);
+}
