@@ -1,5 +1,5 @@
 //! `coevo fleet export-mosquitto`: hands a fleet to Debian's Mosquitto, for deployments that want
-//! broker-side topic ACLs and on-disk persistence (rumqttd has neither).
+//! on-disk persistence (rumqttd keeps nothing on disk), with the embedded broker's topic ACLs.
 //!
 //! Writes `DIR/passwd` (Mosquitto `$7$` hashes from the credential file — no plaintext needed),
 //! `DIR/acl` and `DIR/mosquitto.conf`. The ACL comes from [`coevo_broker::Acl`], the rule set
