@@ -254,12 +254,20 @@ impl Agent {
             r = self.rounds(&mut session) => r,
             _ = shutdown => Ok(()),
         };
-        let status = self.status(
-            StatusState::Offline,
-            self.summary.accepted_rounds.last().copied(),
+        // A broker that refuses us will take no last status either: waiting for its
+        // acknowledgement would only delay the error by `close`'s timeout.
+        let refused = matches!(
+            result,
+            Err(EdgeError::Mqtt(coevo_mqtt::MqttError::AuthRefused(_)))
         );
-        let _ = session.publish(self.status_topic(), status, true).await;
-        session.close().await;
+        if !refused {
+            let status = self.status(
+                StatusState::Offline,
+                self.summary.accepted_rounds.last().copied(),
+            );
+            let _ = session.publish(self.status_topic(), status, true).await;
+            session.close().await;
+        }
         self.summary.ignored = self.ignored.counts().clone();
         self.summary.ignored_messages = self.ignored.total();
         result.map(|_| self.summary)
