@@ -430,8 +430,12 @@ async fn extended_round_is_re_signed_and_joined_after_the_first_deadline() {
     cfg.round.timeout_s = 3;
     cfg.round.below_quorum = coevo_coordinator::config::BelowQuorum::Extend;
     cfg.round.max_extensions = 40;
-    let coordinator = Coordinator::new(cfg, fleet.coordinator_key.clone(), data.test.shallow_clone())
-        .expect("valid config");
+    let coordinator = Coordinator::new(
+        cfg,
+        fleet.coordinator_key.clone(),
+        data.test.shallow_clone(),
+    )
+    .expect("valid config");
     let coord = tokio::spawn(coordinator.run(std::future::pending()));
 
     // Watch round/current as cam-1 (a camera may read it).
@@ -502,10 +506,7 @@ async fn wrong_password_stops_edge_and_coordinator_with_a_clear_message() {
     match result {
         Err(EdgeError::Mqtt(MqttError::AuthRefused(m))) => {
             let text = EdgeError::Mqtt(MqttError::AuthRefused(m)).to_string();
-            assert!(
-                text.contains("broker refused our credentials"),
-                "{text}"
-            );
+            assert!(text.contains("broker refused our credentials"), "{text}");
         }
         other => panic!("expected an auth refusal, got {other:?}"),
     }
@@ -605,5 +606,8 @@ fn edge_cli_names_missing_files_and_refused_credentials() {
     let (ok, text) = coevo_edge(dir);
     assert!(!ok, "exits after max_auth_refusals: {text}");
     assert!(text.contains("broker refused our credentials"), "{text}");
-    eprintln!("coevo edge with a wrong password exited after {:?}", t0.elapsed());
+    eprintln!(
+        "coevo edge with a wrong password exited after {:?}",
+        t0.elapsed()
+    );
 }

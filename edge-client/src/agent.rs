@@ -590,11 +590,11 @@ impl Agent {
                         break Some(Fetched::Newer(other));
                     }
                     // The coordinator extended the round: so do we.
-                    Event::Manifest(same) if same.round == m.round => {
-                        if same.deadline_unix_ms > m.deadline_unix_ms {
-                            m.deadline_unix_ms = same.deadline_unix_ms;
-                            give_up = instant_of(m.deadline_unix_ms.saturating_add(grace));
-                        }
+                    Event::Manifest(same)
+                        if same.round == m.round && same.deadline_unix_ms > m.deadline_unix_ms =>
+                    {
+                        m.deadline_unix_ms = same.deadline_unix_ms;
+                        give_up = instant_of(m.deadline_unix_ms.saturating_add(grace));
                     }
                     Event::ModelChunk { topic_index, chunk } if want.contains(&topic_index) => {
                         if !fits(&chunk, topic_index) {
@@ -894,12 +894,12 @@ impl Agent {
                 match ev {
                     // The coordinator extended the round: keep trying until the new deadline.
                     Event::Manifest(same)
-                        if same.round == m.round && same.model.digest == m.model.digest =>
+                        if same.round == m.round
+                            && same.model.digest == m.model.digest
+                            && same.deadline_unix_ms > m.deadline_unix_ms =>
                     {
-                        if same.deadline_unix_ms > m.deadline_unix_ms {
-                            m.deadline_unix_ms = same.deadline_unix_ms;
-                            give_up = instant_of(m.deadline_unix_ms.saturating_add(grace));
-                        }
+                        m.deadline_unix_ms = same.deadline_unix_ms;
+                        give_up = instant_of(m.deadline_unix_ms.saturating_add(grace));
                     }
                     Event::Receipt(r)
                         if r.round == sent.round && r.payload_digest == sent.payload_digest =>

@@ -183,7 +183,10 @@ mod tests {
         // A missing key file is reported as such, not as a hex parse error of its name.
         cfg.coordinator_key = dir.join("absent.pub").display().to_string();
         let err = cfg.coordinator_public_key().unwrap_err().to_string();
-        assert!(err.contains("absent.pub") && err.contains("No such file"), "{err}");
+        assert!(
+            err.contains("absent.pub") && err.contains("No such file"),
+            "{err}"
+        );
         // A file that holds something else names the file.
         std::fs::write(&file, "garbage").unwrap();
         cfg.coordinator_key = file.display().to_string();

@@ -292,7 +292,10 @@ mod tests {
                 now_unix_ms: 10_001 + GRACE
             })
         );
-        assert!(r.unwrap_err().to_string().contains("deadline passed 30 s ago"));
+        assert!(r
+            .unwrap_err()
+            .to_string()
+            .contains("deadline passed 30 s ago"));
         // No overflow at the edge of the range.
         assert_eq!(check_fresh(5, u64::MAX, u64::MAX, 4, GRACE), Ok(()));
     }
@@ -335,7 +338,10 @@ mod tests {
             assert!(!ig.record(IgnoreReason::MalformedModelChunk, 1));
         }
         assert!(ig.record(IgnoreReason::OldManifest, 1), "another reason");
-        assert!(ig.record(IgnoreReason::MalformedModelChunk, 2), "next round");
+        assert!(
+            ig.record(IgnoreReason::MalformedModelChunk, 2),
+            "next round"
+        );
         assert_eq!(ig.count(IgnoreReason::MalformedModelChunk), 101);
         assert_eq!(ig.count(IgnoreReason::ExpiredManifest), 0);
         assert_eq!(ig.total(), 102);

@@ -54,9 +54,9 @@ fn auth_refusal(
         E::ConnectionRefused(Code::BadUserNamePassword) => Some(MqttError::AuthRefused(
             "bad user name or password (CONNACK 4)".into(),
         )),
-        E::ConnectionRefused(Code::NotAuthorized) => Some(MqttError::AuthRefused(
-            "not authorized (CONNACK 5)".into(),
-        )),
+        E::ConnectionRefused(Code::NotAuthorized) => {
+            Some(MqttError::AuthRefused("not authorized (CONNACK 5)".into()))
+        }
         E::ConnectionRefused(Code::BadClientId) => Some(MqttError::AuthRefused(
             "client id rejected (CONNACK 2)".into(),
         )),
