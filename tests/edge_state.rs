@@ -327,6 +327,53 @@ async fn retained_garbage_on_a_model_chunk_is_refetched_until_the_real_chunk_is_
     eprintln!("garbage chunks: {:?}", summary.ignored);
 }
 
+/// Retained garbage that nobody repairs: the edge gives up on the round at its deadline plus
+/// grace (no stall, no upload) and takes part in the next round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unrepaired_model_is_given_up_at_the_deadline_and_the_next_round_is_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = fleet(dir.path(), 1);
+    let broker = start_broker(&fleet);
+    let script = Script::start(&fleet, broker.addr).await;
+    let m = model();
+    script
+        .round(script.manifest(1, &m, now_ms() + 2_000), &m)
+        .await;
+    script.publish(&m.wire[0].0, b"garbage".to_vec()).await;
+    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let t0 = Instant::now();
+    let agent = spawn_agent_custom(&fleet, 0, broker.addr, local_data(8), &stop_rx, |o| {
+        o.max_rounds = Some(1);
+        o.deadline_grace = Duration::from_secs(1);
+    });
+    script.wait_online("cam-0").await;
+    // Past round 1's deadline + grace (3 s from its publication), with a margin.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        script.rounds_uploaded().is_empty(),
+        "nothing without a model"
+    );
+    // Round 2 comes with a new model (so the garbage on the old chunk 0 plays no part).
+    let m2 = {
+        tch::manual_seed(9);
+        model()
+    };
+    assert_ne!(m2.r.digest, m.r.digest);
+    script
+        .round(script.manifest(2, &m2, now_ms() + 600_000), &m2)
+        .await;
+    let summary = finished(agent, Duration::from_secs(120)).await;
+    assert_eq!(summary.given_up_rounds, vec![1]);
+    assert_eq!(summary.accepted_rounds, vec![2]);
+    assert!(summary.ignored[&IgnoreReason::MalformedModelChunk] >= 1);
+    assert_eq!(script.rounds_uploaded(), vec![2]);
+    eprintln!(
+        "gave up round 1 and completed round 2 in {:?}; ignored {:?}",
+        t0.elapsed(),
+        summary.ignored
+    );
+}
+
 /// An edge that completed round 1 restarts while round 1's manifest (validly signed, deadline
 /// not yet passed) is still retained, as a replay would leave it: with its `state_dir` it
 /// ignores round 1, uploads nothing for it, and takes part in round 2.
