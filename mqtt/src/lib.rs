@@ -413,6 +413,30 @@ mod tests {
     }
 
     #[test]
+    fn refusals_are_told_from_network_errors() {
+        use rumqttc::{ConnectReturnCode as Code, ConnectionError as E, StateError};
+        // Mosquitto's CONNACK codes, whatever the state of the connection.
+        for code in [Code::BadUserNamePassword, Code::NotAuthorized] {
+            let e = auth_refusal(&E::ConnectionRefused(code), false, true);
+            assert!(matches!(e, Some(MqttError::AuthRefused(_))), "{e:?}");
+        }
+        // rumqttd closes the socket before any CONNACK: a refusal when we sent credentials.
+        let aborted = || E::MqttState(StateError::ConnectionAborted);
+        let e = auth_refusal(&aborted(), false, true).expect("refusal");
+        assert!(e
+            .to_string()
+            .starts_with("broker refused our credentials: "));
+        // The same close after a CONNACK is a dropped connection, and without credentials
+        // there is nothing to refuse.
+        assert!(auth_refusal(&aborted(), true, true).is_none());
+        assert!(auth_refusal(&aborted(), false, false).is_none());
+        // A broker that is down refuses the TCP connection: not a refusal of credentials.
+        let down = E::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(auth_refusal(&down, false, true).is_none());
+        assert!(auth_refusal(&E::NetworkTimeout, false, true).is_none());
+    }
+
+    #[test]
     fn ca_from_pem_and_file() {
         let pem = ca_pem();
         let tls = ClientTls::from_ca_pem(pem.as_bytes(), "test").expect("valid CA");
