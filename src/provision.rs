@@ -53,10 +53,16 @@ pub fn read_key(path: &Path) -> Result<SigningKey> {
 /// Reads a public key: hex text, or the `.pub` file written beside a private key.
 pub fn read_public(path_or_hex: &str) -> Result<PublicKey> {
     let p = Path::new(path_or_hex);
-    let text = if p.is_file() {
-        std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
-    } else {
+    let hex_key = {
+        let t = path_or_hex.trim();
+        t.len() == 64 && t.bytes().all(|b| b.is_ascii_hexdigit())
+    };
+    // Anything but 64 hex digits is a path: a missing file is said so, not reported as a hex
+    // parse error of its name.
+    let text = if hex_key && !p.is_file() {
         path_or_hex.to_string()
+    } else {
+        std::fs::read_to_string(p).with_context(|| format!("reading public key {}", p.display()))?
     };
     text.trim()
         .parse()

@@ -33,6 +33,7 @@ async fn first_outcome(
             match session.recv().await {
                 Some(Incoming::Connected { .. }) => return Ok(()),
                 Some(Incoming::Disconnected(reason)) => return Err(reason),
+                Some(Incoming::AuthRefused { error, .. }) => return Err(error.to_string()),
                 Some(Incoming::Publish(_)) => {}
                 None => return Err("session closed".into()),
             }

@@ -317,7 +317,7 @@ impl Coordinator {
         let model_digest = digest(&model_bytes);
         let chunk_size = cfg.transfer.chunk_size as usize;
         let chunks = split(&model_bytes, chunk_size);
-        let manifest = RoundManifest {
+        let mut manifest = RoundManifest {
             fleet: cfg.fleet.clone(),
             round,
             coordinator: cfg.client_id.clone(),
@@ -343,7 +343,7 @@ impl Coordinator {
             issued_unix_ms: now_ms(),
         };
         let signed = Signed::sign(Kind::Manifest, &manifest, &cfg.client_id, &self.key);
-        let manifest_wire = envelope::encode(Kind::Manifest, &signed);
+        let mut manifest_wire = envelope::encode(Kind::Manifest, &signed);
         let model_wire: Vec<(String, Vec<u8>)> = chunks
             .iter()
             .enumerate()
@@ -446,6 +446,13 @@ impl Coordinator {
                         extensions += 1;
                         deadline += timeout;
                         tracing::warn!(round, accepted = book.accepted.len(), quorum = cfg.round.quorum, "below quorum at the deadline: extending");
+                        // Edges drop a manifest whose deadline has passed, so the extension is
+                        // signed and published; the model goes again too, which also replaces
+                        // any retained chunk a broker lost or let someone overwrite.
+                        manifest.deadline_unix_ms += cfg.round.timeout_s * 1000;
+                        let signed = Signed::sign(Kind::Manifest, &manifest, &cfg.client_id, &self.key);
+                        manifest_wire = envelope::encode(Kind::Manifest, &signed);
+                        publish_round(session, &cfg.fleet, &model_wire, &manifest_wire).await?;
                         continue;
                     }
                     tracing::warn!(round, accepted = book.accepted.len(), quorum = cfg.round.quorum, "below quorum at the deadline: skipping the round");
@@ -460,6 +467,9 @@ impl Coordinator {
                 }
                 Some(Incoming::Disconnected(e)) => {
                     tracing::warn!(error = %e, "broker connection lost; reconnecting")
+                }
+                Some(Incoming::AuthRefused { error, consecutive }) => {
+                    tracing::error!(%error, consecutive, "cannot reconnect; retrying")
                 }
                 Some(Incoming::Publish(p)) => {
                     if let Some((client, upload_round, header, payload)) = self
@@ -1038,18 +1048,21 @@ async fn wait_connected(
     let wait = async {
         while let Some(ev) = session.recv().await {
             match ev {
-                Incoming::Connected { .. } => return true,
+                Incoming::Connected { .. } => return Ok(true),
                 Incoming::Disconnected(e) => last_error = e,
+                // Retrying with the same credentials cannot help: say so at once.
+                Incoming::AuthRefused { error, .. } => return Err(error),
                 // Not ours to handle yet; the client re-sends until it has a receipt.
                 Incoming::Publish(p) => {
                     let _ = session.ack(&p).await;
                 }
             }
         }
-        false
+        Ok(false)
     };
     match tokio::time::timeout(limit, wait).await {
-        Ok(true) => Ok(()),
+        Ok(Ok(true)) => Ok(()),
+        Ok(Err(refused)) => Err(CoordinatorError::Mqtt(refused)),
         _ => Err(CoordinatorError::Broker(format!(
             "cannot connect to the broker at {}:{} within {}s: {last_error}",
             cfg.broker.host, cfg.broker.port, cfg.broker.connect_timeout_s

@@ -1,18 +1,19 @@
 //! The edge agent's round loop.
 
 use crate::attack::{stale_replay, Attack, WireUpload};
+use crate::state::{check_fresh, now_unix_ms, IgnoreReason, Ignored, LastRound, Stale};
 use crate::EdgeError;
 use coevo_models::train::{train, TrainConfig};
 use coevo_models::{DataShape, Dataset, Student, Weights};
 use coevo_mqtt::{ClientTls, Incoming, Session, Settings};
-use coevo_protocol::chunk::{split, Reassembler};
+use coevo_protocol::chunk::{chunk_count, split, Reassembler};
 use coevo_protocol::codec::Limits;
 use coevo_protocol::envelope::{self, Kind};
 use coevo_protocol::{
     digest, DeltaChunk, DeltaHeader, Digest, ErrorFeedback, LocalMetrics, ModelChunk, PublicKey,
     Receipt, ReceiptOutcome, RoundManifest, Signed, SigningKey, Status, StatusState, Topic,
 };
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -25,6 +26,11 @@ const FETCH_WINDOW: usize = 32;
 const FETCH_WINDOW_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest model we accept, whatever a manifest claims.
 const MAX_MODEL_BYTES: u64 = 512 * 1024 * 1024;
+/// First wait before asking again for a model chunk that arrived malformed or for a model
+/// that failed its digest check; doubles up to [`FETCH_RETRY_MAX`]. Retained garbage is handed
+/// to every new subscription, so asking again at once would only spin.
+const FETCH_RETRY_MIN: Duration = Duration::from_secs(1);
+const FETCH_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// How an agent connects and whom it trusts.
 #[derive(Clone, Debug)]
@@ -57,6 +63,13 @@ pub struct AgentOptions {
     /// once. Without it, 75 agents each start libtorch's thread pool on 2 cores and the
     /// oversubscription costs more than the parallelism gains. `None` on a real device.
     pub train_slots: Option<std::sync::Arc<tokio::sync::Semaphore>>,
+    /// How long past a round's signed deadline the edge still acts on it: clock skew between
+    /// camera and coordinator. Past it a manifest is ignored, and a model that could not be
+    /// fetched and verified, or a delta without a receipt, is given up.
+    pub deadline_grace: Duration,
+    /// Consecutive refusals of our credentials by the broker after which the agent stops with
+    /// [`coevo_mqtt::MqttError::AuthRefused`] instead of retrying forever.
+    pub max_auth_refusals: u32,
 }
 
 impl AgentOptions {
@@ -82,6 +95,8 @@ impl AgentOptions {
             max_retry_wait: Duration::from_secs(60),
             attack: None,
             train_slots: None,
+            deadline_grace: Duration::from_secs(30),
+            max_auth_refusals: 3,
         }
     }
 }
@@ -93,8 +108,13 @@ pub struct AgentSummary {
     pub accepted_rounds: Vec<u64>,
     /// Rounds whose delta was rejected, with the coordinator's reason.
     pub rejected_rounds: Vec<(u64, String)>,
-    /// Manifests or receipts that failed verification and were ignored.
+    /// Messages ignored for any reason (the sum of `ignored`).
     pub ignored_messages: u64,
+    /// Messages ignored, by reason: unverifiable, stale or malformed manifests, chunks and
+    /// receipts.
+    pub ignored: BTreeMap<IgnoreReason, u64>,
+    /// Rounds given up at their deadline (model not fetched and verified, or no receipt).
+    pub given_up_rounds: Vec<u64>,
     /// L2 norm of the error-feedback residual read back from `state_dir` at the first
     /// compressed round (`None`: nothing on disk, or no `state_dir`).
     pub restored_residual_norm: Option<f64>,
@@ -103,8 +123,18 @@ pub struct AgentSummary {
 /// Typed view of what arrives on our subscriptions.
 enum Event {
     Connected,
+    /// A verified manifest that passes the freshness rule.
     Manifest(Box<RoundManifest>),
-    ModelChunk(ModelChunk),
+    /// A decoded model chunk and the index its topic names.
+    ModelChunk {
+        topic_index: u32,
+        chunk: ModelChunk,
+    },
+    /// Something on a model chunk topic that does not decode.
+    BadModelChunk {
+        digest: Digest,
+        index: u32,
+    },
     Receipt(Receipt),
     Other,
 }
@@ -112,6 +142,20 @@ enum Event {
 enum Upload {
     Receipt(ReceiptOutcome),
     Newer(Box<RoundManifest>),
+    /// No receipt by the round's deadline (plus grace).
+    Expired,
+}
+
+enum Fetched {
+    Model(Vec<u8>),
+    Newer(Box<RoundManifest>),
+    /// Not assembled and verified by the round's deadline (plus grace).
+    GaveUp,
+}
+
+/// The tokio instant of a Unix-ms time (now, if it has passed).
+fn instant_of(unix_ms: u64) -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_millis(unix_ms.saturating_sub(now_unix_ms()))
 }
 
 pub struct Agent {
@@ -133,6 +177,11 @@ pub struct Agent {
     /// The uplink's error-feedback residual; `None` until read from `state_dir` (lazily: its
     /// bound is the size of the first round's model).
     feedback: Option<ErrorFeedback>,
+    /// The last round completed, persisted in `state_dir`.
+    last_round: LastRound,
+    /// The round being worked on (for one log line per ignore reason per round).
+    working_round: u64,
+    ignored: Ignored,
 }
 
 /// File name of the error-feedback residual in [`AgentOptions::state_dir`].
@@ -153,6 +202,10 @@ impl Agent {
             .as_deref()
             .map(ClientTls::from_ca_file)
             .transpose()?;
+        let last_round = LastRound::load(opts.state_dir.as_deref())?;
+        if last_round.get() > 0 {
+            tracing::info!(client = %opts.client_id, round = last_round.get(), "last completed round read from state_dir; older manifests will be ignored");
+        }
         Ok(Agent {
             opts,
             tls,
@@ -168,6 +221,9 @@ impl Agent {
             summary: AgentSummary::default(),
             replay: None,
             feedback: None,
+            working_round: last_round.get(),
+            last_round,
+            ignored: Ignored::default(),
         })
     }
 
@@ -198,13 +254,46 @@ impl Agent {
             r = self.rounds(&mut session) => r,
             _ = shutdown => Ok(()),
         };
-        let status = self.status(
-            StatusState::Offline,
-            self.summary.accepted_rounds.last().copied(),
+        // A broker that refuses us will take no last status either: waiting for its
+        // acknowledgement would only delay the error by `close`'s timeout.
+        let refused = matches!(
+            result,
+            Err(EdgeError::Mqtt(coevo_mqtt::MqttError::AuthRefused(_)))
         );
-        let _ = session.publish(self.status_topic(), status, true).await;
-        session.close().await;
+        if !refused {
+            let status = self.status(
+                StatusState::Offline,
+                self.summary.accepted_rounds.last().copied(),
+            );
+            let _ = session.publish(self.status_topic(), status, true).await;
+            session.close().await;
+        }
+        self.summary.ignored = self.ignored.counts().clone();
+        self.summary.ignored_messages = self.ignored.total();
         result.map(|_| self.summary)
+    }
+
+    /// Counts an ignored message; logs it if it is the first for `reason` this round.
+    fn ignore(&mut self, reason: IgnoreReason, detail: &dyn std::fmt::Display) {
+        if self.ignored.record(reason, self.working_round) {
+            tracing::warn!(client = %self.opts.client_id, round = self.working_round, %reason, %detail, "ignoring a message (further ones for this reason are counted, not logged, this round)");
+        }
+    }
+
+    /// The freshness rule of [`crate::state`] for `m`, now.
+    fn fresh(&self, m: &RoundManifest) -> Result<(), Stale> {
+        check_fresh(
+            m.round,
+            m.deadline_unix_ms,
+            now_unix_ms(),
+            self.last_round.get(),
+            self.opts.deadline_grace.as_millis() as u64,
+        )
+    }
+
+    /// Records `round` as completed, in memory and in `state_dir`.
+    fn complete(&mut self, round: u64) -> Result<(), EdgeError> {
+        self.last_round.complete(round)
     }
 
     fn status_topic(&self) -> String {
@@ -227,22 +316,28 @@ impl Agent {
     }
 
     async fn rounds(&mut self, session: &mut Session) -> Result<(), EdgeError> {
-        let mut last_done = 0u64;
         let mut pending: Option<Box<RoundManifest>> = None;
         let mut done = 0u64;
         loop {
             if self.opts.max_rounds.is_some_and(|m| done >= m) {
                 return Ok(());
             }
-            let manifest = match pending.take() {
-                Some(m) => m,
-                None => self.next_manifest(session, last_done).await?,
+            // A manifest held while we were busy may have gone stale meanwhile.
+            let mut manifest = match pending.take() {
+                Some(m) if self.fresh(&m).is_ok() => m,
+                _ => self.next_manifest(session).await?,
             };
             let round = manifest.round;
-            let base = match self.fetch_model(session, &manifest).await? {
-                Ok(bytes) => bytes,
-                Err(newer) => {
+            self.working_round = round;
+            let base = match self.fetch_model(session, &mut manifest).await? {
+                Fetched::Model(bytes) => bytes,
+                Fetched::Newer(newer) => {
                     pending = Some(newer);
+                    continue;
+                }
+                Fetched::GaveUp => {
+                    tracing::warn!(client = %self.opts.client_id, round, "could not fetch and verify the round's model by its deadline; waiting for the next round");
+                    self.summary.given_up_rounds.push(round);
                     continue;
                 }
             };
@@ -250,11 +345,11 @@ impl Agent {
                 Ok(x) => x,
                 Err(e) => {
                     tracing::error!(client = %self.opts.client_id, round, error = %e, "cannot train on this round's model");
-                    last_done = round;
+                    self.complete(round)?;
                     continue;
                 }
             };
-            match self.upload(session, &manifest, &delta, metrics).await? {
+            match self.upload(session, &mut manifest, &delta, metrics).await? {
                 Upload::Receipt(ReceiptOutcome::Accepted) => {
                     tracing::info!(client = %self.opts.client_id, round, "delta accepted");
                     self.summary.accepted_rounds.push(round);
@@ -271,8 +366,15 @@ impl Agent {
                     tracing::warn!(client = %self.opts.client_id, round, "round closed before a receipt arrived");
                     pending = Some(m);
                 }
+                Upload::Expired => {
+                    // Not recorded as completed: a coordinator that resumes this round after
+                    // a restart re-issues its manifest with a new deadline, and we take part.
+                    tracing::warn!(client = %self.opts.client_id, round, "no receipt by the round's deadline; waiting for the next round");
+                    self.summary.given_up_rounds.push(round);
+                    continue;
+                }
             }
-            last_done = round;
+            self.complete(round)?;
             done += 1;
         }
     }
@@ -285,6 +387,8 @@ impl Agent {
                 tracing::debug!(client = %self.opts.client_id, error = %e, "disconnected; reconnecting");
                 return Event::Other;
             }
+            // Handled in `next_event`, which may end the agent.
+            Incoming::AuthRefused { .. } => return Event::Other,
             Incoming::Publish(p) => p,
         };
         let topic = match Topic::parse(&self.opts.fleet, &p.topic) {
@@ -296,21 +400,32 @@ impl Agent {
         }
         match topic {
             Topic::RoundCurrent => match self.verify_manifest(&p.payload) {
-                Ok(m) => Event::Manifest(Box::new(m)),
+                Ok(m) => match self.fresh(&m) {
+                    Ok(()) => Event::Manifest(Box::new(m)),
+                    Err(stale) => {
+                        let reason = match stale {
+                            Stale::NotNewer { .. } => IgnoreReason::OldManifest,
+                            Stale::Expired { .. } => IgnoreReason::ExpiredManifest,
+                        };
+                        self.ignore(reason, &stale);
+                        Event::Other
+                    }
+                },
                 Err(e) => {
-                    self.summary.ignored_messages += 1;
-                    tracing::warn!(client = %self.opts.client_id, error = %e, "ignoring a manifest that does not verify");
+                    self.ignore(IgnoreReason::UnverifiedManifest, &e);
                     Event::Other
                 }
             },
-            Topic::ModelChunk { .. } => {
+            Topic::ModelChunk { digest, index } => {
                 match envelope::decode::<ModelChunk>(&p.payload, Kind::ModelChunk, 4 * 1024 * 1024)
                 {
-                    Ok(c) => Event::ModelChunk(c),
+                    Ok(chunk) => Event::ModelChunk {
+                        topic_index: index,
+                        chunk,
+                    },
                     Err(e) => {
-                        self.summary.ignored_messages += 1;
-                        tracing::warn!(error = %e, "ignoring a malformed model chunk");
-                        Event::Other
+                        self.ignore(IgnoreReason::MalformedModelChunk, &e);
+                        Event::BadModelChunk { digest, index }
                     }
                 }
             }
@@ -330,8 +445,7 @@ impl Agent {
                     }
                     Ok(_) => Event::Other,
                     Err(e) => {
-                        self.summary.ignored_messages += 1;
-                        tracing::warn!(error = %e, "ignoring a receipt that does not verify");
+                        self.ignore(IgnoreReason::UnverifiedReceipt, &e);
                         Event::Other
                     }
                 }
@@ -368,6 +482,14 @@ impl Agent {
             .recv()
             .await
             .ok_or_else(|| EdgeError::Broker("MQTT session ended".into()))?;
+        if let Incoming::AuthRefused { error, consecutive } = ev {
+            let max = self.opts.max_auth_refusals.max(1);
+            tracing::error!(client = %self.opts.client_id, %error, consecutive, max, "check broker.password (or COEVO_BROKER_PASSWORD) and that this client is in the fleet");
+            if consecutive >= max {
+                return Err(EdgeError::Mqtt(error));
+            }
+            return Ok(Event::Other);
+        }
         let ev = self.classify(ev);
         if let Event::Connected = ev {
             let s = self.status(
@@ -379,30 +501,57 @@ impl Agent {
         Ok(ev)
     }
 
+    /// Waits for a verified manifest that passes the freshness rule.
     async fn next_manifest(
         &mut self,
         session: &mut Session,
-        after: u64,
     ) -> Result<Box<RoundManifest>, EdgeError> {
         loop {
             if let Event::Manifest(m) = self.next_event(session).await? {
-                if m.round > after {
-                    return Ok(m);
-                }
+                return Ok(m);
             }
         }
     }
 
     /// Fetches and checks the manifest's model; a newer manifest arriving meanwhile wins.
+    ///
+    /// Never stalls on a bad chunk: a chunk that does not decode or does not fit the manifest
+    /// is ignored and asked for again (a new subscription gets the retained copy, which the
+    /// coordinator republishes) with backoff, and a model that fails its digest is fetched
+    /// again. Past the round's deadline plus grace the round is given up; a re-signed
+    /// manifest of the same round and model (the coordinator extended it) moves the deadline
+    /// in `m`.
     async fn fetch_model(
         &mut self,
         session: &mut Session,
-        m: &RoundManifest,
-    ) -> Result<Result<Vec<u8>, Box<RoundManifest>>, EdgeError> {
+        m: &mut RoundManifest,
+    ) -> Result<Fetched, EdgeError> {
         let total = m.model.chunks.max(1);
-        let mut reasm: Reassembler<Digest> = Reassembler::new(1, m.model.size as usize, total);
+        let size = m.model.size as usize;
+        // Model chunks are cut at the manifest's chunk size; when the counts agree, each
+        // chunk's exact length is known, so a forged one is refused before it can spoil the
+        // chunks already held.
+        let cut = m.chunk_size as usize;
+        let exact = cut > 0 && chunk_count(size, cut) == total;
+        let model = m.model.clone();
+        let fits = |c: &ModelChunk, topic_index: u32| {
+            let len_ok = if exact {
+                let start = topic_index as usize * cut;
+                c.data.len() == cut.min(size.saturating_sub(start))
+            } else {
+                c.data.len() <= size
+            };
+            c.digest == model.digest && c.index == topic_index && c.total == total && len_ok
+        };
+        let mut reasm: Reassembler<Digest> = Reassembler::new(1, size, total);
         let mut received: BTreeSet<u32> = BTreeSet::new();
+        let grace = self.opts.deadline_grace.as_millis() as u64;
+        let mut give_up = instant_of(m.deadline_unix_ms.saturating_add(grace));
+        let mut retry = FETCH_RETRY_MIN;
         loop {
+            if tokio::time::Instant::now() >= give_up {
+                return Ok(Fetched::GaveUp);
+            }
             // Ask for the next window of missing chunks by their exact topics. A broker hands
             // retained messages to a new subscription only up to its in-flight window (rumqttd
             // silently drops the rest), so a wildcard over a big model would never complete.
@@ -423,35 +572,76 @@ impl Agent {
             for t in &topics {
                 session.subscribe(t).await?;
             }
-            let until = tokio::time::Instant::now() + FETCH_WINDOW_TIMEOUT;
+            let mut until = tokio::time::Instant::now() + FETCH_WINDOW_TIMEOUT;
+            let mut bad = false;
             let outcome = loop {
                 let ev = tokio::select! {
+                    // Events first: a queued extension must be seen before the deadline fires.
+                    biased;
                     ev = self.next_event(session) => ev?,
                     _ = tokio::time::sleep_until(until) => break None,
+                    _ = tokio::time::sleep_until(give_up) => break None,
                 };
                 match ev {
-                    Event::Manifest(newer) if newer.round > m.round => break Some(Err(newer)),
-                    Event::ModelChunk(c) if c.digest == m.model.digest => {
-                        let index = c.index;
-                        match reasm.insert(c.digest, c.index, c.total, c.data) {
+                    Event::Manifest(other)
+                        if other.round > m.round
+                            || (other.round == m.round && other.model.digest != m.model.digest) =>
+                    {
+                        break Some(Fetched::Newer(other));
+                    }
+                    // The coordinator extended the round: so do we.
+                    Event::Manifest(same)
+                        if same.round == m.round && same.deadline_unix_ms > m.deadline_unix_ms =>
+                    {
+                        m.deadline_unix_ms = same.deadline_unix_ms;
+                        give_up = instant_of(m.deadline_unix_ms.saturating_add(grace));
+                    }
+                    Event::ModelChunk { topic_index, chunk } if want.contains(&topic_index) => {
+                        if !fits(&chunk, topic_index) {
+                            let detail = format!(
+                                "chunk {}/{} of {} bytes on the topic of chunk {topic_index}",
+                                chunk.index,
+                                chunk.total,
+                                chunk.data.len()
+                            );
+                            self.ignore(IgnoreReason::MalformedModelChunk, &detail);
+                            bad = true;
+                            until = until.min(tokio::time::Instant::now() + retry);
+                            continue;
+                        }
+                        match reasm.insert(chunk.digest, topic_index, chunk.total, chunk.data) {
                             Ok(Some(bytes)) => {
-                                if bytes.len() as u64 == m.model.size
-                                    && digest(&bytes) == m.model.digest
-                                {
-                                    break Some(Ok(bytes));
+                                if bytes.len() == size && digest(&bytes) == m.model.digest {
+                                    break Some(Fetched::Model(bytes));
                                 }
-                                tracing::warn!(client = %self.opts.client_id, "model bytes do not match the signed digest; fetching again");
+                                self.ignore(
+                                    IgnoreReason::ModelDigestMismatch,
+                                    &"model bytes do not match the signed digest; fetching again",
+                                );
                                 received.clear();
-                                break None;
+                                bad = true;
+                                until = until.min(tokio::time::Instant::now() + retry);
                             }
                             Ok(None) => {
-                                received.insert(index);
+                                received.insert(topic_index);
                             }
-                            Err(e) => tracing::warn!(error = %e, "bad model chunk"),
+                            Err(e) => {
+                                // The reassembler dropped what it held: start over.
+                                self.ignore(IgnoreReason::MalformedModelChunk, &e);
+                                received.clear();
+                                bad = true;
+                                until = until.min(tokio::time::Instant::now() + retry);
+                            }
                         }
                         if want.iter().all(|i| received.contains(i)) {
                             break None;
                         }
+                    }
+                    Event::BadModelChunk { digest, index }
+                        if digest == m.model.digest && want.contains(&index) =>
+                    {
+                        bad = true;
+                        until = until.min(tokio::time::Instant::now() + retry);
                     }
                     _ => {}
                 }
@@ -462,6 +652,12 @@ impl Agent {
             if let Some(result) = outcome {
                 return Ok(result);
             }
+            retry = if bad {
+                tracing::debug!(client = %self.opts.client_id, round = m.round, ?retry, "asking again for model chunks that were malformed");
+                (retry * 2).min(FETCH_RETRY_MAX)
+            } else {
+                FETCH_RETRY_MIN
+            };
         }
     }
 
@@ -607,7 +803,7 @@ impl Agent {
     async fn upload(
         &mut self,
         session: &mut Session,
-        m: &RoundManifest,
+        m: &mut RoundManifest,
         payload: &[u8],
         metrics: LocalMetrics,
     ) -> Result<Upload, EdgeError> {
@@ -672,8 +868,15 @@ impl Agent {
             .is_none_or(Attack::expects_receipt);
         let mut wait = self.opts.retry_wait;
         let max_wait = self.opts.max_retry_wait;
+        let grace = self.opts.deadline_grace.as_millis() as u64;
+        let mut give_up = instant_of(m.deadline_unix_ms.saturating_add(grace));
         let mut first = true;
         loop {
+            // Checked after the first send and after the events queued during training (an
+            // extension among them) have been read.
+            if !first && tokio::time::Instant::now() >= give_up {
+                return Ok(Upload::Expired);
+            }
             if first || resend {
                 for (topic, bytes) in &sent.messages {
                     session.publish(topic.clone(), bytes.clone(), false).await?;
@@ -683,10 +886,21 @@ impl Agent {
             let until = tokio::time::Instant::now() + wait;
             loop {
                 let ev = tokio::select! {
+                    biased;
                     ev = self.next_event(session) => ev?,
                     _ = tokio::time::sleep_until(until) => break,
+                    _ = tokio::time::sleep_until(give_up) => break,
                 };
                 match ev {
+                    // The coordinator extended the round: keep trying until the new deadline.
+                    Event::Manifest(same)
+                        if same.round == m.round
+                            && same.model.digest == m.model.digest
+                            && same.deadline_unix_ms > m.deadline_unix_ms =>
+                    {
+                        m.deadline_unix_ms = same.deadline_unix_ms;
+                        give_up = instant_of(m.deadline_unix_ms.saturating_add(grace));
+                    }
                     Event::Receipt(r)
                         if r.round == sent.round && r.payload_digest == sent.payload_digest =>
                     {

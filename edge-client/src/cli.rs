@@ -21,8 +21,12 @@ pub async fn run(args: &EdgeArgs) -> Result<(), EdgeError> {
     let cfg = EdgeConfig::load(&args.config)?;
     let key_bytes = std::fs::read(&cfg.key)
         .map_err(|e| EdgeError::Config(format!("key {}: {e}", cfg.key.display())))?;
-    let key = SigningKey::from_pkcs8(&key_bytes)?;
-    let split = coevo_models::data::load_dir(&cfg.data.path)?;
+    let key = SigningKey::from_pkcs8(&key_bytes)
+        .map_err(|e| EdgeError::Config(format!("key {}: {e}", cfg.key.display())))?;
+    // Checked before the (slow) data load, so a bad pinned key fails at once.
+    let coordinator_key = cfg.coordinator_public_key()?;
+    let split = coevo_models::data::load_dir(&cfg.data.path)
+        .map_err(|e| EdgeError::Config(format!("data.path: {e}")))?;
     let spec: PartitionSpec = cfg
         .data
         .partition
@@ -59,7 +63,7 @@ pub async fn run(args: &EdgeArgs) -> Result<(), EdgeError> {
         &cfg.fleet,
         &cfg.client_id,
         &cfg.coordinator_id,
-        cfg.coordinator_public_key()?,
+        coordinator_key,
     );
     opts.broker_host = cfg.broker.host.clone();
     opts.broker_port = cfg.broker.port;
@@ -72,6 +76,8 @@ pub async fn run(args: &EdgeArgs) -> Result<(), EdgeError> {
     opts.max_rounds = args.rounds.or(cfg.max_rounds);
     opts.state_dir = cfg.state_dir.clone();
     opts.seed = cfg.seed;
+    opts.deadline_grace = std::time::Duration::from_secs(cfg.deadline_grace_s);
+    opts.max_auth_refusals = cfg.max_auth_refusals;
     let agent = Agent::new(opts, key, data)?;
     let summary = agent
         .run(async {

@@ -31,10 +31,31 @@ pub struct EdgeConfig {
     /// residual). Default: `state/<client_id>` beside this file.
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
+    /// Seconds past a round's signed deadline the edge still acts on it (clock skew). Past
+    /// it, the round's manifest is ignored and an unfinished fetch or upload is given up.
+    #[serde(default = "default_deadline_grace_s")]
+    pub deadline_grace_s: u64,
+    /// Consecutive refusals of our broker credentials after which the agent exits.
+    #[serde(default = "default_max_auth_refusals")]
+    pub max_auth_refusals: u32,
 }
 
 fn default_coordinator() -> String {
     "coordinator".into()
+}
+
+fn default_deadline_grace_s() -> u64 {
+    30
+}
+
+fn default_max_auth_refusals() -> u32 {
+    3
+}
+
+/// Whether `s` is a public key written out in hex (32 bytes) rather than a path to one.
+fn is_hex_key(s: &str) -> bool {
+    let s = s.trim();
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -101,25 +122,34 @@ impl EdgeConfig {
                     *p = base.join(&*p);
                 }
             }
-            let k = base.join(&cfg.coordinator_key);
-            if k.is_file() {
-                cfg.coordinator_key = k.display().to_string();
+            // Anything but a hex key is a path, relative to this file like the others.
+            let k = Path::new(&cfg.coordinator_key);
+            if !is_hex_key(&cfg.coordinator_key) && k.is_relative() {
+                cfg.coordinator_key = base.join(k).display().to_string();
             }
         }
         Ok(cfg)
     }
 
-    /// The pinned coordinator key, read from the hex string or the file it names.
+    /// The pinned coordinator key, read from the hex string or the file it names. Anything
+    /// that is not 64 hex digits is a path, so a missing `.pub` file is reported as such
+    /// rather than as a hex parse error of its name.
     pub fn coordinator_public_key(&self) -> Result<coevo_protocol::PublicKey, EdgeError> {
-        let text = if Path::new(&self.coordinator_key).is_file() {
-            std::fs::read_to_string(&self.coordinator_key)
-                .map_err(|e| EdgeError::Config(format!("{}: {e}", self.coordinator_key)))?
-        } else {
-            self.coordinator_key.clone()
-        };
-        text.trim()
-            .parse()
-            .map_err(|e| EdgeError::Config(format!("coordinator_key: {e}")))
+        if is_hex_key(&self.coordinator_key) {
+            return self
+                .coordinator_key
+                .trim()
+                .parse()
+                .map_err(|e| EdgeError::Config(format!("coordinator_key: {e}")));
+        }
+        let path = &self.coordinator_key;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| EdgeError::Config(format!("coordinator_key {path}: {e}")))?;
+        text.trim().parse().map_err(|e| {
+            EdgeError::Config(format!(
+                "coordinator_key {path}: not a hex Ed25519 public key: {e}"
+            ))
+        })
     }
 }
 
@@ -150,6 +180,18 @@ mod tests {
         assert_eq!(cfg.coordinator_public_key().unwrap(), key);
         cfg.coordinator_key = "not hex".into();
         assert!(cfg.coordinator_public_key().is_err());
+        // A missing key file is reported as such, not as a hex parse error of its name.
+        cfg.coordinator_key = dir.join("absent.pub").display().to_string();
+        let err = cfg.coordinator_public_key().unwrap_err().to_string();
+        assert!(
+            err.contains("absent.pub") && err.contains("No such file"),
+            "{err}"
+        );
+        // A file that holds something else names the file.
+        std::fs::write(&file, "garbage").unwrap();
+        cfg.coordinator_key = file.display().to_string();
+        let err = cfg.coordinator_public_key().unwrap_err().to_string();
+        assert!(err.contains("c.pub") && err.contains("not a hex"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -5,6 +5,8 @@
 //! # Layout
 //! - [`config`]: the device's TOML configuration (`coevo edge --config edge.toml`).
 //! - [`agent`]: the MQTT round loop.
+//! - [`state`]: what an edge remembers across restarts (the last round it completed) and the
+//!   freshness rule that keeps it off stale or replayed manifests; ignored-message counters.
 //! - [`cli`]: the command line shared by `coevo edge` and the lean `coevo-edge` binary.
 //! - [`attack`]: Byzantine upload behaviour for tests and benches of the coordinator's
 //!   defences (never enabled by a device's configuration).
@@ -13,10 +15,12 @@ pub mod agent;
 pub mod attack;
 pub mod cli;
 pub mod config;
+pub mod state;
 
 pub use agent::{Agent, AgentOptions, AgentSummary};
 pub use attack::Attack;
 pub use config::EdgeConfig;
+pub use state::IgnoreReason;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EdgeError {
@@ -34,4 +38,7 @@ pub enum EdgeError {
     Codec(#[from] coevo_protocol::CodecError),
     #[error("training task: {0}")]
     Task(String),
+    /// `state_dir` could not be read or written.
+    #[error("state: {0}")]
+    State(String),
 }

@@ -134,6 +134,13 @@ pub struct DataSplit {
 ///   image must then be listed. Images may be grey or RGB (if any image has colour, all are
 ///   loaded as RGB) and must all share one size.
 pub fn load_dir(path: &Path) -> Result<DataSplit, ModelError> {
+    // A path that does not exist is said so, not reported as an unrecognised layout.
+    std::fs::metadata(path).map_err(|e| {
+        ModelError::Io(std::io::Error::new(
+            e.kind(),
+            format!("dataset {}: {e}", path.display()),
+        ))
+    })?;
     if find_idx(path, "train-images-idx3-ubyte").is_some() {
         load_idx_dir(path)
     } else if path.join("train").is_dir() {

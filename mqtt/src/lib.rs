@@ -30,6 +30,46 @@ pub enum MqttError {
     /// The CA certificate for TLS is missing, unreadable or not a usable certificate.
     #[error("MQTT TLS: {0}")]
     Tls(String),
+    /// The broker turned our CONNECT down: wrong password, unknown or revoked client id, or
+    /// a client id that differs from the user name. Retrying with the same credentials cannot
+    /// help, so owners stop after a few of these in a row instead of looping silently.
+    #[error("broker refused our credentials: {0}")]
+    AuthRefused(String),
+}
+
+/// Whether a failed connection attempt is the broker refusing our credentials.
+///
+/// Mosquitto answers a bad login with CONNACK 4 (bad user name or password) or 5 (not
+/// authorized). rumqttd 0.20 sends no CONNACK at all: it closes the socket right after reading
+/// the CONNECT, so with credentials configured a close *before* any CONNACK on this attempt is
+/// read as a refusal too (a broker that is down refuses the TCP connection instead, which is
+/// an I/O error, not this).
+fn auth_refusal(
+    e: &rumqttc::ConnectionError,
+    acked: bool,
+    with_credentials: bool,
+) -> Option<MqttError> {
+    use rumqttc::{ConnectReturnCode as Code, ConnectionError as E, StateError};
+    match e {
+        E::ConnectionRefused(Code::BadUserNamePassword) => Some(MqttError::AuthRefused(
+            "bad user name or password (CONNACK 4)".into(),
+        )),
+        E::ConnectionRefused(Code::NotAuthorized) => {
+            Some(MqttError::AuthRefused("not authorized (CONNACK 5)".into()))
+        }
+        E::ConnectionRefused(Code::BadClientId) => Some(MqttError::AuthRefused(
+            "client id rejected (CONNACK 2)".into(),
+        )),
+        E::MqttState(StateError::ConnectionAborted) if !acked && with_credentials => {
+            Some(MqttError::AuthRefused(
+                "the broker closed the connection before its CONNACK: the embedded broker's \
+                 answer to a wrong password or an unknown client id (or to plain MQTT on a \
+                 TLS-only port)"
+                    .into(),
+            ))
+        }
+        _ => None,
+    }
 }
 
 /// Trust for a TLS connection to the broker: the fleet CA (`ca.pem` from `coevo keys tls`)
@@ -147,6 +187,13 @@ pub enum Incoming {
     },
     /// The connection dropped; the session keeps retrying with backoff.
     Disconnected(String),
+    /// The broker refused our credentials ([`MqttError::AuthRefused`]); `consecutive` counts
+    /// refusals since the last successful CONNACK, so the owner can give up after a few. The
+    /// session keeps retrying (at its longest backoff) until the owner closes it.
+    AuthRefused {
+        error: MqttError,
+        consecutive: u32,
+    },
     Publish(Publish),
 }
 
@@ -193,14 +240,20 @@ impl Session {
         let poll_filters = filters.clone();
         let id = settings.client_id.clone();
         let max_backoff = settings.max_backoff;
+        let with_credentials = settings.password.is_some();
         let unacked = Arc::new(AtomicI64::new(0));
         let poll_unacked = unacked.clone();
         let poller = tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
+            // Whether the current connection got its CONNACK, and refusals in a row.
+            let mut acked = false;
+            let mut refusals = 0u32;
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                         backoff = Duration::from_millis(100);
+                        acked = true;
+                        refusals = 0;
                         let list = poll_filters.lock().map(|f| f.clone()).unwrap_or_default();
                         for f in list {
                             // try_: awaiting here, on the polling task, could deadlock.
@@ -229,6 +282,22 @@ impl Session {
                     Ok(_) => {}
                     Err(rumqttc::ConnectionError::RequestsDone) => return,
                     Err(e) => {
+                        if let Some(error) = auth_refusal(&e, acked, with_credentials) {
+                            refusals += 1;
+                            tracing::debug!(client = %id, error = %error, refusals, "connection refused");
+                            let ev = Incoming::AuthRefused {
+                                error,
+                                consecutive: refusals,
+                            };
+                            if tx.send(ev).is_err() {
+                                return;
+                            }
+                            // The longest wait at once: a refusal is not a network hiccup, and
+                            // an auth queue that was momentarily full gets time to drain.
+                            tokio::time::sleep(max_backoff).await;
+                            continue;
+                        }
+                        acked = false;
                         tracing::debug!(client = %id, error = %e, "connection lost; retrying in {backoff:?}");
                         if tx.send(Incoming::Disconnected(e.to_string())).is_err() {
                             return;
@@ -341,6 +410,30 @@ mod tests {
         let mut params = rcgen::CertificateParams::default();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         params.self_signed(&key).expect("self-signed").pem()
+    }
+
+    #[test]
+    fn refusals_are_told_from_network_errors() {
+        use rumqttc::{ConnectReturnCode as Code, ConnectionError as E, StateError};
+        // Mosquitto's CONNACK codes, whatever the state of the connection.
+        for code in [Code::BadUserNamePassword, Code::NotAuthorized] {
+            let e = auth_refusal(&E::ConnectionRefused(code), false, true);
+            assert!(matches!(e, Some(MqttError::AuthRefused(_))), "{e:?}");
+        }
+        // rumqttd closes the socket before any CONNACK: a refusal when we sent credentials.
+        let aborted = || E::MqttState(StateError::ConnectionAborted);
+        let e = auth_refusal(&aborted(), false, true).expect("refusal");
+        assert!(e
+            .to_string()
+            .starts_with("broker refused our credentials: "));
+        // The same close after a CONNACK is a dropped connection, and without credentials
+        // there is nothing to refuse.
+        assert!(auth_refusal(&aborted(), true, true).is_none());
+        assert!(auth_refusal(&aborted(), false, false).is_none());
+        // A broker that is down refuses the TCP connection: not a refusal of credentials.
+        let down = E::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(auth_refusal(&down, false, true).is_none());
+        assert!(auth_refusal(&E::NetworkTimeout, false, true).is_none());
     }
 
     #[test]
