@@ -93,11 +93,24 @@ async fn fedavg_rolls_back_a_boosted_delta_and_names_the_attacker() {
     let reports = run(&data, &out, true, Some(StrategyConfig::FedAvg)).await;
     assert_eq!(reports.len(), ROUNDS as usize);
     for r in &reports {
+        // Shown with --nocapture: the figures BENCHMARKS.md quotes.
+        println!(
+            "fedavg+attacker round {}: guard {}",
+            r.round,
+            serde_json::to_string(&r.guard).unwrap_or_default()
+        );
         assert_eq!(r.outcome, "rolled_back", "round {}", r.round);
-        assert_eq!(r.accepted, CLIENTS, "round {}: the boosted delta is well-formed", r.round);
+        assert_eq!(
+            r.accepted, CLIENTS,
+            "round {}: the boosted delta is well-formed",
+            r.round
+        );
         let g = r.guard.as_ref().expect("guard report");
         assert_eq!(g.verdict, "rolled_back");
-        assert_eq!(g.data, "test", "fedavg without server data checks on the test split");
+        assert_eq!(
+            g.data, "test",
+            "fedavg without server data checks on the test split"
+        );
         let (before, after) = (g.before.expect("before"), g.after.expect("after"));
         let reason = g.reason.as_deref().expect("a reason");
         assert!(
@@ -106,7 +119,9 @@ async fn fedavg_rolls_back_a_boosted_delta_and_names_the_attacker() {
             r.round
         );
         assert!(
-            after.accuracy < before.accuracy - 0.1 || !(after.loss <= before.loss * 2.0),
+            after.accuracy < before.accuracy - 0.1
+                || !after.loss.is_finite()
+                || after.loss > before.loss * 2.0,
             "round {}: {before:?} → {after:?} is not a collapse",
             r.round
         );
@@ -152,6 +167,14 @@ async fn the_default_config_survives_the_attacker_and_honest_rounds_pass() {
     let attacked = run(&data, &dir.path().join("default-attacked"), true, None).await;
     assert_eq!(attacked.len(), ROUNDS as usize);
     for r in &attacked {
+        println!(
+            "default+attacker round {}: accuracy {:?}, clipped {:?}, flagged {:?}, guard {}",
+            r.round,
+            r.student.test_accuracy,
+            r.clipped,
+            r.flagged,
+            serde_json::to_string(&r.guard).unwrap_or_default()
+        );
         assert_eq!(r.strategy, "norm-clip");
         assert_eq!(r.outcome, "completed", "round {}: {:?}", r.round, r.guard);
         assert_eq!(r.guard.as_ref().map(|g| g.verdict.as_str()), Some("passed"));
@@ -172,6 +195,12 @@ async fn the_default_config_survives_the_attacker_and_honest_rounds_pass() {
     )
     .await;
     for r in &clean {
+        println!(
+            "fedavg clean round {}: accuracy {:?}, guard {}",
+            r.round,
+            r.student.test_accuracy,
+            serde_json::to_string(&r.guard).unwrap_or_default()
+        );
         assert_eq!(r.outcome, "completed", "round {}: {:?}", r.round, r.guard);
         let g = r.guard.as_ref().expect("guard report");
         assert_eq!(g.verdict, "passed");

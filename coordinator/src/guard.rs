@@ -241,7 +241,10 @@ pub fn judge(before: Score, after: Score, cfg: &GuardConfig) -> Result<(), Strin
     }
     if before.loss.is_finite() {
         if !after.loss.is_finite() {
-            why.push(format!("loss {:.4} → {} (diverged)", before.loss, after.loss));
+            why.push(format!(
+                "loss {:.4} → {} (diverged)",
+                before.loss, after.loss
+            ));
         } else if after.loss > before.loss * (1.0 + cfg.max_loss_increase) {
             why.push(format!(
                 "loss {:.4} → {:.4} (×{:.2} > ×{:.2})",
@@ -309,7 +312,12 @@ impl GuardEvaluator {
     pub(crate) fn new(data: coevo_models::Dataset, name: &'static str) -> Self {
         let vs = tch::nn::VarStore::new(tch::Device::Cpu);
         let net = coevo_models::Student::new(&vs.root(), &data.shape);
-        GuardEvaluator { vs, net, data, name }
+        GuardEvaluator {
+            vs,
+            net,
+            data,
+            name,
+        }
     }
 
     fn score(&mut self, w: &coevo_models::Weights) -> Result<Score, CoordinatorError> {
@@ -369,7 +377,9 @@ pub(crate) async fn check(
             before: None,
             after: None,
             verdict: "unchecked".into(),
-            reason: Some("no held-out data: neither server validation data nor a test split".into()),
+            reason: Some(
+                "no held-out data: neither server validation data nor a test split".into(),
+            ),
             offenders: Vec::new(),
             leave_one_out: Vec::new(),
             ms: 0,
@@ -487,7 +497,10 @@ mod tests {
         // A scaled-up delta still is one.
         let n = norms(&[1.0, 1.0, 1.0001, 10.0]);
         let f = flag_outliers(&n, &GuardConfig::default());
-        assert_eq!(f.iter().map(|f| f.client.as_str()).collect::<Vec<_>>(), ["cam-3"]);
+        assert_eq!(
+            f.iter().map(|f| f.client.as_str()).collect::<Vec<_>>(),
+            ["cam-3"]
+        );
     }
 
     #[test]
