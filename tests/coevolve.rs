@@ -76,6 +76,10 @@ async fn two_coevolve_rounds_update_or_roll_back_the_teacher() {
     for r in &reports {
         assert_eq!(r.mode, "coevolve");
         assert_eq!(r.accepted, 3);
+        // With server data the merged student is checked on the server's validation set.
+        let g = r.guard.as_ref().expect("guard report");
+        assert_eq!(g.data, "server-validation");
+        assert!(g.samples > 0 && g.before.is_some() && g.after.is_some());
         let t = r.teacher.test_accuracy.expect("teacher accuracy reported");
         let s = r.student.test_accuracy.expect("student accuracy reported");
         assert!((0.0..=1.0).contains(&t) && (0.0..=1.0).contains(&s));

@@ -29,12 +29,24 @@ pub struct CoordinatorConfig {
     pub task: TaskConfig,
     pub transfer: TransferConfig,
     /// Aggregation rule: FedAvg or a robust one (norm clipping, trimmed mean, median, Multi-Krum).
+    /// The default is norm clipping at 2 × the median norm ([`default_aggregation`]).
     pub aggregation: crate::strategy::StrategyConfig,
     /// `fedavg` (student only) or `coevolve` (teacher ⇄ student; needs server data).
     pub mode: crate::coevolve::Mode,
     pub coevolution: crate::coevolve::CoevolutionConfig,
     /// Which part of the dataset's training split the server keeps (coevolve mode).
     pub server_data: ServerDataConfig,
+    /// The check of every merged model before it is published (rollback on a collapse).
+    pub guard: crate::guard::GuardConfig,
+}
+
+/// The aggregation rule when the config names none: norm clipping at 2 × the round's median
+/// delta norm. Plain FedAvg lets one camera's boosted (or merely diverged) delta dominate the
+/// merge — issue #11 measured an honest fleet dying from a single delta of norm 108 among
+/// 12–17 — while a bound at twice the median leaves ordinary honest spread untouched (only
+/// outliers are scaled down) and caps any one client's pull on the model.
+pub fn default_aggregation() -> crate::strategy::StrategyConfig {
+    crate::strategy::StrategyConfig::NormClip { multiplier: 2.0 }
 }
 
 /// The server's data roles: either fractions of the dataset's training split after a seeded
@@ -95,10 +107,11 @@ impl Default for CoordinatorConfig {
             round: RoundPolicy::default(),
             task: TaskConfig::default(),
             transfer: TransferConfig::default(),
-            aggregation: crate::strategy::StrategyConfig::default(),
+            aggregation: default_aggregation(),
             mode: crate::coevolve::Mode::default(),
             coevolution: crate::coevolve::CoevolutionConfig::default(),
             server_data: ServerDataConfig::default(),
+            guard: crate::guard::GuardConfig::default(),
         }
     }
 }
@@ -317,6 +330,7 @@ impl CoordinatorConfig {
         self.aggregation
             .validate()
             .map_err(|e| CoordinatorError::Config(format!("aggregation: {e}")))?;
+        self.guard.validate().map_err(CoordinatorError::Config)?;
         Ok(())
     }
 }
@@ -338,6 +352,7 @@ mod tests {
         assert_eq!(sample.coevolution, d.coevolution);
         assert_eq!(sample.mode, d.mode);
         assert_eq!(sample.aggregation, d.aggregation);
+        assert_eq!(sample.guard, d.guard);
     }
 
     #[test]

@@ -7,12 +7,14 @@
 //! - [`registry`]: the fleet registry (client ids and their public keys).
 //! - [`verify`]: pure checks of a delta upload, each failure a [`coevo_protocol::RejectReason`].
 //! - [`strategy`]: aggregation rules as pure functions.
+//! - [`guard`]: the check of a merged model before it is published (rollback, outliers).
 //! - [`store`]: durable state (accepted deltas written before they are acknowledged).
 //! - [`report`]: the round report, a stable JSON interface for analysts.
 //! - [`server`]: the round loop, the only part doing I/O.
 
 pub mod coevolve;
 pub mod config;
+pub mod guard;
 pub mod registry;
 pub mod report;
 pub mod server;

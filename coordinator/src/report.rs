@@ -51,7 +51,8 @@ pub struct RoundReport {
     pub mode: String,
     pub strategy: String,
     /// `completed`; `skipped` when quorum was not met; `skipped: …` when the aggregation rule
-    /// refused the updates (e.g. too few for Multi-Krum).
+    /// refused the updates (e.g. too few for Multi-Krum); `rolled_back` when the guard found
+    /// the merged model collapsed and kept the last good one (`guard.reason` says why).
     pub outcome: String,
     pub accepted: usize,
     pub quorum: u32,
@@ -81,6 +82,13 @@ pub struct RoundReport {
     #[serde(default)]
     pub coevolution: Option<crate::coevolve::CoevolutionReport>,
     pub clients: Vec<ClientReport>,
+    /// The guard's check of the merged model before it was published: scores before/after,
+    /// verdict, offenders (`null` when nothing was merged or the guard is off).
+    #[serde(default)]
+    pub guard: Option<crate::guard::GuardReport>,
+    /// Accepted deltas whose norm is a robust outlier in this round, rolled back or not.
+    #[serde(default)]
+    pub flagged: Vec<crate::guard::Flagged>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]

@@ -2,6 +2,7 @@
 
 use crate::coevolve::{CoevolutionReport, Mode, ServerData, TeacherLoop};
 use crate::config::{BelowQuorum, CoordinatorConfig};
+use crate::guard::{GuardEvaluator, SharedGuardEvaluator};
 use crate::registry::FleetRegistry;
 use crate::report::{ClientReport, ModelReport, PhaseTimings, Rejection, RoundReport};
 use crate::store::{write_atomic, State, Store};
@@ -85,6 +86,8 @@ pub struct Coordinator {
     server_data: Mutex<Option<ServerData>>,
     /// The labelled server set, kept (shallowly) for strategies that need a reference delta.
     reference_data: Mutex<Option<Dataset>>,
+    /// The server's held-out validation set, kept (shallowly) for the guard.
+    guard_data: Mutex<Option<Dataset>>,
     events: Option<mpsc::UnboundedSender<RoundEvent>>,
 }
 
@@ -109,6 +112,7 @@ impl Coordinator {
             test: Mutex::new(Some(test)),
             server_data: Mutex::new(None),
             reference_data: Mutex::new(None),
+            guard_data: Mutex::new(None),
             events: None,
         })
     }
@@ -118,6 +122,9 @@ impl Coordinator {
     pub fn with_server_data(self, data: ServerData) -> Self {
         if let Ok(mut d) = self.reference_data.lock() {
             *d = Some(data.labelled.shallow_clone());
+        }
+        if let Ok(mut d) = self.guard_data.lock() {
+            *d = Some(data.validation.shallow_clone());
         }
         if let Ok(mut d) = self.server_data.lock() {
             *d = Some(data);
@@ -195,6 +202,7 @@ impl Coordinator {
         if state.completed_round > 0 {
             tracing::info!(round = state.completed_round, "resuming from checkpoint");
         }
+        let guard = self.guard_evaluator(&test);
         let evaluator: SharedEvaluator = Arc::new(Mutex::new(Evaluator { vs, net, test }));
         let arch = ModelArch {
             name: STUDENT_ARCH.into(),
@@ -241,6 +249,7 @@ impl Coordinator {
                 round,
                 arch: arch.clone(),
                 registry,
+                guard: guard.clone(),
             };
             let (report, model) = self
                 .run_round(
@@ -525,12 +534,11 @@ impl Coordinator {
         };
         let mut outcome = outcome.to_string();
         let mut merged = false;
+        let mut reference = None;
         if outcome == "completed" && !updates.is_empty() {
-            let reference = if strategy.needs_reference() {
-                Some(self.reference_delta(global, round).await?)
-            } else {
-                None
-            };
+            if strategy.needs_reference() {
+                reference = Some(self.reference_delta(global, round).await?);
+            }
             match strategy.aggregate_with_reference(global, &updates, reference.as_ref()) {
                 Ok(a) => {
                     aggregation = a;
@@ -545,6 +553,40 @@ impl Coordinator {
                 }
                 Err(e) => return Err(e.into()),
             }
+        }
+        // 3a. Guard: the merged model is scored before anything builds on it (fusion, the next
+        //     round's publish); a collapse keeps the round's base, as a skipped round would.
+        let norms: Vec<(String, f64)> = updates
+            .iter()
+            .map(|u| (u.client.clone(), u.delta.l2_norm()))
+            .collect();
+        let flagged = crate::guard::flag_outliers(&norms, &cfg.guard);
+        for f in &flagged {
+            tracing::warn!(round, client = %f.client, norm = f.norm, z = f.z, "delta norm far outside the round's distribution");
+        }
+        let mut guard_report = None;
+        if merged && cfg.guard.enabled {
+            let g = crate::guard::check(
+                &cfg.guard,
+                inputs.guard.as_ref(),
+                crate::guard::Candidate {
+                    base: &round_base,
+                    merged: global,
+                    updates: &updates,
+                    strategy: &cfg.aggregation,
+                    reference: reference.as_ref(),
+                    norms: &norms,
+                    flagged: &flagged,
+                },
+            )
+            .await?;
+            if g.verdict == "rolled_back" {
+                let named: Vec<&str> = g.offenders.iter().map(|o| o.client.as_str()).collect();
+                tracing::error!(round, reason = g.reason.as_deref().unwrap_or(""), offenders = ?named, "merged model collapsed on held-out data: rolled back, the last good model stays published");
+                outcome = "rolled_back".into();
+                merged = false;
+            }
+            guard_report = Some(g);
         }
         if !merged {
             // Nothing merged: a skipped round leaves the model exactly as it was, not rounded
@@ -665,6 +707,8 @@ impl Coordinator {
             teacher: teacher_report,
             coevolution,
             clients,
+            guard: guard_report,
+            flagged,
         };
         let json = serde_json::to_vec_pretty(&report)
             .map_err(|e| CoordinatorError::Io(format!("report: {e}")))?;
@@ -970,6 +1014,30 @@ async fn on_teacher<T: Send + 'static>(
 }
 
 impl Coordinator {
+    /// The guard's yardstick: the server's validation set when there is one, else the test
+    /// split every round is evaluated on; `None` (logged once) when neither has a sample or the
+    /// guard is off.
+    fn guard_evaluator(&self, test: &Dataset) -> Option<SharedGuardEvaluator> {
+        if !self.cfg.guard.enabled {
+            return None;
+        }
+        let validation = self
+            .guard_data
+            .lock()
+            .ok()
+            .and_then(|d| d.as_ref().map(Dataset::shallow_clone))
+            .filter(|d| !d.is_empty());
+        let ev = match validation {
+            Some(v) => GuardEvaluator::new(v, "server-validation"),
+            None if !test.is_empty() => GuardEvaluator::new(test.shallow_clone(), "test"),
+            None => {
+                tracing::warn!("the guard has no held-out data (no server validation set, empty test split): merged models are published unchecked");
+                return None;
+            }
+        };
+        Some(Arc::new(Mutex::new(ev)))
+    }
+
     /// Builds the teacher loop: resumes the teacher of the last completed round, or pretrains
     /// one on the labelled set (and checkpoints it as round 0).
     async fn start_teacher(
@@ -1021,6 +1089,8 @@ struct RoundInputs {
     round: u64,
     arch: ModelArch,
     registry: FleetRegistry,
+    /// The guard's yardstick; `None` when there is no data to check on (or the guard is off).
+    guard: Option<SharedGuardEvaluator>,
 }
 
 async fn publish_round(
