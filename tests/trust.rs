@@ -35,7 +35,8 @@ async fn forged_manifest_is_never_trained_on() {
     let (id, _, pw) = fleet.clients[1].clone();
     let mut s = coevo_mqtt::Settings::new(addr.ip().to_string(), addr.port(), id);
     s.password = Some(pw);
-    let attacker = coevo_mqtt::Session::start(&s, vec![]);
+    // It listens on round/current so the test knows its forgery is retained before cam-0 starts.
+    let mut attacker = coevo_mqtt::Session::start(&s, vec![Topic::RoundCurrent.path(FLEET)]);
     let forger = SigningKey::generate().unwrap();
     let model = b"a model the attacker wants trained".to_vec();
     let manifest = RoundManifest {
@@ -98,6 +99,19 @@ async fn forged_manifest_is_never_trained_on() {
         .await
         .unwrap();
 
+    let forged_bytes = encode(Kind::Manifest, &forged);
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(m) = attacker.recv().await {
+            if let coevo_mqtt::Incoming::Publish(p) = m {
+                if p.payload[..] == forged_bytes[..] {
+                    return;
+                }
+            }
+        }
+    })
+    .await
+    .expect("the forged manifest is retained on the broker");
+
     // cam-0 comes up and finds the forged manifest retained.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let agent = spawn_agent_for(
@@ -109,7 +123,9 @@ async fn forged_manifest_is_never_trained_on() {
         Some(1),
     );
 
-    // Then the real coordinator runs one round (cam-1, the attacker, never uploads).
+    // Then the real coordinator runs one round (cam-1, the attacker, never uploads), once cam-0
+    // had time to subscribe and read the forgery (else the real manifest replaces it first).
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let out = dir.path().join("out");
     let mut cfg = coordinator_config(&fleet, addr, out.clone(), 1);
     cfg.round.timeout_s = 5;
