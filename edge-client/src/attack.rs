@@ -38,8 +38,10 @@ pub enum Attack {
     /// first round there is nothing to replay yet, so it uploads honestly.
     StaleReplay,
     /// Publishes its (honest) delta on `victim`'s topic with `victim`'s id in the header and
-    /// chunks, signed with its own key: a registered device posing as another one (rumqttd has
-    /// no topic ACLs, so only the signature check stands in the way). It uploads nothing
+    /// chunks, signed with its own key: a registered device posing as another one. The
+    /// brokers we configure refuse the publish by topic ACL (the embedded one closes the
+    /// connection); the coordinator's signature check is the second line, for a broker without
+    /// ACLs. It uploads nothing
     /// under its own id, and sends once: the coordinator's receipt goes to the victim's topic.
     Impersonate { victim: String },
 }
