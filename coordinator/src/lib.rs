@@ -5,6 +5,7 @@
 //! - [`config`]: the TOML configuration.
 //! - [`coevolve`]: the teacher loop (distil before a round, fuse after it).
 //! - [`registry`]: the fleet registry (client ids and their public keys).
+//! - [`collect`]: pure collect-phase decisions: admission of chunks, rejection tally, recovery.
 //! - [`verify`]: pure checks of a delta upload, each failure a [`coevo_protocol::RejectReason`].
 //! - [`strategy`]: aggregation rules as pure functions.
 //! - [`store`]: durable state (accepted deltas written before they are acknowledged).
@@ -12,6 +13,7 @@
 //! - [`server`]: the round loop, the only part doing I/O.
 
 pub mod coevolve;
+pub mod collect;
 pub mod config;
 pub mod registry;
 pub mod report;
