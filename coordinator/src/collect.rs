@@ -11,7 +11,7 @@ use crate::report::{LostDelta, RejectionCount};
 use crate::store::{JournalEntry, Store};
 use crate::verify::{verify_upload, RoundContext, Verified};
 use crate::CoordinatorError;
-use coevo_protocol::{digest, DeltaChunk, Signed};
+use coevo_protocol::{digest, DeltaChunk};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// What to do with a delta chunk, decided from its topic alone, before anything is decoded
@@ -224,19 +224,116 @@ pub fn acknowledged(
         .collect())
 }
 
-/// The payload digest a signed header declares, once its signature is checked by the caller.
-pub fn header_digest(h: &coevo_protocol::DeltaHeader) -> String {
-    h.payload_digest.to_string()
-}
-
-/// The signed header of chunk 0, if the chunk decodes and is one.
-pub fn chunk_header(chunk: &DeltaChunk) -> Option<&Signed> {
-    (chunk.index == 0).then_some(chunk.header.as_ref()).flatten()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::FleetRegistry;
+    use coevo_models::{ParamTensor, Weights};
+    use coevo_protocol::envelope::Kind;
+    use coevo_protocol::{DeltaHeader, LocalMetrics, Signed, SigningKey, UplinkCodec};
+
+    /// Three registered clients and a one-tensor model.
+    fn fleet() -> (FleetRegistry, Vec<SigningKey>, Weights) {
+        let mut registry = FleetRegistry::default();
+        let keys: Vec<SigningKey> = (0..3).map(|_| SigningKey::generate().unwrap()).collect();
+        for (i, k) in keys.iter().enumerate() {
+            registry.add(&format!("cam-{i}"), &k.public_key()).unwrap();
+        }
+        let mut layout = Weights::default();
+        layout.tensors.insert(
+            "w".into(),
+            ParamTensor {
+                shape: vec![2, 3],
+                data: vec![0.0; 6],
+            },
+        );
+        (registry, keys, layout)
+    }
+
+    /// Stores cam-`i`'s valid delta for `ctx`'s round as the server does; journalled or not.
+    fn accept(store: &Store, ctx: &RoundContext<'_>, key: &SigningKey, i: usize, journal: bool) {
+        let client = format!("cam-{i}");
+        let mut w = ctx.layout.clone();
+        w.tensors.values_mut().for_each(|t| t.data.fill(i as f32));
+        let payload = UplinkCodec::F32.encode(&w.to_named()).unwrap();
+        let h = DeltaHeader {
+            fleet: ctx.fleet.into(),
+            round: ctx.round,
+            client: client.clone(),
+            base_digest: ctx.base_digest,
+            samples: 10,
+            metrics: LocalMetrics::default(),
+            codec: UplinkCodec::F32,
+            payload_digest: digest(&payload),
+            payload_len: payload.len() as u64,
+            chunks: 1,
+        };
+        let signed = Signed::sign(Kind::DeltaHeader, &h, &client, key);
+        store.save_delta(ctx.round, &client, &signed, &payload).unwrap();
+        if journal {
+            store
+                .append_journal(&JournalEntry {
+                    client: client.clone(),
+                    round: ctx.round,
+                    digest: digest(&payload).to_string(),
+                    file: Store::delta_file(&client),
+                })
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn recover_names_missing_and_corrupt_acknowledged_deltas() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let (registry, keys, layout) = fleet();
+        let ctx = RoundContext {
+            fleet: "city",
+            round: 3,
+            base_digest: digest(b"base"),
+            uplink_codec: UplinkCodec::F32,
+            max_delta_bytes: 1 << 20,
+            layout: &layout,
+            registry: &registry,
+        };
+        accept(&store, &ctx, &keys[0], 0, true);
+        accept(&store, &ctx, &keys[1], 1, true);
+        accept(&store, &ctx, &keys[2], 2, false);
+        // cam-1's acknowledged file disappears; cam-2's was written but never journalled.
+        std::fs::remove_file(store.delta_dir(3).join("cam-1.bin")).unwrap();
+        let (got, lost) = recover(&store, &ctx, 1 << 20).unwrap();
+        let names: Vec<&str> = got.iter().map(|r| r.client.as_str()).collect();
+        assert_eq!(names, ["cam-0", "cam-2"]);
+        assert_eq!(lost.len(), 1);
+        assert_eq!(lost[0].client, "cam-1");
+        assert!(lost[0].reason.starts_with("missing"), "{:?}", lost[0]);
+        // cam-2 is journalled now, so a later loss of its file is named too.
+        assert_eq!(store.load_journal(3).unwrap().len(), 3);
+
+        // A damaged file is named as corrupt, not silently skipped.
+        let p = store.delta_dir(3).join("cam-0.bin");
+        let mut bytes = std::fs::read(&p).unwrap();
+        let n = bytes.len();
+        bytes[n - 1] ^= 0xff;
+        std::fs::write(&p, bytes).unwrap();
+        let (got, lost) = recover(&store, &ctx, 1 << 20).unwrap();
+        assert_eq!(got.len(), 1);
+        let mut lost: Vec<(String, String)> = lost
+            .into_iter()
+            .map(|l| (l.client, l.reason.split(':').next().unwrap().to_string()))
+            .collect();
+        lost.sort();
+        assert_eq!(
+            lost,
+            [
+                ("cam-0".to_string(), "corrupt".to_string()),
+                ("cam-1".to_string(), "missing".to_string())
+            ]
+        );
+        // The previous round's acknowledgements, for answering late retries.
+        assert_eq!(acknowledged(&store, 3).unwrap().len(), 3);
+        assert!(acknowledged(&store, 2).unwrap().is_empty());
+    }
 
     #[test]
     fn admit_holds_state_only_for_the_open_round_of_registered_clients() {

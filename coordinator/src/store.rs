@@ -253,3 +253,45 @@ impl Store {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_dir_with_history_but_no_state_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().join("out"));
+        // Fresh: state.json is written at once.
+        assert_eq!(store.load_or_init_state().unwrap().completed_round, 0);
+        assert!(store.state_path().exists());
+        store.save_state(&State { completed_round: 4 }).unwrap();
+        write_atomic(&store.report_path(4), b"{}").unwrap();
+        assert_eq!(store.load_or_init_state().unwrap().completed_round, 4);
+        std::fs::remove_file(store.state_path()).unwrap();
+        let e = store.load_or_init_state().unwrap_err().to_string();
+        assert!(e.contains("no state.json"), "{e}");
+        assert!(e.contains("To resume, restore") && e.contains("start fresh"), "{e}");
+        assert!(!store.state_path().exists(), "nothing was overwritten");
+    }
+
+    #[test]
+    fn journal_survives_a_torn_last_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let e = JournalEntry {
+            client: "cam-1".into(),
+            round: 2,
+            digest: "ab".into(),
+            file: Store::delta_file("cam-1"),
+        };
+        store.append_journal(&e).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(store.journal_path(2))
+            .unwrap();
+        f.write_all(b"{\"client\":\"cam-2\",\"rou").unwrap();
+        assert_eq!(store.load_journal(2).unwrap(), vec![e]);
+        assert!(store.load_journal(3).unwrap().is_empty());
+    }
+}
