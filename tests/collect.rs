@@ -193,7 +193,10 @@ impl Cam {
 
     async fn send(&self, u: &Upload) {
         for (t, b) in &u.messages {
-            self.session.publish(t.clone(), b.clone(), false).await.unwrap();
+            self.session
+                .publish(t.clone(), b.clone(), false)
+                .await
+                .unwrap();
         }
     }
 }
@@ -273,7 +276,11 @@ async fn a_flood_from_one_client_never_takes_the_others_round() {
             round: r,
             index: 0,
         };
-        mallory.session.publish(t.path(FLEET), b"x".to_vec(), false).await.unwrap();
+        mallory
+            .session
+            .publish(t.path(FLEET), b"x".to_vec(), false)
+            .await
+            .unwrap();
     }
     for i in 0..MADE_UP {
         let t = Topic::DeltaChunk {
@@ -281,7 +288,11 @@ async fn a_flood_from_one_client_never_takes_the_others_round() {
             round: 0,
             index: i as u32,
         };
-        mallory.session.publish(t.path(FLEET), b"x".to_vec(), false).await.unwrap();
+        mallory
+            .session
+            .publish(t.path(FLEET), b"x".to_vec(), false)
+            .await
+            .unwrap();
     }
     // 2. An upload for the open round that never ends: 17 chunks of 16 KiB + 1 byte. The 16th
     //    takes it past the per-client cap (the transfer is dropped), the 17th starts anew.
@@ -300,7 +311,11 @@ async fn a_flood_from_one_client_never_takes_the_others_round() {
             index: i,
         };
         let bytes = envelope::encode(Kind::DeltaChunk, &c);
-        mallory.session.publish(t.path(FLEET), bytes, false).await.unwrap();
+        mallory
+            .session
+            .publish(t.path(FLEET), bytes, false)
+            .await
+            .unwrap();
     }
 
     // 3. The honest cameras upload behind the flood and are all accepted.
@@ -308,7 +323,12 @@ async fn a_flood_from_one_client_never_takes_the_others_round() {
         let m = cam.manifest(1).await;
         let u = cam.upload(&m, 1, &layout, 0.01 * (i + 1) as f32);
         cam.send(&u).await;
-        assert_eq!(cam.receipt(&u).await, ReceiptOutcome::Accepted, "{}", cam.id);
+        assert_eq!(
+            cam.receipt(&u).await,
+            ReceiptOutcome::Accepted,
+            "{}",
+            cam.id
+        );
     }
     let honest_done = t0.elapsed();
     let mut rejected_events = Vec::new();
@@ -327,11 +347,24 @@ async fn a_flood_from_one_client_never_takes_the_others_round() {
             .map(|x| x.count)
             .sum()
     };
-    assert_eq!(count(&r.rejected, "wrong-round"), MADE_UP, "{:?}", r.rejected);
+    assert_eq!(
+        count(&r.rejected, "wrong-round"),
+        MADE_UP,
+        "{:?}",
+        r.rejected
+    );
     assert_eq!(count(&r.late, "late"), MADE_UP, "{:?}", r.late);
     assert_eq!(count(&r.rejected, "malformed"), 1, "{:?}", r.rejected);
-    assert_eq!(r.rejected.len(), 2, "one entry per reason: {:?}", r.rejected);
-    assert!(r.rejected.iter().all(|x| !x.signed), "none of the flood was signed");
+    assert_eq!(
+        r.rejected.len(),
+        2,
+        "one entry per reason: {:?}",
+        r.rejected
+    );
+    assert!(
+        r.rejected.iter().all(|x| !x.signed),
+        "none of the flood was signed"
+    );
     // One event (= one log line) per client and reason, not one per message.
     assert_eq!(rejected_events, vec!["cam-3".to_string(); 2]);
     // Memory: cam-3 held at most its cap (and did reach it: the limit, not luck, stopped it).
@@ -404,10 +437,10 @@ async fn resends_restarts_and_lost_deltas_are_accounted_for() {
     assert_eq!(cams[0].receipt(&first[0]).await, ReceiptOutcome::Accepted);
     cams[1].send(&first[1]).await;
     assert_eq!(cams[1].receipt(&first[1]).await, ReceiptOutcome::Accepted);
-    for i in 2..4 {
-        let u = cams[i].upload(&m1, 1, &layout, 0.01 * (i + 1) as f32);
-        cams[i].send(&u).await;
-        assert_eq!(cams[i].receipt(&u).await, ReceiptOutcome::Accepted);
+    for (i, cam) in cams.iter_mut().enumerate().skip(2) {
+        let u = cam.upload(&m1, 1, &layout, 0.01 * (i + 1) as f32);
+        cam.send(&u).await;
+        assert_eq!(cam.receipt(&u).await, ReceiptOutcome::Accepted);
     }
     let mut rejected_events = Vec::new();
     let r1 = finished(&mut events, 1, &mut rejected_events).await;
@@ -449,7 +482,11 @@ async fn resends_restarts_and_lost_deltas_are_accounted_for() {
     assert!(r2.resent >= 1);
     assert_eq!(r2.late.len(), 1, "{:?}", r2.late);
     assert_eq!(
-        (r2.late[0].client.as_str(), r2.late[0].count, r2.late[0].signed),
+        (
+            r2.late[0].client.as_str(),
+            r2.late[0].count,
+            r2.late[0].signed
+        ),
         ("cam-3", 1, true)
     );
     assert!(r2.lost.is_empty());

@@ -76,7 +76,12 @@ impl RejectionTally {
         } else {
             OTHER_UNREGISTERED
         };
-        let code = reason.split(':').next().unwrap_or(reason).trim().to_string();
+        let code = reason
+            .split(':')
+            .next()
+            .unwrap_or(reason)
+            .trim()
+            .to_string();
         let key = (client.to_string(), code, signed);
         match self.entries.get_mut(&key) {
             Some(e) => {
@@ -141,14 +146,15 @@ pub fn recover(
             }
             Err(e) => return Err(format!("missing: {}: {e}", path.display())),
         };
-        let rec: DeltaChunk = coevo_protocol::envelope::decode(
-            &bytes,
-            coevo_protocol::Kind::DeltaChunk,
-            limit,
-        )
-        .map_err(|e| format!("corrupt: {}: {e}", path.display()))?;
+        let rec: DeltaChunk =
+            coevo_protocol::envelope::decode(&bytes, coevo_protocol::Kind::DeltaChunk, limit)
+                .map_err(|e| format!("corrupt: {}: {e}", path.display()))?;
         if rec.client != client {
-            return Err(format!("corrupt: {} holds client {}", path.display(), rec.client));
+            return Err(format!(
+                "corrupt: {} holds client {}",
+                path.display(),
+                rec.client
+            ));
         }
         let v = verify_upload(ctx, client, rec.header.as_ref(), &rec.data)
             .map_err(|e| format!("corrupt: {}: {e}", path.display()))?;
@@ -269,7 +275,9 @@ mod tests {
             chunks: 1,
         };
         let signed = Signed::sign(Kind::DeltaHeader, &h, &client, key);
-        store.save_delta(ctx.round, &client, &signed, &payload).unwrap();
+        store
+            .save_delta(ctx.round, &client, &signed, &payload)
+            .unwrap();
         if journal {
             store
                 .append_journal(&JournalEntry {
@@ -349,14 +357,24 @@ mod tests {
     #[test]
     fn a_flood_is_one_entry_per_client_and_reason() {
         let mut t = RejectionTally::default();
-        assert!(t.record("cam-1", true, "wrong-round: delta for round 7, current round 2", false));
+        assert!(t.record(
+            "cam-1",
+            true,
+            "wrong-round: delta for round 7, current round 2",
+            false
+        ));
         for r in 8..1000 {
             let text = format!("wrong-round: delta for round {r}, current round 2");
             assert!(!t.record("cam-1", true, &text, false));
         }
         // Same client, other reason; same reason, signed; other client: new entries.
         assert!(t.record("cam-1", true, "malformed: x", false));
-        assert!(t.record("cam-1", true, "wrong-round: delta for round 1, current round 2", true));
+        assert!(t.record(
+            "cam-1",
+            true,
+            "wrong-round: delta for round 1, current round 2",
+            true
+        ));
         assert!(t.record("cam-2", true, "malformed: y", false));
         let c = t.counts();
         assert_eq!(c.len(), 4);

@@ -504,9 +504,8 @@ impl Coordinator {
                     tracing::warn!(error = %e, "broker connection lost; reconnecting")
                 }
                 Some(Incoming::Publish(p)) => {
-                    if let Some((client, upload_round, header, payload)) = self
-                        .on_chunk(&p, &mut st, &mut book, session, &ctx)
-                        .await?
+                    if let Some((client, upload_round, header, payload)) =
+                        self.on_chunk(&p, &mut st, &mut book, session, &ctx).await?
                     {
                         self.on_upload(
                             &ctx,
@@ -823,15 +822,33 @@ impl Coordinator {
                 Ok(c) => c,
                 Err(e) => {
                     let reason = RejectReason::Malformed(format!("delta chunk: {e}"));
-                    self.reject(session, book, &client, true, round, digest(&p.payload), reason, false)
-                        .await?;
+                    self.reject(
+                        session,
+                        book,
+                        &client,
+                        true,
+                        round,
+                        digest(&p.payload),
+                        reason,
+                        false,
+                    )
+                    .await?;
                     return Ok(None);
                 }
             };
         if chunk.client != client || chunk.round != t_round || chunk.index != t_index {
             let reason = RejectReason::Malformed("chunk does not match its topic".into());
-            self.reject(session, book, &client, true, round, digest(&p.payload), reason, false)
-                .await?;
+            self.reject(
+                session,
+                book,
+                &client,
+                true,
+                round,
+                digest(&p.payload),
+                reason,
+                false,
+            )
+            .await?;
             return Ok(None);
         }
         let key = (client.clone(), t_round);
@@ -867,8 +884,17 @@ impl Coordinator {
             Err(e) => {
                 st.headers.remove(&key);
                 let reason = RejectReason::Malformed(format!("delta chunk: {e}"));
-                self.reject(session, book, &client, true, round, digest(&p.payload), reason, false)
-                    .await?;
+                self.reject(
+                    session,
+                    book,
+                    &client,
+                    true,
+                    round,
+                    digest(&p.payload),
+                    reason,
+                    false,
+                )
+                .await?;
                 Ok(None)
             }
         }
@@ -899,7 +925,11 @@ impl Coordinator {
             .filter(|h| h.round == t_round);
         let Some(h) = signed_header else {
             if book.late.record(client, true, &text, false) {
-                tracing::info!(client, round = t_round, "ignoring chunks for a closed round (further ones are only counted)");
+                tracing::info!(
+                    client,
+                    round = t_round,
+                    "ignoring chunks for a closed round (further ones are only counted)"
+                );
             }
             return Ok(());
         };
@@ -907,11 +937,21 @@ impl Coordinator {
         if st.previous_acks.contains(&acked) {
             book.resent += 1;
             return self
-                .receipt(session, client, t_round, h.payload_digest, ReceiptOutcome::Accepted)
+                .receipt(
+                    session,
+                    client,
+                    t_round,
+                    h.payload_digest,
+                    ReceiptOutcome::Accepted,
+                )
                 .await;
         }
         if book.late.record(client, true, &text, true) {
-            tracing::info!(client, round = t_round, "a delta arrived after its round closed");
+            tracing::info!(
+                client,
+                round = t_round,
+                "a delta arrived after its round closed"
+            );
             self.receipt(
                 session,
                 client,
@@ -943,33 +983,69 @@ impl Coordinator {
             return Ok(());
         }
         let round = ctx.round;
-        let header = match envelope::decode::<DeltaChunk>(&p.payload, Kind::DeltaChunk, st.chunk_limit)
-        {
-            Ok(c) if c.client == client && c.round == round && c.index == 0 => c.header,
-            Ok(_) => {
-                let reason = RejectReason::Malformed("chunk does not match its topic".into());
-                return self
-                    .reject(session, book, client, true, round, digest(&p.payload), reason, false)
-                    .await;
-            }
-            Err(e) => {
-                let reason = RejectReason::Malformed(format!("delta chunk: {e}"));
-                return self
-                    .reject(session, book, client, true, round, digest(&p.payload), reason, false)
-                    .await;
-            }
-        };
+        let header =
+            match envelope::decode::<DeltaChunk>(&p.payload, Kind::DeltaChunk, st.chunk_limit) {
+                Ok(c) if c.client == client && c.round == round && c.index == 0 => c.header,
+                Ok(_) => {
+                    let reason = RejectReason::Malformed("chunk does not match its topic".into());
+                    return self
+                        .reject(
+                            session,
+                            book,
+                            client,
+                            true,
+                            round,
+                            digest(&p.payload),
+                            reason,
+                            false,
+                        )
+                        .await;
+                }
+                Err(e) => {
+                    let reason = RejectReason::Malformed(format!("delta chunk: {e}"));
+                    return self
+                        .reject(
+                            session,
+                            book,
+                            client,
+                            true,
+                            round,
+                            digest(&p.payload),
+                            reason,
+                            false,
+                        )
+                        .await;
+                }
+            };
         let Some(header) = header else {
             let reason = RejectReason::Malformed("chunk 0 without a header".into());
             return self
-                .reject(session, book, client, true, round, digest(&p.payload), reason, false)
+                .reject(
+                    session,
+                    book,
+                    client,
+                    true,
+                    round,
+                    digest(&p.payload),
+                    reason,
+                    false,
+                )
                 .await;
         };
         let h = match verify_signer(ctx.registry, client, &header) {
             Ok(h) => h,
             Err(reason) => {
                 return self
-                    .reject(session, book, client, true, round, digest(&p.payload), reason, false)
+                    .reject(
+                        session,
+                        book,
+                        client,
+                        true,
+                        round,
+                        digest(&p.payload),
+                        reason,
+                        false,
+                    )
                     .await
             }
         };
@@ -977,7 +1053,13 @@ impl Coordinator {
         if h.round == round && accepted == Some(h.payload_digest) {
             book.resent += 1;
             return self
-                .receipt(session, client, round, h.payload_digest, ReceiptOutcome::Accepted)
+                .receipt(
+                    session,
+                    client,
+                    round,
+                    h.payload_digest,
+                    ReceiptOutcome::Accepted,
+                )
                 .await;
         }
         let reason = if h.round == round {
@@ -988,8 +1070,17 @@ impl Coordinator {
                 current: round,
             }
         };
-        self.reject(session, book, client, true, round, h.payload_digest, reason, true)
-            .await
+        self.reject(
+            session,
+            book,
+            client,
+            true,
+            round,
+            h.payload_digest,
+            reason,
+            true,
+        )
+        .await
     }
 
     /// Verifies a complete upload; persists and acknowledges it, or rejects it with a reason.

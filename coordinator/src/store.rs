@@ -120,8 +120,8 @@ impl Store {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
-        let mut line = serde_json::to_vec(entry)
-            .map_err(|e| CoordinatorError::Io(format!("journal: {e}")))?;
+        let mut line =
+            serde_json::to_vec(entry).map_err(|e| CoordinatorError::Io(format!("journal: {e}")))?;
         line.push(b'\n');
         let mut f = std::fs::OpenOptions::new()
             .create(true)
@@ -156,9 +156,8 @@ impl Store {
         if self.state_path().exists() {
             return self.load_state();
         }
-        let nonempty = |d: &str| {
-            std::fs::read_dir(self.root.join(d)).is_ok_and(|mut e| e.next().is_some())
-        };
+        let nonempty =
+            |d: &str| std::fs::read_dir(self.root.join(d)).is_ok_and(|mut e| e.next().is_some());
         let found: Vec<&str> = ["rounds", "reports", "checkpoints"]
             .into_iter()
             .filter(|d| nonempty(d))
@@ -271,7 +270,10 @@ mod tests {
         std::fs::remove_file(store.state_path()).unwrap();
         let e = store.load_or_init_state().unwrap_err().to_string();
         assert!(e.contains("no state.json"), "{e}");
-        assert!(e.contains("To resume, restore") && e.contains("start fresh"), "{e}");
+        assert!(
+            e.contains("To resume, restore") && e.contains("start fresh"),
+            "{e}"
+        );
         assert!(!store.state_path().exists(), "nothing was overwritten");
     }
 

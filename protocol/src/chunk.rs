@@ -408,7 +408,12 @@ mod tests {
             })
         );
         assert_eq!(r.insert_for("cam", 3, 0, 2, vec![1; 10]), Ok(None));
-        assert_eq!(r.insert_for("cam", 3, 1, 2, vec![2; 5]).unwrap().map(|p| p.len()), Some(15));
+        assert_eq!(
+            r.insert_for("cam", 3, 1, 2, vec![2; 5])
+                .unwrap()
+                .map(|p| p.len()),
+            Some(15)
+        );
         // Completing a transfer gives the slot and the bytes back.
         assert_eq!(r.owner_bytes("cam"), 0);
         assert_eq!(r.insert_for("cam", 4, 0, 2, vec![1; 10]), Ok(None));
@@ -432,7 +437,12 @@ mod tests {
         assert_eq!(r.owner_bytes("m"), 20);
         assert_eq!(r.owner_bytes("c"), 20);
         assert_eq!(r.peaks().owner_bytes, 20);
-        assert_eq!(r.insert_for("c", 9, 1, 2, vec![0; 10]).unwrap().map(|p| p.len()), Some(30));
+        assert_eq!(
+            r.insert_for("c", 9, 1, 2, vec![0; 10])
+                .unwrap()
+                .map(|p| p.len()),
+            Some(30)
+        );
     }
 
     #[test]
@@ -443,14 +453,22 @@ mod tests {
         assert_eq!(e, ChunkError::Full { max: 25 });
         assert!(e.is_capacity());
         // "a"'s transfer is kept; once it completes there is room for "b".
-        assert_eq!(r.insert_for("a", 1, 1, 2, vec![0; 5]).unwrap().map(|p| p.len()), Some(25));
+        assert_eq!(
+            r.insert_for("a", 1, 1, 2, vec![0; 5])
+                .unwrap()
+                .map(|p| p.len()),
+            Some(25)
+        );
         assert_eq!(r.held_bytes(), 0);
         assert_eq!(r.insert_for("b", 2, 0, 2, vec![0; 10]), Ok(None));
         assert_eq!(r.peaks().bytes, 25);
         r.reset_peaks();
         assert_eq!(r.peaks().bytes, 10);
         r.retain(|_| false);
-        assert_eq!((r.held_bytes(), r.owner_bytes("b"), r.in_flight()), (0, 0, 0));
+        assert_eq!(
+            (r.held_bytes(), r.owner_bytes("b"), r.in_flight()),
+            (0, 0, 0)
+        );
     }
 
     proptest! {
