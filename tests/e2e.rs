@@ -288,7 +288,14 @@ async fn two_rounds_with_attacks_rejected() {
     assert!(has("mallory", "bad-signature"), "{rejected:?}");
     assert!(has("mallory", "length-mismatch"), "{rejected:?}");
     assert!(has("intruder", "unknown-client"), "{rejected:?}");
-    assert!(has("cam-0", "wrong-round"), "{rejected:?}");
     assert!(has("mallory", "malformed"), "{rejected:?}");
-    assert_eq!(rejected.len(), 5, "{rejected:?}");
+    // cam-0's round-1 delta replayed into round 2 is indistinguishable from an honest late
+    // retry: it gets its round-1 receipt again (it is in round 1's journal), and cam-0 is not
+    // blamed.
+    assert!(
+        !rejected.iter().any(|x| x.client == "cam-0"),
+        "{rejected:?}"
+    );
+    assert!(reports[1].resent >= 1, "replay answered with its receipt");
+    assert_eq!(rejected.len(), 4, "{rejected:?}");
 }

@@ -234,6 +234,21 @@ pub struct TransferConfig {
     pub max_delta_bytes: u64,
     /// Seconds after which an upload still missing chunks is dropped (the client re-sends).
     pub stale_transfer_s: u64,
+    /// Incomplete uploads one client may have in reassembly at once (an honest camera sends
+    /// one per round). Each client may also hold at most this many × `max_delta_bytes`, so
+    /// one client can never take the capacity another needs.
+    pub uploads_per_client: u32,
+    /// Bytes all incomplete uploads together may hold: the coordinator's reassembly memory
+    /// bound. A chunk past it is refused without blame (its client re-sends).
+    pub reassembly_bytes: u64,
+}
+
+impl TransferConfig {
+    /// Bytes one client's incomplete uploads may hold together.
+    pub fn per_client_bytes(&self) -> u64 {
+        self.max_delta_bytes
+            .saturating_mul(u64::from(self.uploads_per_client.max(1)))
+    }
 }
 
 impl Default for TransferConfig {
@@ -244,6 +259,8 @@ impl Default for TransferConfig {
             uplink_codec: UplinkCodec::Int8,
             max_delta_bytes: 64 * 1024 * 1024,
             stale_transfer_s: 120,
+            uploads_per_client: 1,
+            reassembly_bytes: 1 << 30,
         }
     }
 }
@@ -282,6 +299,16 @@ impl CoordinatorConfig {
             .map_err(|e| CoordinatorError::Config(format!("client_id: {e}")))?;
         if self.transfer.chunk_size < 1024 {
             return bad("transfer.chunk_size must be at least 1024 bytes".into());
+        }
+        if self.transfer.uploads_per_client == 0 {
+            return bad("transfer.uploads_per_client must be at least 1".into());
+        }
+        if self.transfer.reassembly_bytes < self.transfer.max_delta_bytes {
+            return bad(format!(
+                "transfer.reassembly_bytes ({}) must be at least transfer.max_delta_bytes ({}), \
+                 or no full-size delta could ever be reassembled",
+                self.transfer.reassembly_bytes, self.transfer.max_delta_bytes
+            ));
         }
         if self.task.epochs == 0 || self.task.batch_size == 0 {
             return bad("task.epochs and task.batch_size must be positive".into());

@@ -5,6 +5,7 @@
 //! - [`config`]: the TOML configuration.
 //! - [`coevolve`]: the teacher loop (distil before a round, fuse after it).
 //! - [`registry`]: the fleet registry (client ids and their public keys).
+//! - [`collect`]: pure collect-phase decisions: admission of chunks, rejection tally, recovery.
 //! - [`verify`]: pure checks of a delta upload, each failure a [`coevo_protocol::RejectReason`].
 //! - [`strategy`]: aggregation rules as pure functions.
 //! - [`guard`]: the check of a merged model before it is published (rollback, outliers).
@@ -13,6 +14,7 @@
 //! - [`server`]: the round loop, the only part doing I/O.
 
 pub mod coevolve;
+pub mod collect;
 pub mod config;
 pub mod guard;
 pub mod registry;

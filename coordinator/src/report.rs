@@ -57,7 +57,8 @@ pub struct RoundReport {
     pub accepted: usize,
     pub quorum: u32,
     pub registered: usize,
-    pub rejected: Vec<Rejection>,
+    /// Rejected messages, one entry per (client, reason), with how many there were.
+    pub rejected: Vec<RejectionCount>,
     /// Deadline extensions used (below-quorum policy).
     pub extensions: u32,
     pub model_digest: String,
@@ -89,6 +90,57 @@ pub struct RoundReport {
     /// Accepted deltas whose norm is a robust outlier in this round, rolled back or not.
     #[serde(default)]
     pub flagged: Vec<crate::guard::Flagged>,
+    /// Messages for a round that had already closed (an honest retry after a restart, or a
+    /// replay), per client: counted, not blamed.
+    #[serde(default)]
+    pub late: Vec<RejectionCount>,
+    /// Re-sent copies of already accepted deltas, answered with the receipt again.
+    #[serde(default)]
+    pub resent: u64,
+    /// Acknowledged deltas of this round whose stored copy was missing or corrupt at a restart.
+    #[serde(default)]
+    pub lost: Vec<LostDelta>,
+    /// Memory the round's upload reassembly held at its peak.
+    #[serde(default)]
+    pub reassembly: ReassemblyReport,
+}
+
+/// How many messages one client had rejected for one reason in a round.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RejectionCount {
+    pub client: String,
+    /// Stable code (`bad-signature`, `wrong-round`, …) and the detail of the first occurrence.
+    pub reason: String,
+    pub count: u64,
+    /// True when the rejected message carried `client`'s valid signature, so it is proven to
+    /// be theirs. False when it failed before any signature check: then only the broker's topic
+    /// ACLs vouch for the sender, and on a broker without them anyone could have sent it.
+    pub signed: bool,
+}
+
+/// An acknowledged delta that a restarted coordinator could not read back.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LostDelta {
+    pub client: String,
+    pub round: u64,
+    /// Payload digest the client's receipt named.
+    pub digest: String,
+    /// `missing: …` or `corrupt: …`.
+    pub reason: String,
+}
+
+/// Peak memory of delta reassembly in a round, so tests and operators can check it stays
+/// bounded however clients behave.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ReassemblyReport {
+    /// Payload bytes held over all incomplete uploads.
+    pub peak_bytes: u64,
+    /// Incomplete uploads in flight.
+    pub peak_transfers: u64,
+    /// Payload bytes held for the single largest client.
+    pub peak_client_bytes: u64,
+    /// Chunks refused for lack of shared capacity (not blamed on their sender; it re-sends).
+    pub refused_busy: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]

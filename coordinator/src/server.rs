@@ -1,11 +1,15 @@
 //! The round loop: the only part of the coordinator that does I/O (MQTT, disk, the clock).
 
 use crate::coevolve::{CoevolutionReport, Mode, ServerData, TeacherLoop};
+use crate::collect::{admit, Admission, RejectionTally};
 use crate::config::{BelowQuorum, CoordinatorConfig};
 use crate::guard::{GuardEvaluator, SharedGuardEvaluator};
 use crate::registry::FleetRegistry;
-use crate::report::{ClientReport, ModelReport, PhaseTimings, Rejection, RoundReport};
-use crate::store::{write_atomic, State, Store};
+use crate::report::{
+    ClientReport, ModelReport, PhaseTimings, ReassemblyReport, Rejection, RejectionCount,
+    RoundReport,
+};
+use crate::store::{write_atomic, JournalEntry, State, Store};
 use crate::strategy::{build as build_strategy, Aggregation, Update};
 use crate::verify::{verify_signer, verify_upload, RoundContext};
 use crate::CoordinatorError;
@@ -18,7 +22,7 @@ use coevo_protocol::{
     digest, DeltaChunk, DeltaHeader, Digest, ModelArch, ModelChunk, ModelRef, Receipt,
     ReceiptOutcome, RejectReason, RoundManifest, Signed, SigningKey, Topic, TrainTask,
 };
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -72,8 +76,25 @@ struct Accepted {
 #[derive(Default)]
 struct RoundBook {
     accepted: BTreeMap<String, Accepted>,
-    rejected: Vec<Rejection>,
-    seen_rejections: HashSet<(String, String)>,
+    /// The report's list, taken from `tally` when collection ends.
+    rejected: Vec<RejectionCount>,
+    tally: RejectionTally,
+    /// Messages for closed rounds: counted, never blamed.
+    late: RejectionTally,
+    /// Re-sent copies of accepted deltas, answered with the receipt again.
+    resent: u64,
+    /// Chunks refused for lack of shared reassembly capacity.
+    refused_busy: u64,
+}
+
+/// The collect phase's reassembly state, bounded per client (see `collect::admit`).
+struct CollectState {
+    reasm: Reassembler<(String, u64)>,
+    /// Signed headers of transfers in `reasm`, never more than it holds transfers.
+    headers: HashMap<(String, u64), Signed>,
+    chunk_limit: usize,
+    /// (client, digest) acknowledged in the previous round, from its journal.
+    previous_acks: BTreeSet<(String, String)>,
 }
 
 pub struct Coordinator {
@@ -177,7 +198,7 @@ impl Coordinator {
             ));
         }
         let store = Store::new(&cfg.out);
-        let state = store.load_state()?;
+        let state = store.load_or_init_state()?;
         let test = self
             .test
             .lock()
@@ -408,30 +429,51 @@ impl Coordinator {
             registry: &inputs.registry,
         };
         let mut book = RoundBook::default();
-        // Deltas accepted before a restart are already on disk: take them back.
-        for rec in store.load_deltas(round, cfg.transfer.max_delta_bytes as usize + 64 * 1024)? {
-            if let Ok(v) = verify_upload(&ctx, &rec.client, rec.header.as_ref(), &rec.data) {
-                book.accepted.insert(
-                    rec.client.clone(),
-                    Accepted {
-                        header: v.header,
-                        delta: v.delta,
-                        bytes: rec.data.len() as u64,
-                    },
-                );
-            }
+        // Deltas acknowledged before a restart are on disk: take them back, and name any whose
+        // stored copy is gone or damaged (its client holds a receipt, so it won't re-send).
+        let (recovered, lost) = crate::collect::recover(
+            store,
+            &ctx,
+            cfg.transfer.max_delta_bytes as usize + 64 * 1024,
+        )?;
+        for r in recovered {
+            book.accepted.insert(
+                r.client,
+                Accepted {
+                    header: r.verified.header,
+                    delta: r.verified.delta,
+                    bytes: r.bytes,
+                },
+            );
+        }
+        for l in &lost {
+            tracing::error!(round, client = %l.client, digest = %l.digest, reason = %l.reason, "an acknowledged delta is lost and cannot be merged");
         }
         let max_chunks = (cfg.transfer.max_delta_bytes / cfg.transfer.chunk_size as u64 + 1) as u32;
-        let mut reasm: Reassembler<(String, u64)> = Reassembler::new(
-            (inputs.registry.len() * 2).max(64),
-            cfg.transfer.max_delta_bytes as usize,
-            max_chunks,
-        );
-        let mut headers: HashMap<(String, u64), Signed> = HashMap::new();
+        // Only registered clients' chunks for this round are held (collect::admit), so the
+        // per-client limits times the registry bound the total; `reassembly_bytes` caps it too.
+        let per_client = cfg.transfer.uploads_per_client.max(1) as usize;
+        let mut st = CollectState {
+            reasm: Reassembler::new(
+                (inputs.registry.len() * per_client).max(1),
+                cfg.transfer.max_delta_bytes as usize,
+                max_chunks,
+            )
+            .with_owner_limits(
+                per_client,
+                cfg.transfer.per_client_bytes() as usize,
+                cfg.transfer.reassembly_bytes as usize,
+            ),
+            headers: HashMap::new(),
+            chunk_limit: chunk_size + 16 * 1024,
+            previous_acks: match round {
+                1 => BTreeSet::new(),
+                r => crate::collect::acknowledged(store, r - 1)?,
+            },
+        };
         let timeout = Duration::from_secs(cfg.round.timeout_s);
         let mut deadline = tokio::time::Instant::now() + timeout;
         let mut extensions = 0u32;
-        let chunk_limit = chunk_size + 16 * 1024;
         let stale = Duration::from_secs(cfg.transfer.stale_transfer_s.max(1));
         let mut sweep = tokio::time::interval(stale.min(Duration::from_secs(10)));
         let outcome = loop {
@@ -441,9 +483,9 @@ impl Coordinator {
             let ev = tokio::select! {
                 ev = session.recv() => ev,
                 _ = sweep.tick() => {
-                    for key in reasm.expire(stale) {
+                    for key in st.reasm.expire(stale) {
                         tracing::warn!(client = %key.0, round = key.1, "dropping a stale incomplete upload");
-                        headers.remove(&key);
+                        st.headers.remove(&key);
                     }
                     continue;
                 }
@@ -481,17 +523,8 @@ impl Coordinator {
                     tracing::error!(%error, consecutive, "cannot reconnect; retrying")
                 }
                 Some(Incoming::Publish(p)) => {
-                    if let Some((client, upload_round, header, payload)) = self
-                        .on_chunk(
-                            &p,
-                            &mut reasm,
-                            &mut headers,
-                            chunk_limit,
-                            &mut book,
-                            session,
-                            round,
-                        )
-                        .await?
+                    if let Some((client, upload_round, header, payload)) =
+                        self.on_chunk(&p, &mut st, &mut book, session, &ctx).await?
                     {
                         self.on_upload(
                             &ctx,
@@ -510,8 +543,10 @@ impl Coordinator {
                 }
             }
         };
-        headers.clear();
-        reasm.retain(|k| k.1 > round);
+        st.headers.clear();
+        st.reasm.retain(|k| k.1 > round);
+        book.rejected = book.tally.counts();
+        let peaks = st.reasm.peaks();
         phases.collect = t_collect.elapsed().as_millis() as u64;
 
         // 3. Aggregate.
@@ -709,6 +744,15 @@ impl Coordinator {
             clients,
             guard: guard_report,
             flagged,
+            late: book.late.counts(),
+            resent: book.resent,
+            lost,
+            reassembly: ReassemblyReport {
+                peak_bytes: peaks.bytes as u64,
+                peak_transfers: peaks.transfers as u64,
+                peak_client_bytes: peaks.owner_bytes as u64,
+                refused_busy: book.refused_busy,
+            },
         };
         let json = serde_json::to_vec_pretty(&report)
             .map_err(|e| CoordinatorError::Io(format!("report: {e}")))?;
@@ -768,18 +812,18 @@ impl Coordinator {
         .map_err(|e| CoordinatorError::Io(format!("reference training task: {e}")))?
     }
 
-    /// Handles one delta chunk; returns a complete upload when its last chunk arrives.
-    #[allow(clippy::too_many_arguments)]
+    /// Handles one delta chunk; returns a complete upload when its last chunk arrives. Nothing
+    /// is held for a chunk [`admit`] turns away, and a flood costs one log line per client and
+    /// reason per round.
     async fn on_chunk(
         &self,
         p: &Publish,
-        reasm: &mut Reassembler<(String, u64)>,
-        headers: &mut HashMap<(String, u64), Signed>,
-        chunk_limit: usize,
+        st: &mut CollectState,
         book: &mut RoundBook,
         session: &Session,
-        round: u64,
+        ctx: &RoundContext<'_>,
     ) -> Result<Option<(String, u64, Option<Signed>, Vec<u8>)>, CoordinatorError> {
+        let round = ctx.round;
         let (client, t_round, t_index) = match Topic::parse(&self.cfg.fleet, &p.topic) {
             Ok(Topic::DeltaChunk {
                 client,
@@ -792,41 +836,305 @@ impl Coordinator {
                 return Ok(None);
             }
         };
-        let chunk: DeltaChunk = match envelope::decode(&p.payload, Kind::DeltaChunk, chunk_limit) {
-            Ok(c) => c,
-            Err(e) => {
-                let reason = RejectReason::Malformed(format!("delta chunk: {e}"));
-                self.reject(session, book, &client, round, digest(&p.payload), reason)
+        let registered = ctx.registry.key(&client).is_some();
+        let no_digest = Digest([0; 32]);
+        match admit(
+            t_round,
+            round,
+            registered,
+            book.accepted.contains_key(&client),
+        ) {
+            Admission::Take => {}
+            Admission::UnknownClient => {
+                let r = RejectReason::UnknownClient;
+                self.reject(session, book, &client, false, round, no_digest, r, false)
                     .await?;
                 return Ok(None);
             }
-        };
+            Admission::Future => {
+                let r = RejectReason::WrongRound {
+                    got: t_round,
+                    current: round,
+                };
+                self.reject(session, book, &client, true, round, no_digest, r, false)
+                    .await?;
+                return Ok(None);
+            }
+            Admission::Late => {
+                self.on_late(p, st, book, session, ctx, &client, t_round, t_index)
+                    .await?;
+                return Ok(None);
+            }
+            Admission::Resend => {
+                self.on_resend(p, st, book, session, ctx, &client, t_index)
+                    .await?;
+                return Ok(None);
+            }
+        }
+        let mut chunk: DeltaChunk =
+            match envelope::decode(&p.payload, Kind::DeltaChunk, st.chunk_limit) {
+                Ok(c) => c,
+                Err(e) => {
+                    let reason = RejectReason::Malformed(format!("delta chunk: {e}"));
+                    self.reject(
+                        session,
+                        book,
+                        &client,
+                        true,
+                        round,
+                        digest(&p.payload),
+                        reason,
+                        false,
+                    )
+                    .await?;
+                    return Ok(None);
+                }
+            };
         if chunk.client != client || chunk.round != t_round || chunk.index != t_index {
             let reason = RejectReason::Malformed("chunk does not match its topic".into());
-            self.reject(session, book, &client, round, digest(&p.payload), reason)
-                .await?;
+            self.reject(
+                session,
+                book,
+                &client,
+                true,
+                round,
+                digest(&p.payload),
+                reason,
+                false,
+            )
+            .await?;
             return Ok(None);
         }
         let key = (client.clone(), t_round);
-        if chunk.index == 0 {
-            if let Some(h) = chunk.header {
-                headers.insert(key.clone(), h);
+        let header = if chunk.index == 0 {
+            chunk.header.take()
+        } else {
+            None
+        };
+        let data = std::mem::take(&mut chunk.data);
+        match st
+            .reasm
+            .insert_for(&client, key.clone(), chunk.index, chunk.total, data)
+        {
+            Ok(None) => {
+                // Held only while its transfer is, so headers never outnumber transfers.
+                if let Some(h) = header {
+                    st.headers.insert(key, h);
+                }
+                Ok(None)
             }
-        }
-        match reasm.insert(key.clone(), chunk.index, chunk.total, chunk.data) {
-            Ok(None) => Ok(None),
             Ok(Some(payload)) => {
-                let header = headers.remove(&key);
-                Ok(Some((client, t_round, header, payload)))
+                let stored = st.headers.remove(&key);
+                Ok(Some((client, t_round, header.or(stored), payload)))
+            }
+            Err(e) if e.is_capacity() => {
+                // Not the sender's doing: no blame, no receipt; it re-sends on its backoff.
+                book.refused_busy += 1;
+                if book.refused_busy == 1 {
+                    tracing::warn!(round, client = %client, error = %e, "reassembly is full; refusing chunks until uploads complete (counted in the report)");
+                }
+                Ok(None)
             }
             Err(e) => {
-                headers.remove(&key);
+                st.headers.remove(&key);
                 let reason = RejectReason::Malformed(format!("delta chunk: {e}"));
-                self.reject(session, book, &client, round, digest(&p.payload), reason)
-                    .await?;
+                self.reject(
+                    session,
+                    book,
+                    &client,
+                    true,
+                    round,
+                    digest(&p.payload),
+                    reason,
+                    false,
+                )
+                .await?;
                 Ok(None)
             }
         }
+    }
+
+    /// A chunk for a closed round holds nothing. Chunk 0 of the previous round is checked so
+    /// an honest retry (typically after a coordinator restart) gets its receipt again if the
+    /// journal has it, or learns the round closed; everything else is only counted as late.
+    #[allow(clippy::too_many_arguments)]
+    async fn on_late(
+        &self,
+        p: &Publish,
+        st: &CollectState,
+        book: &mut RoundBook,
+        session: &Session,
+        ctx: &RoundContext<'_>,
+        client: &str,
+        t_round: u64,
+        t_index: u32,
+    ) -> Result<(), CoordinatorError> {
+        let text = format!("late: a delta for round {t_round}, which had closed");
+        let signed_header = (t_round + 1 == ctx.round && t_index == 0)
+            .then(|| envelope::decode::<DeltaChunk>(&p.payload, Kind::DeltaChunk, st.chunk_limit))
+            .and_then(Result::ok)
+            .filter(|c| c.client == client && c.round == t_round)
+            .and_then(|c| c.header)
+            .and_then(|h| verify_signer(ctx.registry, client, &h).ok())
+            .filter(|h| h.round == t_round);
+        let Some(h) = signed_header else {
+            if book.late.record(client, true, &text, false) {
+                tracing::info!(
+                    client,
+                    round = t_round,
+                    "ignoring chunks for a closed round (further ones are only counted)"
+                );
+            }
+            return Ok(());
+        };
+        let acked = (client.to_string(), h.payload_digest.to_string());
+        if st.previous_acks.contains(&acked) {
+            book.resent += 1;
+            return self
+                .receipt(
+                    session,
+                    client,
+                    t_round,
+                    h.payload_digest,
+                    ReceiptOutcome::Accepted,
+                )
+                .await;
+        }
+        if book.late.record(client, true, &text, true) {
+            tracing::info!(
+                client,
+                round = t_round,
+                "a delta arrived after its round closed"
+            );
+            self.receipt(
+                session,
+                client,
+                t_round,
+                h.payload_digest,
+                ReceiptOutcome::Rejected(RejectReason::RoundClosed),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// A chunk from a client whose delta is already accepted this round. Chunk 0 carries the
+    /// signed header: the same digest is a re-send (its receipt was lost) and gets the receipt
+    /// again; another digest is a conflicting upload. Other chunks are parts of such a re-send
+    /// and are dropped unread.
+    #[allow(clippy::too_many_arguments)]
+    async fn on_resend(
+        &self,
+        p: &Publish,
+        st: &CollectState,
+        book: &mut RoundBook,
+        session: &Session,
+        ctx: &RoundContext<'_>,
+        client: &str,
+        t_index: u32,
+    ) -> Result<(), CoordinatorError> {
+        if t_index != 0 {
+            return Ok(());
+        }
+        let round = ctx.round;
+        let header =
+            match envelope::decode::<DeltaChunk>(&p.payload, Kind::DeltaChunk, st.chunk_limit) {
+                Ok(c) if c.client == client && c.round == round && c.index == 0 => c.header,
+                Ok(_) => {
+                    let reason = RejectReason::Malformed("chunk does not match its topic".into());
+                    return self
+                        .reject(
+                            session,
+                            book,
+                            client,
+                            true,
+                            round,
+                            digest(&p.payload),
+                            reason,
+                            false,
+                        )
+                        .await;
+                }
+                Err(e) => {
+                    let reason = RejectReason::Malformed(format!("delta chunk: {e}"));
+                    return self
+                        .reject(
+                            session,
+                            book,
+                            client,
+                            true,
+                            round,
+                            digest(&p.payload),
+                            reason,
+                            false,
+                        )
+                        .await;
+                }
+            };
+        let Some(header) = header else {
+            let reason = RejectReason::Malformed("chunk 0 without a header".into());
+            return self
+                .reject(
+                    session,
+                    book,
+                    client,
+                    true,
+                    round,
+                    digest(&p.payload),
+                    reason,
+                    false,
+                )
+                .await;
+        };
+        let h = match verify_signer(ctx.registry, client, &header) {
+            Ok(h) => h,
+            Err(reason) => {
+                return self
+                    .reject(
+                        session,
+                        book,
+                        client,
+                        true,
+                        round,
+                        digest(&p.payload),
+                        reason,
+                        false,
+                    )
+                    .await
+            }
+        };
+        let accepted = book.accepted.get(client).map(|a| a.header.payload_digest);
+        if h.round == round && accepted == Some(h.payload_digest) {
+            book.resent += 1;
+            return self
+                .receipt(
+                    session,
+                    client,
+                    round,
+                    h.payload_digest,
+                    ReceiptOutcome::Accepted,
+                )
+                .await;
+        }
+        let reason = if h.round == round {
+            RejectReason::ConflictingUpload
+        } else {
+            RejectReason::WrongRound {
+                got: h.round,
+                current: round,
+            }
+        };
+        self.reject(
+            session,
+            book,
+            client,
+            true,
+            round,
+            h.payload_digest,
+            reason,
+            true,
+        )
+        .await
     }
 
     /// Verifies a complete upload; persists and acknowledges it, or rejects it with a reason.
@@ -843,34 +1151,39 @@ impl Coordinator {
         payload: Vec<u8>,
     ) -> Result<(), CoordinatorError> {
         let payload_digest = digest(&payload);
-        if let Some(h) = &header {
-            if let Ok(hd) = verify_signer(ctx.registry, &client, h) {
-                // A retry of an upload accepted this round (its receipt was lost): acknowledge
-                // again, count once. Uploads for earlier rounds fail the round check below, so a
-                // replay is always listed as rejected.
-                if let Some(prev) = book.accepted.get(&client).filter(|_| hd.round == ctx.round) {
-                    if prev.header.payload_digest == payload_digest {
-                        return self
-                            .receipt(
-                                session,
-                                &client,
-                                hd.round,
-                                payload_digest,
-                                ReceiptOutcome::Accepted,
-                            )
-                            .await;
-                    }
+        // Whether the header is provably the client's: decides whether a rejection below is
+        // signed (proven theirs) or could have been sent by anyone on their topic.
+        let signer = header
+            .as_ref()
+            .and_then(|h| verify_signer(ctx.registry, &client, h).ok());
+        if let Some(hd) = &signer {
+            // A retry of an upload accepted this round (its receipt was lost): acknowledge
+            // again, count once. (Normally caught chunk by chunk in `on_resend`.)
+            if let Some(prev) = book.accepted.get(&client).filter(|_| hd.round == ctx.round) {
+                if prev.header.payload_digest == payload_digest {
+                    book.resent += 1;
                     return self
-                        .reject(
+                        .receipt(
                             session,
-                            book,
                             &client,
                             hd.round,
                             payload_digest,
-                            RejectReason::ConflictingUpload,
+                            ReceiptOutcome::Accepted,
                         )
                         .await;
                 }
+                return self
+                    .reject(
+                        session,
+                        book,
+                        &client,
+                        true,
+                        hd.round,
+                        payload_digest,
+                        RejectReason::ConflictingUpload,
+                        true,
+                    )
+                    .await;
             }
         }
         match verify_upload(ctx, &client, header.as_ref(), &payload) {
@@ -878,8 +1191,16 @@ impl Coordinator {
                 let Some(h) = header.as_ref() else {
                     return Ok(());
                 };
-                // Durable before acknowledged: a crash after this line loses nothing.
+                // Durable before acknowledged: the delta, then its journal line (what a
+                // restarted coordinator checks the deltas against), both fsync'd; a crash after
+                // these lines loses nothing, and a lost file is named rather than forgotten.
                 store.save_delta(ctx.round, &client, h, &payload)?;
+                store.append_journal(&JournalEntry {
+                    client: client.clone(),
+                    round: ctx.round,
+                    digest: payload_digest.to_string(),
+                    file: Store::delta_file(&client),
+                })?;
                 book.accepted.insert(
                     client.clone(),
                     Accepted {
@@ -905,38 +1226,51 @@ impl Coordinator {
                 Ok(())
             }
             Err(reason) => {
-                self.reject(session, book, &client, upload_round, payload_digest, reason)
-                    .await
+                let signed = signer.is_some();
+                self.reject(
+                    session,
+                    book,
+                    &client,
+                    true,
+                    upload_round,
+                    payload_digest,
+                    reason,
+                    signed,
+                )
+                .await
             }
         }
     }
 
-    /// Records a rejection in the round report (once per client and reason) and tells the
-    /// client, so it stops retrying.
+    /// Counts a rejection against `client` (the topic's, i.e. the authenticated sender with
+    /// the broker's ACLs) and tells the client, so it stops retrying. Rate-limited: the first
+    /// of each (client, reason, signed) in a round is logged and emitted; later ones are only
+    /// counted. A receipt goes out for every signed rejection (its client really sent it) but
+    /// only for the first unsigned one, and never to an unregistered id.
+    #[allow(clippy::too_many_arguments)]
     async fn reject(
         &self,
         session: &Session,
         book: &mut RoundBook,
         client: &str,
+        registered: bool,
         round: u64,
         payload_digest: Digest,
         reason: RejectReason,
+        signed: bool,
     ) -> Result<(), CoordinatorError> {
         let text = reason.to_string();
-        tracing::warn!(client, round, reason = %text, "delta rejected");
-        if book
-            .seen_rejections
-            .insert((client.to_string(), text.clone()))
-        {
-            book.rejected.push(Rejection {
-                client: client.to_string(),
-                reason: text.clone(),
-            });
+        let first = book.tally.record(client, registered, &text, signed);
+        if first {
+            tracing::warn!(client, round, reason = %text, signed, "delta rejected (more like it this round are only counted)");
             self.emit(RoundEvent::Rejected {
                 round,
                 client: client.to_string(),
                 reason: text,
             });
+        }
+        if !registered || !(first || signed) {
+            return Ok(());
         }
         self.receipt(
             session,

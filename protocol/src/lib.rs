@@ -24,7 +24,7 @@ pub mod envelope;
 pub mod message;
 pub mod topic;
 
-pub use chunk::{ChunkError, Reassembler};
+pub use chunk::{ChunkError, Reassembler, ReassemblyPeaks};
 pub use codec::{
     CodecError, DownlinkCodec, ErrorFeedback, NamedTensor, PayloadCodec, TensorSpec, UplinkCodec,
 };
