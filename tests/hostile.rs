@@ -21,8 +21,7 @@ use common::*;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -188,84 +187,16 @@ async fn wait_for<T>(raw: &mut Raw, mut f: impl FnMut(&Raw) -> Option<T>) -> T {
 /// The broker under attack.
 enum Broker {
     Embedded(coevo_broker::BrokerHandle),
-    Mosquitto {
-        child: std::process::Child,
-        log: std::path::PathBuf,
-        addr: SocketAddr,
-    },
+    Mosquitto(Mosquitto),
 }
 
 impl Broker {
     fn addr(&self) -> SocketAddr {
         match self {
             Broker::Embedded(h) => h.addr,
-            Broker::Mosquitto { addr, .. } => *addr,
+            Broker::Mosquitto(m) => m.addr,
         }
     }
-
-    fn log(&self) -> String {
-        match self {
-            Broker::Embedded(_) => String::new(),
-            Broker::Mosquitto { log, .. } => std::fs::read_to_string(log).unwrap_or_default(),
-        }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Broker::Mosquitto { child, .. } = self {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// Writes the configuration `coevo fleet export-mosquitto` writes for `fleet` into `mdir`
-/// (no `user`: the test runs Mosquitto as whoever runs the tests, root on CI).
-fn export_mosquitto(fleet: &coevo::provision::Fleet, addr: SocketAddr, mdir: &Path) {
-    let registry = coevo_coordinator::FleetRegistry::load(&fleet.registry_path).unwrap();
-    let creds = coevo_broker::Credentials::load(&fleet.credentials_path).unwrap();
-    coevo::mosquitto::export(
-        &coevo::mosquitto::Export {
-            fleet: FLEET,
-            coordinator_id: "coordinator",
-            registry: &registry,
-            credentials: &creds,
-            listen_host: "127.0.0.1",
-            listen_port: addr.port(),
-            user: None,
-        },
-        mdir,
-    )
-    .unwrap();
-}
-
-/// Debian's Mosquitto with the configuration `coevo fleet export-mosquitto` writes.
-async fn start_mosquitto(fleet: &coevo::provision::Fleet, dir: &Path) -> Broker {
-    let addr = coevo_broker::free_local_addr().unwrap();
-    let mdir = dir.join("mosquitto");
-    export_mosquitto(fleet, addr, &mdir);
-    let log = dir.join("mosquitto.log");
-    let file = std::fs::File::create(&log).unwrap();
-    let bin = if Path::new("/usr/sbin/mosquitto").exists() {
-        "/usr/sbin/mosquitto"
-    } else {
-        "mosquitto"
-    };
-    let child = Command::new(bin)
-        .arg("-v")
-        .arg("-c")
-        .arg(mdir.join("mosquitto.conf"))
-        .stdout(file.try_clone().unwrap())
-        .stderr(file)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("mosquitto is installed (scripts/setup)");
-    wait_until("mosquitto listening", Duration::from_secs(20), || {
-        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-    })
-    .await;
-    Broker::Mosquitto { child, log, addr }
 }
 
 /// A valid-looking delta chunk envelope from `client` (no header: it never completes).
@@ -311,7 +242,10 @@ async fn play(mosquitto: bool) {
     init_logs();
     let fleet = coevo::provision::provision(dir.path(), "coordinator", &names).unwrap();
     let broker = if mosquitto {
-        start_mosquitto(&fleet, dir.path()).await
+        let addr = coevo_broker::free_local_addr().unwrap();
+        let mdir = dir.path().join("mosquitto");
+        export_mosquitto(&fleet, addr, &mdir, None);
+        Broker::Mosquitto(start_mosquitto(&mdir, addr, dir.path().join("mosquitto.log")).await)
     } else {
         Broker::Embedded(start_broker(&fleet))
     };
@@ -511,9 +445,9 @@ async fn play(mosquitto: bool) {
         }
     }
     match &broker {
-        Broker::Mosquitto { .. } => {
+        Broker::Mosquitto(m) => {
             // use_username_as_clientid: mallory's connection is "mallory", whatever it asked.
-            let log = broker.log();
+            let log = m.log();
             assert!(
                 !log.contains("Client coordinator already connected"),
                 "mallory took over the coordinator's session:\n{log}"
@@ -531,8 +465,8 @@ async fn play(mosquitto: bool) {
 
     // The broker's memory stayed bounded through the attacks.
     match &broker {
-        Broker::Mosquitto { child, .. } => {
-            let hwm = vm_hwm_kib(child.id()).expect("mosquitto's /proc status");
+        Broker::Mosquitto(m) => {
+            let hwm = vm_hwm_kib(m.child.id()).expect("mosquitto's /proc status");
             println!("hostile[{kind}]: mosquitto peak RSS {} KiB", hwm);
             assert!(hwm < 64 * 1024, "mosquitto grew to {hwm} KiB");
         }
@@ -566,10 +500,10 @@ async fn play(mosquitto: bool) {
         String::from_utf8_lossy(&out.stderr)
     );
     let t0 = std::time::Instant::now();
-    if let Broker::Mosquitto { child, .. } = &broker {
-        export_mosquitto(&fleet, addr, &dir.path().join("mosquitto"));
+    if let Broker::Mosquitto(m) = &broker {
+        export_mosquitto(&fleet, addr, &dir.path().join("mosquitto"), None);
         let hup = Command::new("kill")
-            .args(["-HUP", &child.id().to_string()])
+            .args(["-HUP", &m.child.id().to_string()])
             .status()
             .expect("kill runs");
         assert!(hup.success());

@@ -9,58 +9,24 @@ use coevo_coordinator::RoundEvent;
 use coevo_models::data::synthetic;
 use coevo_models::partition::{partition, PartitionSpec};
 use common::*;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
-
-fn mosquitto_bin() -> &'static str {
-    if std::path::Path::new("/usr/sbin/mosquitto").exists() {
-        "/usr/sbin/mosquitto"
-    } else {
-        "mosquitto"
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_round_through_mosquitto_with_exported_acls() {
     let dir = tempfile::tempdir().unwrap();
     let fleet = fleet(dir.path(), 3);
     let addr = coevo_broker::free_local_addr().unwrap();
-    let registry = coevo_coordinator::FleetRegistry::load(&fleet.registry_path).unwrap();
-    let creds = coevo_broker::Credentials::load(&fleet.credentials_path).unwrap();
     let mdir = dir.path().join("mosquitto");
     // Mosquitto must stay the user that owns the 0600 password file (root in CI).
     let whoami = String::from_utf8(Command::new("id").arg("-un").output().unwrap().stdout)
         .unwrap()
         .trim()
         .to_string();
-    coevo::mosquitto::export(
-        &coevo::mosquitto::Export {
-            fleet: FLEET,
-            coordinator_id: "coordinator",
-            registry: &registry,
-            credentials: &creds,
-            listen_host: "127.0.0.1",
-            listen_port: addr.port(),
-            user: Some(&whoami),
-        },
-        &mdir,
-    )
-    .unwrap();
+    export_mosquitto(&fleet, addr, &mdir, Some(&whoami));
     let acl = std::fs::read_to_string(mdir.join("acl")).unwrap();
     assert!(acl.contains(&format!("topic write coevo/v1/{FLEET}/delta/cam-1/#")));
-    let log = std::fs::File::create(dir.path().join("mosquitto.log")).unwrap();
-    let mut mosquitto = Command::new(mosquitto_bin())
-        .arg("-c")
-        .arg(mdir.join("mosquitto.conf"))
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("mosquitto is installed (scripts/setup)");
-    wait_until("mosquitto listening", Duration::from_secs(20), || {
-        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-    })
-    .await;
+    let mosquitto = start_mosquitto(&mdir, addr, dir.path().join("mosquitto.log")).await;
 
     let shape = SHAPE;
     let data = synthetic(600, 200, shape, 21);
@@ -127,8 +93,7 @@ async fn full_round_through_mosquitto_with_exported_acls() {
         assert_eq!(s.unwrap().unwrap().accepted_rounds, vec![1]);
     }
     drop(stop_tx);
-    let _ = mosquitto.kill();
-    let _ = mosquitto.wait();
+    drop(mosquitto);
     let r = report.expect("round finished");
     assert_eq!(r.outcome, "completed");
     assert_eq!(r.accepted, 3);
@@ -195,47 +160,13 @@ async fn exported_config_starts_as_root_and_no_camera_takes_the_coordinators_id(
     }
     let fleet = fleet(dir.path(), 1);
     let addr = coevo_broker::free_local_addr().unwrap();
-    let registry = coevo_coordinator::FleetRegistry::load(&fleet.registry_path).unwrap();
-    let creds = coevo_broker::Credentials::load(&fleet.credentials_path).unwrap();
     let mdir = dir.path().join("mosquitto");
-    coevo::mosquitto::export(
-        &coevo::mosquitto::Export {
-            fleet: FLEET,
-            coordinator_id: "coordinator",
-            registry: &registry,
-            credentials: &creds,
-            listen_host: "127.0.0.1",
-            listen_port: addr.port(),
-            user: None,
-        },
-        &mdir,
-    )
-    .unwrap();
+    export_mosquitto(&fleet, addr, &mdir, None);
     let conf = std::fs::read_to_string(mdir.join("mosquitto.conf")).unwrap();
     assert!(conf.contains("use_username_as_clientid true"), "{conf}");
     let acl = std::fs::read_to_string(mdir.join("acl")).unwrap();
     assert!(!acl.contains("report"), "cameras read no reports: {acl}");
-    let log_path = dir.path().join("mosquitto.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut mosquitto = Command::new(mosquitto_bin())
-        .arg("-c")
-        .arg(mdir.join("mosquitto.conf"))
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("mosquitto is installed (scripts/setup)");
-    let started = wait_until_ok(Duration::from_secs(20), || {
-        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-    })
-    .await;
-    if !started {
-        let _ = mosquitto.kill();
-        panic!(
-            "mosquitto did not start: {}",
-            std::fs::read_to_string(&log_path).unwrap_or_default()
-        );
-    }
+    let mosquitto = start_mosquitto(&mdir, addr, dir.path().join("mosquitto.log")).await;
 
     let mut s = coevo_mqtt::Settings::new("127.0.0.1", addr.port(), "coordinator");
     s.password = Some(fleet.coordinator_password.clone());
@@ -260,18 +191,5 @@ async fn exported_config_starts_as_root_and_no_camera_takes_the_coordinators_id(
         );
     }
     drop(raw);
-    let _ = mosquitto.kill();
-    let _ = mosquitto.wait();
-}
-
-/// Polls `ok` until it holds (true) or `limit` passes (false).
-async fn wait_until_ok(limit: Duration, ok: impl Fn() -> bool) -> bool {
-    let t0 = std::time::Instant::now();
-    while t0.elapsed() < limit {
-        if ok() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
+    drop(mosquitto);
 }

@@ -1037,56 +1037,20 @@ impl Coordinator {
             return Ok(());
         }
         let round = ctx.round;
-        let header =
+        // Everything that fails before the signature check is rejected the same way: unsigned,
+        // under the payload's digest.
+        let checked =
             match envelope::decode::<DeltaChunk>(&p.payload, Kind::DeltaChunk, st.chunk_limit) {
-                Ok(c) if c.client == client && c.round == round && c.index == 0 => c.header,
-                Ok(_) => {
-                    let reason = RejectReason::Malformed("chunk does not match its topic".into());
-                    return self
-                        .reject(
-                            session,
-                            book,
-                            client,
-                            true,
-                            round,
-                            digest(&p.payload),
-                            reason,
-                            false,
-                        )
-                        .await;
-                }
-                Err(e) => {
-                    let reason = RejectReason::Malformed(format!("delta chunk: {e}"));
-                    return self
-                        .reject(
-                            session,
-                            book,
-                            client,
-                            true,
-                            round,
-                            digest(&p.payload),
-                            reason,
-                            false,
-                        )
-                        .await;
-                }
+                Ok(c) if c.client == client && c.round == round && c.index == 0 => c
+                    .header
+                    .ok_or_else(|| RejectReason::Malformed("chunk 0 without a header".into()))
+                    .and_then(|header| verify_signer(ctx.registry, client, &header)),
+                Ok(_) => Err(RejectReason::Malformed(
+                    "chunk does not match its topic".into(),
+                )),
+                Err(e) => Err(RejectReason::Malformed(format!("delta chunk: {e}"))),
             };
-        let Some(header) = header else {
-            let reason = RejectReason::Malformed("chunk 0 without a header".into());
-            return self
-                .reject(
-                    session,
-                    book,
-                    client,
-                    true,
-                    round,
-                    digest(&p.payload),
-                    reason,
-                    false,
-                )
-                .await;
-        };
-        let h = match verify_signer(ctx.registry, client, &header) {
+        let h = match checked {
             Ok(h) => h,
             Err(reason) => {
                 return self

@@ -340,3 +340,78 @@ pub fn write_idx(dir: &std::path::Path, data: &coevo_models::DataSplit) {
         std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte")), lab).unwrap();
     }
 }
+
+/// Debian's Mosquitto, started on a configuration `coevo fleet export-mosquitto` wrote; killed
+/// when dropped.
+pub struct Mosquitto {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    /// Its stdout and stderr.
+    pub log: PathBuf,
+}
+
+impl Mosquitto {
+    /// Everything Mosquitto logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes what `coevo fleet export-mosquitto` writes for `fleet` (fleet id [`FLEET`], listener
+/// `addr`) into `mdir`. `user: None` is the operator's case on Debian: started as root, Mosquitto
+/// drops to the `mosquitto` user.
+pub fn export_mosquitto(fleet: &Fleet, addr: SocketAddr, mdir: &Path, user: Option<&str>) {
+    let registry = coevo_coordinator::FleetRegistry::load(&fleet.registry_path).unwrap();
+    let creds = coevo_broker::Credentials::load(&fleet.credentials_path).unwrap();
+    coevo::mosquitto::export(
+        &coevo::mosquitto::Export {
+            fleet: FLEET,
+            coordinator_id: "coordinator",
+            registry: &registry,
+            credentials: &creds,
+            listen_host: "127.0.0.1",
+            listen_port: addr.port(),
+            user,
+        },
+        mdir,
+    )
+    .unwrap();
+}
+
+/// Starts `mosquitto -v -c mdir/mosquitto.conf` logging to `log`, and waits until it listens on
+/// `addr`; panics with its log if it never does.
+pub async fn start_mosquitto(mdir: &Path, addr: SocketAddr, log: PathBuf) -> Mosquitto {
+    let file = std::fs::File::create(&log).unwrap();
+    let bin = if Path::new("/usr/sbin/mosquitto").exists() {
+        "/usr/sbin/mosquitto"
+    } else {
+        "mosquitto"
+    };
+    let child = std::process::Command::new(bin)
+        .arg("-v")
+        .arg("-c")
+        .arg(mdir.join("mosquitto.conf"))
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("mosquitto is installed (scripts/setup)");
+    let m = Mosquitto { child, addr, log };
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "mosquitto did not start listening on {addr}:\n{}",
+            m.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    m
+}
