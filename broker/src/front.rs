@@ -822,6 +822,88 @@ mod tests {
         assert!(subscribe_filters(&[0, 1]).is_err());
     }
 
+    /// The packet body after the fixed header (type byte and remaining length) of a small
+    /// packet rumqttc encoded.
+    fn body(wire: &[u8]) -> &[u8] {
+        assert!(wire[1] < 0x80, "test packets are under 128 bytes");
+        &wire[2..]
+    }
+
+    /// Interop: what rumqttc (our clients' library) sends is what we parse.
+    #[test]
+    fn parses_connect_and_subscribe_as_rumqttc_writes_them() {
+        use rumqttc::mqttbytes::v4::{Connect as RConnect, LastWill, Subscribe};
+        use rumqttc::QoS;
+        let mut c = RConnect::new("cam-7");
+        c.set_login("cam-7", "pw");
+        c.keep_alive = 17;
+        c.last_will = Some(LastWill::new(
+            "coevo/v1/f/status/cam-7",
+            b"offline".to_vec(),
+            QoS::AtLeastOnce,
+            true,
+        ));
+        let mut buf = bytes::BytesMut::new();
+        c.write(&mut buf).unwrap();
+        let p = parse_connect(body(&buf)).unwrap();
+        assert_eq!(p.client_id, "cam-7");
+        assert_eq!(p.username.as_deref(), Some("cam-7"));
+        assert_eq!(p.password.as_deref(), Some(&b"pw"[..]));
+        assert_eq!(p.keep_alive, 17);
+        assert_eq!(
+            p.will,
+            Some(("coevo/v1/f/status/cam-7".into(), b"offline".to_vec()))
+        );
+
+        let mut s = Subscribe::new("coevo/v1/f/round/current", QoS::AtLeastOnce);
+        s.add("coevo/v1/f/model/+/+".into(), QoS::AtMostOnce);
+        let mut buf = bytes::BytesMut::new();
+        s.write(&mut buf).unwrap();
+        assert_eq!(
+            subscribe_filters(body(&buf)).unwrap(),
+            ["coevo/v1/f/round/current", "coevo/v1/f/model/+/+"]
+        );
+    }
+
+    proptest::proptest! {
+        /// Whatever an unauthenticated peer sends, the parsers answer with an error, never a
+        /// panic.
+        #[test]
+        fn arbitrary_bodies_never_panic(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
+            let _ = parse_connect(&body);
+            let _ = subscribe_filters(&body);
+        }
+
+        /// Any client id, user name and password survive re-encoding with the injected secret
+        /// (the user name becomes the client id).
+        #[test]
+        fn connect_reencoding_round_trips(
+            id in "[A-Za-z0-9_-]{1,64}",
+            pw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            keep_alive in proptest::prelude::any::<u16>(),
+        ) {
+            let mut c = connect(None, Some(&id), Some(&pw));
+            c.client_id = id.clone();
+            c.keep_alive = keep_alive;
+            let wire = encode_connect(&c, "secret");
+            let mut len = 0usize;
+            let mut i = 1;
+            loop {
+                len |= usize::from(wire[i] & 0x7f) << (7 * (i - 1));
+                if wire[i] & 0x80 == 0 {
+                    break;
+                }
+                i += 1;
+            }
+            proptest::prop_assert_eq!(wire.len(), i + 1 + len);
+            let p = parse_connect(&wire[i + 1..]).unwrap();
+            proptest::prop_assert_eq!(&p.client_id, &id);
+            proptest::prop_assert_eq!(p.username.as_deref(), Some(id.as_str()));
+            proptest::prop_assert_eq!(p.password.as_deref(), Some(&b"secret"[..]));
+            proptest::prop_assert_eq!(p.keep_alive, keep_alive);
+        }
+    }
+
     #[test]
     fn rate_limit_allows_one_line_per_key_and_stays_bounded() {
         let r = RateLimit::new(16);
