@@ -38,6 +38,14 @@ pub struct EdgeConfig {
     /// Consecutive refusals of our broker credentials after which the agent exits.
     #[serde(default = "default_max_auth_refusals")]
     pub max_auth_refusals: u32,
+    /// Oldest error-feedback residual, in rounds, still added to a delta after the edge was
+    /// offline; older ones are dropped (see `coevo_edge::state::stale_residual_age`).
+    #[serde(default = "default_max_residual_age_rounds")]
+    pub max_residual_age_rounds: u64,
+}
+
+fn default_max_residual_age_rounds() -> u64 {
+    crate::state::DEFAULT_MAX_RESIDUAL_AGE_ROUNDS
 }
 
 fn default_coordinator() -> String {
