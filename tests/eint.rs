@@ -129,3 +129,21 @@ async fn camera_offline_for_two_rounds_rejoins_with_its_stale_residual_dropped()
         t0.elapsed().as_secs_f64()
     );
 }
+
+/// `max_residual_age_rounds = 0` would drop every residual, i.e. silently turn error feedback
+/// off: refused with a clear message instead.
+#[test]
+fn zero_max_residual_age_is_refused() {
+    let key = coevo_protocol::SigningKey::generate().unwrap();
+    let mut o = coevo_edge::AgentOptions::new(FLEET, "cam-0", "coordinator", key.public_key());
+    o.max_residual_age_rounds = 0;
+    let data = synthetic(8, 8, SHAPE, 1).train;
+    let err = match coevo_edge::Agent::new(o, key, data) {
+        Ok(_) => panic!("accepted max_residual_age_rounds = 0"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("max_residual_age_rounds must be at least 1"),
+        "{err}"
+    );
+}

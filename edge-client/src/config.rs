@@ -172,6 +172,10 @@ mod tests {
         assert_eq!(cfg.data.partition, "dirichlet:10:0.5");
         let spec: Result<coevo_models::partition::PartitionSpec, _> = cfg.data.partition.parse();
         assert!(spec.is_ok());
+        assert_eq!(
+            cfg.max_residual_age_rounds,
+            crate::state::DEFAULT_MAX_RESIDUAL_AGE_ROUNDS
+        );
     }
 
     #[test]
