@@ -804,6 +804,8 @@ impl Agent {
         let client = self.opts.client_id.clone();
         let feedback = self.feedback_for(m.round, self.model_params);
         let round = m.round;
+        // Under `top-k:…:no-ef` the residual is carried unchanged, so it keeps its round.
+        let carried = up_codec.error_feedback() && attack != Some(Attack::NonFinite);
         let (payload, metrics, feedback) = tokio::task::spawn_blocking(
             move || -> Result<(Vec<u8>, LocalMetrics, ErrorFeedback), EdgeError> {
                 let t0 = Instant::now();
@@ -840,7 +842,7 @@ impl Agent {
                             .map_err(|e| EdgeError::Config(format!("{}: {e}", dir.display())))?;
                     }
                     feedback.save(path)?;
-                    if let Some(dir) = path.parent() {
+                    if let Some(dir) = path.parent().filter(|_| carried) {
                         crate::state::save_residual_round(dir, round)?;
                     }
                 }
@@ -858,7 +860,9 @@ impl Agent {
         .await
         .map_err(|e| EdgeError::Task(e.to_string()))??;
         self.feedback = Some(feedback);
-        self.feedback_round = Some(m.round);
+        if carried {
+            self.feedback_round = Some(m.round);
+        }
         Ok((payload, metrics))
     }
 
