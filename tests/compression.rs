@@ -71,6 +71,7 @@ async fn compressed_rounds_and_the_residual_survives_a_restart() {
     let s2 = second.await.unwrap().unwrap();
     assert_eq!(s2.accepted_rounds, vec![2]);
     assert_eq!(s2.restored_residual_norm, Some(n1));
+    assert!(s2.dropped_residuals.is_empty(), "one round old: kept");
     let r2 = ErrorFeedback::load(&state.join(RESIDUAL_FILE), limits)
         .unwrap()
         .unwrap();

@@ -70,6 +70,10 @@ pub struct AgentOptions {
     /// Consecutive refusals of our credentials by the broker after which the agent stops with
     /// [`coevo_mqtt::MqttError::AuthRefused`] instead of retrying forever.
     pub max_auth_refusals: u32,
+    /// Oldest error-feedback residual, in rounds, still added to a delta (at least 1: in
+    /// steady state the residual is from the previous round). An edge back from being offline
+    /// drops an older one; why drop and not rescale: [`crate::state::stale_residual_age`].
+    pub max_residual_age_rounds: u64,
 }
 
 impl AgentOptions {
@@ -97,6 +101,7 @@ impl AgentOptions {
             train_slots: None,
             deadline_grace: Duration::from_secs(30),
             max_auth_refusals: 3,
+            max_residual_age_rounds: crate::state::DEFAULT_MAX_RESIDUAL_AGE_ROUNDS,
         }
     }
 }
@@ -118,6 +123,19 @@ pub struct AgentSummary {
     /// L2 norm of the error-feedback residual read back from `state_dir` at the first
     /// compressed round (`None`: nothing on disk, or no `state_dir`).
     pub restored_residual_norm: Option<f64>,
+    /// Error-feedback residuals dropped as too old (the edge missed rounds), oldest first.
+    pub dropped_residuals: Vec<DroppedResidual>,
+}
+
+/// A residual left out of a round's delta because it was computed against an old model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DroppedResidual {
+    /// The round whose delta it would have been added to.
+    pub round: u64,
+    /// The round it was computed in (`None`: unknown, e.g. saved by an older version).
+    pub computed_in: Option<u64>,
+    /// Its L2 norm: how much unsent update was discarded.
+    pub norm: f64,
 }
 
 /// Typed view of what arrives on our subscriptions.
@@ -177,6 +195,8 @@ pub struct Agent {
     /// The uplink's error-feedback residual; `None` until read from `state_dir` (lazily: its
     /// bound is the size of the first round's model).
     feedback: Option<ErrorFeedback>,
+    /// The round whose delta produced `feedback` (`None`: unknown or no residual yet).
+    feedback_round: Option<u64>,
     /// The last round completed, persisted in `state_dir`.
     last_round: LastRound,
     /// The round being worked on (for one log line per ignore reason per round).
@@ -196,6 +216,11 @@ impl Agent {
             .map_err(|e| EdgeError::Config(format!("fleet: {e}")))?;
         if data.is_empty() {
             return Err(EdgeError::Config("the local dataset is empty".into()));
+        }
+        if opts.max_residual_age_rounds == 0 {
+            return Err(EdgeError::Config(
+                "max_residual_age_rounds must be at least 1 (1: only the previous round's residual is kept)".into(),
+            ));
         }
         let tls = opts
             .ca_cert
@@ -221,6 +246,7 @@ impl Agent {
             summary: AgentSummary::default(),
             replay: None,
             feedback: None,
+            feedback_round: None,
             working_round: last_round.get(),
             last_round,
             ignored: Ignored::default(),
@@ -680,12 +706,45 @@ impl Agent {
         };
         if let Some(f) = &loaded {
             let norm = f.residual_norm();
-            tracing::info!(client = %self.opts.client_id, norm, "restored the error-feedback residual");
+            self.feedback_round = self
+                .opts
+                .state_dir
+                .as_deref()
+                .and_then(crate::state::load_residual_round);
+            tracing::info!(client = %self.opts.client_id, norm, computed_in = ?self.feedback_round, "restored the error-feedback residual");
             self.summary.restored_residual_norm = Some(norm);
         }
         let f = loaded.unwrap_or_default();
         self.feedback = Some(f.clone());
         f
+    }
+
+    /// The residual to add to `round`'s delta: the kept one, or a zero one when it is older
+    /// than `max_residual_age_rounds` (the edge was offline; see
+    /// [`crate::state::stale_residual_age`]). A dropped residual is recorded in the summary;
+    /// the file is replaced once this round's residual is saved.
+    fn feedback_for(&mut self, round: u64, max_params: usize) -> ErrorFeedback {
+        let f = self.feedback(max_params);
+        if f.residual().is_empty() {
+            return f;
+        }
+        let computed_in = self.feedback_round;
+        let Some(age) =
+            crate::state::stale_residual_age(round, computed_in, self.opts.max_residual_age_rounds)
+        else {
+            return f;
+        };
+        let norm = f.residual_norm();
+        tracing::warn!(client = %self.opts.client_id, round, ?computed_in, age, max_age = self.opts.max_residual_age_rounds, norm, "dropping a stale error-feedback residual (this edge missed rounds)");
+        self.summary.dropped_residuals.push(DroppedResidual {
+            round,
+            computed_in,
+            norm,
+        });
+        let fresh = ErrorFeedback::new();
+        self.feedback = Some(fresh.clone());
+        self.feedback_round = None;
+        fresh
     }
 
     fn residual_path(&self) -> Option<PathBuf> {
@@ -743,7 +802,10 @@ impl Agent {
         };
         let residual_path = self.residual_path();
         let client = self.opts.client_id.clone();
-        let feedback = self.feedback(self.model_params);
+        let feedback = self.feedback_for(m.round, self.model_params);
+        let round = m.round;
+        // Under `top-k:…:no-ef` the residual is carried unchanged, so it keeps its round.
+        let carried = up_codec.error_feedback() && attack != Some(Attack::NonFinite);
         let (payload, metrics, feedback) = tokio::task::spawn_blocking(
             move || -> Result<(Vec<u8>, LocalMetrics, ErrorFeedback), EdgeError> {
                 let t0 = Instant::now();
@@ -780,6 +842,9 @@ impl Agent {
                             .map_err(|e| EdgeError::Config(format!("{}: {e}", dir.display())))?;
                     }
                     feedback.save(path)?;
+                    if let Some(dir) = path.parent().filter(|_| carried) {
+                        crate::state::save_residual_round(dir, round)?;
+                    }
                 }
                 Ok((
                     payload,
@@ -795,6 +860,9 @@ impl Agent {
         .await
         .map_err(|e| EdgeError::Task(e.to_string()))??;
         self.feedback = Some(feedback);
+        if carried {
+            self.feedback_round = Some(m.round);
+        }
         Ok((payload, metrics))
     }
 

@@ -78,6 +78,7 @@ pub async fn run(args: &EdgeArgs) -> Result<(), EdgeError> {
     opts.seed = cfg.seed;
     opts.deadline_grace = std::time::Duration::from_secs(cfg.deadline_grace_s);
     opts.max_auth_refusals = cfg.max_auth_refusals;
+    opts.max_residual_age_rounds = cfg.max_residual_age_rounds;
     let agent = Agent::new(opts, key, data)?;
     let summary = agent
         .run(async {

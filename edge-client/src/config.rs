@@ -38,6 +38,14 @@ pub struct EdgeConfig {
     /// Consecutive refusals of our broker credentials after which the agent exits.
     #[serde(default = "default_max_auth_refusals")]
     pub max_auth_refusals: u32,
+    /// Oldest error-feedback residual, in rounds, still added to a delta after the edge was
+    /// offline; older ones are dropped (see `coevo_edge::state::stale_residual_age`).
+    #[serde(default = "default_max_residual_age_rounds")]
+    pub max_residual_age_rounds: u64,
+}
+
+fn default_max_residual_age_rounds() -> u64 {
+    crate::state::DEFAULT_MAX_RESIDUAL_AGE_ROUNDS
 }
 
 fn default_coordinator() -> String {
@@ -164,6 +172,10 @@ mod tests {
         assert_eq!(cfg.data.partition, "dirichlet:10:0.5");
         let spec: Result<coevo_models::partition::PartitionSpec, _> = cfg.data.partition.parse();
         assert!(spec.is_ok());
+        assert_eq!(
+            cfg.max_residual_age_rounds,
+            crate::state::DEFAULT_MAX_RESIDUAL_AGE_ROUNDS
+        );
     }
 
     #[test]

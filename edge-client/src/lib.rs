@@ -17,7 +17,7 @@ pub mod cli;
 pub mod config;
 pub mod state;
 
-pub use agent::{Agent, AgentOptions, AgentSummary};
+pub use agent::{Agent, AgentOptions, AgentSummary, DroppedResidual};
 pub use attack::Attack;
 pub use config::EdgeConfig;
 pub use state::IgnoreReason;

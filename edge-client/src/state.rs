@@ -160,6 +160,78 @@ impl LastRound {
     }
 }
 
+/// File in `state_dir` holding the round whose delta produced the saved error-feedback
+/// residual (decimal text), so the residual's age survives a restart.
+pub const RESIDUAL_ROUND_FILE: &str = "residual_round";
+
+/// Default of [`crate::AgentOptions::max_residual_age_rounds`].
+pub const DEFAULT_MAX_RESIDUAL_AGE_ROUNDS: u64 = 2;
+
+/// Whether an error-feedback residual computed in round `computed_in` is too old to be added
+/// to the delta of `round`; `Some(age)` when it must be dropped.
+///
+/// # Why drop, and why not rescale
+///
+/// The residual is the part of an earlier delta the uplink codec left out, i.e. a direction
+/// computed against the model of round `computed_in`. In steady state it is one round old
+/// (age 1), which is the setting error feedback is analysed in (EF-SGD, EF21): what is sent
+/// plus what is carried sums to the true updates along one trajectory. A camera that was
+/// offline missed the aggregations in between; its residual then points from a model nobody
+/// holds any more, and adding it pushes the fresh delta towards that stale direction —
+/// worst for `top-k`, whose residual holds most of an update's mass.
+///
+/// It is dropped rather than decayed because a decay factor has no principled value for a
+/// fleet's data (it would be one more knob to tune per deployment) and a decayed residual
+/// still points the stale way; a zero residual is exactly the state error feedback starts
+/// from, so dropping is always safe. The cost is bounded: one client's compression error of
+/// one round, which the fleet never received anyway while the camera was offline.
+///
+/// The default, 2, tolerates one missed round (a lost receipt or a fetch that missed its
+/// deadline on a congested uplink are routine for cameras): one extra aggregation moves the
+/// model about as much as the round the residual already spans. An unknown `computed_in`
+/// (`None`: a residual without its round, from an older version) or one not below `round`
+/// (the fleet was restarted) is treated as too old and reported as age `u64::MAX`.
+pub fn stale_residual_age(round: u64, computed_in: Option<u64>, max_age: u64) -> Option<u64> {
+    match computed_in {
+        None => Some(u64::MAX),
+        // From a later round than this one: the fleet was restarted on a new trajectory.
+        Some(r) if r >= round => Some(u64::MAX),
+        Some(r) => {
+            let age = round.saturating_sub(r);
+            (age > max_age).then_some(age)
+        }
+    }
+}
+
+/// Reads the round in `dir/residual_round` (`None`: no file, or not a number, which is
+/// treated as "age unknown" and so drops the residual: never fatal for a camera).
+pub fn load_residual_round(dir: &Path) -> Option<u64> {
+    let path = dir.join(RESIDUAL_ROUND_FILE);
+    let f = std::fs::File::open(&path).ok()?;
+    let mut text = String::new();
+    use std::io::Read;
+    f.take(MAX_LAST_ROUND_BYTES)
+        .read_to_string(&mut text)
+        .ok()?;
+    match text.trim().parse() {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "unreadable residual round");
+            None
+        }
+    }
+}
+
+/// Records, atomically, that the residual saved in `dir` was computed in `round`. Written
+/// after the residual itself: a crash in between leaves an older round on disk, which can
+/// only make the residual look older (dropped sooner), never fresher than it is.
+pub fn save_residual_round(dir: &Path, round: u64) -> Result<(), EdgeError> {
+    write_atomic(
+        &dir.join(RESIDUAL_ROUND_FILE),
+        format!("{round}\n").as_bytes(),
+    )
+}
+
 /// Writes `bytes` to a temporary file beside `path`, fsyncs it, renames it over `path` and
 /// fsyncs the folder, creating the folder if needed.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), EdgeError> {
@@ -328,6 +400,32 @@ mod tests {
         let mut mem = LastRound::load(None).unwrap();
         mem.complete(7).unwrap();
         assert_eq!(mem.get(), 7);
+    }
+
+    #[test]
+    fn residual_older_than_the_limit_is_dropped() {
+        // Steady state: last round's residual, and one missed round, are kept.
+        assert_eq!(stale_residual_age(5, Some(4), 2), None);
+        assert_eq!(stale_residual_age(5, Some(3), 2), None);
+        // Offline for rounds 2 and 3, back in round 4: age 3.
+        assert_eq!(stale_residual_age(4, Some(1), 2), Some(3));
+        assert_eq!(stale_residual_age(4, Some(1), 1), Some(3));
+        assert_eq!(stale_residual_age(4, Some(1), 3), None);
+        // Unknown age, or a residual from a later round (the fleet restarted), is too old.
+        assert_eq!(stale_residual_age(4, None, 100), Some(u64::MAX));
+        assert_eq!(stale_residual_age(1, Some(9), 2), Some(u64::MAX));
+        assert_eq!(stale_residual_age(4, Some(4), 2), Some(u64::MAX));
+    }
+
+    #[test]
+    fn residual_round_persists_and_garbage_reads_as_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        assert_eq!(load_residual_round(&state), None);
+        save_residual_round(&state, 7).unwrap();
+        assert_eq!(load_residual_round(&state), Some(7));
+        std::fs::write(state.join(RESIDUAL_ROUND_FILE), "seven").unwrap();
+        assert_eq!(load_residual_round(&state), None);
     }
 
     #[test]
