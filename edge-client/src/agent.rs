@@ -3,8 +3,9 @@
 use crate::attack::{stale_replay, Attack, WireUpload};
 use crate::state::{check_fresh, now_unix_ms, IgnoreReason, Ignored, LastRound, Stale};
 use crate::EdgeError;
-use coevo_models::train::{train, TrainConfig};
-use coevo_models::{DataShape, Dataset, Student, Weights};
+use coevo_models::train::TrainConfig;
+use coevo_models::local::TrainData;
+use coevo_models::{DataShape, Student, Weights};
 use coevo_mqtt::{ClientTls, Incoming, Session, Settings};
 use coevo_protocol::chunk::{chunk_count, split, Reassembler};
 use coevo_protocol::codec::Limits;
@@ -70,6 +71,9 @@ pub struct AgentOptions {
     /// Consecutive refusals of our credentials by the broker after which the agent stops with
     /// [`coevo_mqtt::MqttError::AuthRefused`] instead of retrying forever.
     pub max_auth_refusals: u32,
+    /// libtorch intra-op threads for training (`[threads] train`); `None` leaves libtorch's
+    /// setting alone (simulated fleets share one process and set it once).
+    pub train_threads: Option<usize>,
 }
 
 impl AgentOptions {
@@ -97,6 +101,7 @@ impl AgentOptions {
             train_slots: None,
             deadline_grace: Duration::from_secs(30),
             max_auth_refusals: 3,
+            train_threads: None,
         }
     }
 }
@@ -165,7 +170,7 @@ pub struct Agent {
     key: SigningKey,
     /// In a mutex because tch tensors are `Send` but not `Sync`, and the round futures borrow
     /// `self` across awaits.
-    data: std::sync::Mutex<Dataset>,
+    data: std::sync::Mutex<TrainData>,
     samples: usize,
     shape: DataShape,
     /// Parameters of the student for `shape` (every round's model must have this shape): the
@@ -189,7 +194,12 @@ pub const RESIDUAL_FILE: &str = "residual.bin";
 
 impl Agent {
     /// `data` is this device's local training data.
-    pub fn new(opts: AgentOptions, key: SigningKey, data: Dataset) -> Result<Self, EdgeError> {
+    pub fn new(
+        opts: AgentOptions,
+        key: SigningKey,
+        data: impl Into<TrainData>,
+    ) -> Result<Self, EdgeError> {
+        let data: TrainData = data.into();
         coevo_protocol::topic::validate_id(&opts.client_id)
             .map_err(|e| EdgeError::Config(format!("client_id: {e}")))?;
         coevo_protocol::topic::validate_id(&opts.fleet)
@@ -211,10 +221,10 @@ impl Agent {
             tls,
             key,
             samples: data.len(),
-            shape: data.shape,
+            shape: data.shape(),
             model_params: {
                 let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-                let _net = Student::new(&vs.root(), &data.shape);
+                let _net = Student::new(&vs.root(), &data.shape());
                 Weights::from_var_store(&vs).num_params()
             },
             data: std::sync::Mutex::new(data),
@@ -731,7 +741,7 @@ impl Agent {
             .data
             .lock()
             .map_err(|_| EdgeError::Task("dataset lock poisoned".into()))?
-            .shallow_clone();
+            .handle();
         let _slot = match &self.opts.train_slots {
             Some(s) => Some(
                 s.clone()
@@ -744,8 +754,15 @@ impl Agent {
         let residual_path = self.residual_path();
         let client = self.opts.client_id.clone();
         let feedback = self.feedback(self.model_params);
+        let train_threads = self.opts.train_threads;
+        let round = m.round;
         let (payload, metrics, feedback) = tokio::task::spawn_blocking(
             move || -> Result<(Vec<u8>, LocalMetrics, ErrorFeedback), EdgeError> {
+                if let Some(n) = train_threads {
+                    // Set on the training thread itself: libtorch's OpenMP pool size is
+                    // per calling thread.
+                    tch::set_num_threads(n as i32);
+                }
                 let t0 = Instant::now();
                 let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
                 let net = Student::new(&vs.root(), &shape);
@@ -754,7 +771,10 @@ impl Agent {
                 received.load_into(&mut vs)?;
                 // The delta is taken against the weights exactly as loaded (DESIGN §5.3).
                 let received = Weights::from_var_store(&vs);
-                let stats = train(&net, &vs, &data, &cfg)?;
+                let stats = data.train(&net, &vs, &cfg)?;
+                let train_ms = t0.elapsed().as_millis() as u64;
+                tracing::info!(client = %client, round, train_ms, threads = tch::get_num_threads(),
+                    samples = stats.samples, loss = stats.loss, "local training done");
                 let mut delta = Weights::from_var_store(&vs).sub(&received)?;
                 if let Some(a) = &attack {
                     a.corrupt_delta(&mut delta, corruption_seed);
@@ -786,7 +806,7 @@ impl Agent {
                     LocalMetrics {
                         loss: stats.loss,
                         accuracy: stats.accuracy,
-                        train_ms: t0.elapsed().as_millis() as u64,
+                        train_ms,
                     },
                     feedback,
                 ))
@@ -794,6 +814,9 @@ impl Agent {
         )
         .await
         .map_err(|e| EdgeError::Task(e.to_string()))??;
+        // The round's model, optimizer and batches are freed by now; hand the pages back so a
+        // camera idles at its baseline between rounds, not at its training peak.
+        crate::cli::trim_heap();
         self.feedback = Some(feedback);
         Ok((payload, metrics))
     }
