@@ -771,7 +771,9 @@ impl Agent {
                 received.load_into(&mut vs)?;
                 // The delta is taken against the weights exactly as loaded (DESIGN §5.3).
                 let received = Weights::from_var_store(&vs);
+                crate::cli::log_memory("model loaded");
                 let stats = data.train(&net, &vs, &cfg)?;
+                crate::cli::log_memory("trained");
                 let train_ms = t0.elapsed().as_millis() as u64;
                 tracing::info!(client = %client, round, train_ms, threads = tch::get_num_threads(),
                     samples = stats.samples, loss = stats.loss, "local training done");
@@ -817,6 +819,7 @@ impl Agent {
         // The round's model, optimizer and batches are freed by now; hand the pages back so a
         // camera idles at its baseline between rounds, not at its training peak.
         crate::cli::trim_heap();
+        crate::cli::log_memory("round done, heap trimmed");
         self.feedback = Some(feedback);
         Ok((payload, metrics))
     }

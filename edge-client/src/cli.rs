@@ -26,7 +26,9 @@ pub async fn run(args: &EdgeArgs) -> Result<(), EdgeError> {
         .map_err(|e| EdgeError::Config(format!("key {}: {e}", cfg.key.display())))?;
     // Checked before the (slow) data load, so a bad pinned key fails at once.
     let coordinator_key = cfg.coordinator_public_key()?;
+    log_memory("start");
     let data = load_data(&cfg)?;
+    log_memory("data loaded");
     let mut opts = AgentOptions::new(
         &cfg.fleet,
         &cfg.client_id,
@@ -120,5 +122,25 @@ pub fn trim_heap() {
     // SAFETY: malloc_trim only releases free memory held by the allocator.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// This process's resident memory now and at its peak (`VmRSS`, `VmHWM`), in MiB, read from
+/// `/proc/self/status`: the edge logs it at each stage so a camera's footprint can be broken
+/// down (libtorch baseline, data, model, training) from one run. `None` off Linux.
+pub fn memory_mb() -> Option<(f64, f64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| -> Option<f64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some((kb / 102.4).round() / 10.0)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// Logs [`memory_mb`] at a named stage.
+pub fn log_memory(stage: &str) {
+    if let Some((rss_mb, hwm_mb)) = memory_mb() {
+        tracing::info!(stage, rss_mb, hwm_mb, "memory");
     }
 }

@@ -230,12 +230,13 @@ impl RawSplit {
             self.height as i64,
             self.width as i64,
         ];
-        // One allocation-friendly pass: bytes → tensor → float → normalise, all inside libtorch.
-        let images = Tensor::f_from_slice(&self.pixels)?
+        // bytes → tensor → float, then normalised in place: out-of-place ops would each
+        // allocate another float copy of the split (188 MB apiece for a 60k-image set).
+        let mut images = Tensor::f_from_slice(&self.pixels)?
             .f_reshape(dims)?
-            .f_to_kind(Kind::Float)?
-            .f_div_scalar(127.5)?
-            .f_sub_scalar(1.0)?;
+            .f_to_kind(Kind::Float)?;
+        let _ = images.f_div_scalar_(127.5)?;
+        let _ = images.f_sub_scalar_(1.0)?;
         Ok(Dataset {
             images,
             labels: Tensor::f_from_slice(&self.labels)?,
