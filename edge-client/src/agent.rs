@@ -3,8 +3,8 @@
 use crate::attack::{stale_replay, Attack, WireUpload};
 use crate::state::{check_fresh, now_unix_ms, IgnoreReason, Ignored, LastRound, Stale};
 use crate::EdgeError;
-use coevo_models::train::TrainConfig;
 use coevo_models::local::TrainData;
+use coevo_models::train::TrainConfig;
 use coevo_models::{DataShape, Student, Weights};
 use coevo_mqtt::{ClientTls, Incoming, Session, Settings};
 use coevo_protocol::chunk::{chunk_count, split, Reassembler};

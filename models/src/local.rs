@@ -377,7 +377,11 @@ fn list_labels_file(
             }
         };
         let rel = Path::new(file);
-        if rel.is_absolute() || rel.components().any(|c| c == std::path::Component::ParentDir) {
+        if rel.is_absolute()
+            || rel
+                .components()
+                .any(|c| c == std::path::Component::ParentDir)
+        {
             return Err(ModelError::Format(format!(
                 "{}: {file:?} must be a path inside {}",
                 at(),
