@@ -720,7 +720,7 @@ impl Agent {
         };
         if shape != self.shape {
             return Err(EdgeError::Config(format!(
-                "the round's model expects {shape:?}, local data is {:?}",
+                "the round's model expects {shape:?}, local data is {:?} (a camera that lacks some classes lists the fleet's in [data] classes)",
                 self.shape
             )));
         }

@@ -648,4 +648,47 @@ mod tests {
         std::fs::write(d.join(LABELS_FILE), "file,label\n../x.png,1\n").unwrap();
         assert!(LocalSet::open(d, &opts).is_err());
     }
+
+    #[test]
+    fn idx_directory_is_read_by_offset_past_the_budget() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        let (n, side) = (12u32, 4u32);
+        let mut img = Vec::new();
+        for v in [0x0803u32, n, side, side] {
+            img.extend_from_slice(&v.to_be_bytes());
+        }
+        for i in 0..n * side * side {
+            img.push((i % 251) as u8);
+        }
+        std::fs::write(d.join("train-images-idx3-ubyte"), &img).unwrap();
+        let mut lbl = Vec::new();
+        for v in [0x0801u32, n] {
+            lbl.extend_from_slice(&v.to_be_bytes());
+        }
+        lbl.extend((0..n).map(|i| (i % 4) as u8));
+        std::fs::write(d.join("train-labels-idx1-ubyte"), &lbl).unwrap();
+        let resident = LocalSet::open(d, &LocalOptions::default()).unwrap();
+        let lazy = LocalSet::open(
+            d,
+            &LocalOptions {
+                max_memory_bytes: 16,
+                classes: None,
+            },
+        )
+        .unwrap();
+        assert!(!resident.is_lazy() && lazy.is_lazy());
+        assert_eq!(lazy.shape.classes, 4);
+        assert_eq!(lazy.len(), 12);
+        let idx = [11i64, 3, 0];
+        let (a, la) = resident.batch(&idx).unwrap();
+        let (b, lb) = lazy.batch(&idx).unwrap();
+        assert!(a.equal(&b) && la.equal(&lb));
+        // Frame 11's first pixel is byte 11·16 = 176.
+        assert!((b.double_value(&[0, 0, 0, 0]) - (176.0 / 127.5 - 1.0)).abs() < 1e-6);
+        // A truncated images file is refused when opened, not mid-round.
+        std::fs::write(d.join("train-images-idx3-ubyte"), &img[..img.len() - 1]).unwrap();
+        let err = LocalSet::open(d, &LocalOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("needs"), "{err}");
+    }
 }
