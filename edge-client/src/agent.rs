@@ -3,8 +3,9 @@
 use crate::attack::{stale_replay, Attack, WireUpload};
 use crate::state::{check_fresh, now_unix_ms, IgnoreReason, Ignored, LastRound, Stale};
 use crate::EdgeError;
-use coevo_models::train::{train, TrainConfig};
-use coevo_models::{DataShape, Dataset, Student, Weights};
+use coevo_models::local::TrainData;
+use coevo_models::train::TrainConfig;
+use coevo_models::{DataShape, Student, Weights};
 use coevo_mqtt::{ClientTls, Incoming, Session, Settings};
 use coevo_protocol::chunk::{chunk_count, split, Reassembler};
 use coevo_protocol::codec::Limits;
@@ -74,6 +75,9 @@ pub struct AgentOptions {
     /// steady state the residual is from the previous round). An edge back from being offline
     /// drops an older one; why drop and not rescale: [`crate::state::stale_residual_age`].
     pub max_residual_age_rounds: u64,
+    /// libtorch intra-op threads for training (`[threads] train`); `None` leaves libtorch's
+    /// setting alone (simulated fleets share one process and set it once).
+    pub train_threads: Option<usize>,
 }
 
 impl AgentOptions {
@@ -102,6 +106,7 @@ impl AgentOptions {
             deadline_grace: Duration::from_secs(30),
             max_auth_refusals: 3,
             max_residual_age_rounds: crate::state::DEFAULT_MAX_RESIDUAL_AGE_ROUNDS,
+            train_threads: None,
         }
     }
 }
@@ -183,7 +188,7 @@ pub struct Agent {
     key: SigningKey,
     /// In a mutex because tch tensors are `Send` but not `Sync`, and the round futures borrow
     /// `self` across awaits.
-    data: std::sync::Mutex<Dataset>,
+    data: std::sync::Mutex<TrainData>,
     samples: usize,
     shape: DataShape,
     /// Parameters of the student for `shape` (every round's model must have this shape): the
@@ -209,7 +214,12 @@ pub const RESIDUAL_FILE: &str = "residual.bin";
 
 impl Agent {
     /// `data` is this device's local training data.
-    pub fn new(opts: AgentOptions, key: SigningKey, data: Dataset) -> Result<Self, EdgeError> {
+    pub fn new(
+        opts: AgentOptions,
+        key: SigningKey,
+        data: impl Into<TrainData>,
+    ) -> Result<Self, EdgeError> {
+        let data: TrainData = data.into();
         coevo_protocol::topic::validate_id(&opts.client_id)
             .map_err(|e| EdgeError::Config(format!("client_id: {e}")))?;
         coevo_protocol::topic::validate_id(&opts.fleet)
@@ -236,10 +246,10 @@ impl Agent {
             tls,
             key,
             samples: data.len(),
-            shape: data.shape,
+            shape: data.shape(),
             model_params: {
                 let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-                let _net = Student::new(&vs.root(), &data.shape);
+                let _net = Student::new(&vs.root(), &data.shape());
                 Weights::from_var_store(&vs).num_params()
             },
             data: std::sync::Mutex::new(data),
@@ -769,7 +779,7 @@ impl Agent {
         };
         if shape != self.shape {
             return Err(EdgeError::Config(format!(
-                "the round's model expects {shape:?}, local data is {:?}",
+                "the round's model expects {shape:?}, local data is {:?} (a camera that lacks some classes lists the fleet's in [data] classes)",
                 self.shape
             )));
         }
@@ -790,7 +800,7 @@ impl Agent {
             .data
             .lock()
             .map_err(|_| EdgeError::Task("dataset lock poisoned".into()))?
-            .shallow_clone();
+            .handle();
         let _slot = match &self.opts.train_slots {
             Some(s) => Some(
                 s.clone()
@@ -806,8 +816,14 @@ impl Agent {
         let round = m.round;
         // Under `top-k:…:no-ef` the residual is carried unchanged, so it keeps its round.
         let carried = up_codec.error_feedback() && attack != Some(Attack::NonFinite);
+        let train_threads = self.opts.train_threads;
         let (payload, metrics, feedback) = tokio::task::spawn_blocking(
             move || -> Result<(Vec<u8>, LocalMetrics, ErrorFeedback), EdgeError> {
+                if let Some(n) = train_threads {
+                    // Set on the training thread itself: libtorch's OpenMP pool size is
+                    // per calling thread.
+                    tch::set_num_threads(n as i32);
+                }
                 let t0 = Instant::now();
                 let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
                 let net = Student::new(&vs.root(), &shape);
@@ -816,7 +832,12 @@ impl Agent {
                 received.load_into(&mut vs)?;
                 // The delta is taken against the weights exactly as loaded (DESIGN §5.3).
                 let received = Weights::from_var_store(&vs);
-                let stats = train(&net, &vs, &data, &cfg)?;
+                crate::cli::log_memory("model loaded");
+                let stats = data.train(&net, &vs, &cfg)?;
+                crate::cli::log_memory("trained");
+                let train_ms = t0.elapsed().as_millis() as u64;
+                tracing::info!(client = %client, round, train_ms, threads = tch::get_num_threads(),
+                    samples = stats.samples, loss = stats.loss, "local training done");
                 let mut delta = Weights::from_var_store(&vs).sub(&received)?;
                 if let Some(a) = &attack {
                     a.corrupt_delta(&mut delta, corruption_seed);
@@ -851,7 +872,7 @@ impl Agent {
                     LocalMetrics {
                         loss: stats.loss,
                         accuracy: stats.accuracy,
-                        train_ms: t0.elapsed().as_millis() as u64,
+                        train_ms,
                     },
                     feedback,
                 ))
@@ -859,6 +880,10 @@ impl Agent {
         )
         .await
         .map_err(|e| EdgeError::Task(e.to_string()))??;
+        // The round's model, optimizer and batches are freed by now; hand the pages back so a
+        // camera idles at its baseline between rounds, not at its training peak.
+        crate::cli::trim_heap();
+        crate::cli::log_memory("round done, heap trimmed");
         self.feedback = Some(feedback);
         if carried {
             self.feedback_round = Some(m.round);

@@ -42,10 +42,45 @@ pub struct EdgeConfig {
     /// offline; older ones are dropped (see `coevo_edge::state::stale_residual_age`).
     #[serde(default = "default_max_residual_age_rounds")]
     pub max_residual_age_rounds: u64,
+    /// Cores the agent may use (`[threads]`).
+    #[serde(default)]
+    pub threads: Threads,
 }
 
 fn default_max_residual_age_rounds() -> u64 {
     crate::state::DEFAULT_MAX_RESIDUAL_AGE_ROUNDS
+}
+
+/// How many cores the agent may use. A camera's first job is its video pipeline, so by
+/// default both pools leave one core free ([`default_threads`]).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Threads {
+    /// libtorch intra-op threads used for training (default: cores − 1, at least 1).
+    pub train: Option<usize>,
+    /// tokio worker threads of `coevo-edge` (MQTT, verification, signing; default: cores − 1,
+    /// at least 1). `coevo edge` runs inside `coevo`'s own runtime and ignores it.
+    pub runtime: Option<usize>,
+}
+
+/// All cores but one, at least 1.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .saturating_sub(1)
+        .max(1)
+}
+
+impl Threads {
+    /// libtorch threads to train with.
+    pub fn train(&self) -> usize {
+        self.train.unwrap_or_else(default_threads).max(1)
+    }
+
+    /// tokio worker threads.
+    pub fn runtime(&self) -> usize {
+        self.runtime.unwrap_or_else(default_threads).max(1)
+    }
 }
 
 fn default_coordinator() -> String {
@@ -89,25 +124,37 @@ impl Default for Broker {
     }
 }
 
-/// Which local data to train on: a dataset directory and which part of it is this device's.
+/// Which local data to train on: the device's own folder of frames (the deployment), or one
+/// part of a shared dataset (`partition`, for simulating a fleet from one dataset).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Data {
-    /// IDX directory or image folder.
+    /// The device's frames (`<class>/*.png`, `train/<class>/…`, a flat folder with
+    /// `labels.csv`, or an IDX directory); with `partition`, the shared dataset.
     pub path: PathBuf,
-    /// How the dataset is split over devices: `natural`, `iid:N`, `dirichlet:N:ALPHA`,
-    /// `shards:N:K` (for simulating a fleet from one dataset).
-    #[serde(default = "default_partition")]
-    pub partition: String,
-    /// This device's part: a client id (natural partition) or a part number from 0.
-    pub part: String,
+    /// Simulation only: how the shared dataset is split over devices: `natural`, `iid:N`,
+    /// `dirichlet:N:ALPHA`, `shards:N:K`. Omitted: all of `path` is this device's.
+    #[serde(default)]
+    pub partition: Option<String>,
+    /// With `partition`: this device's part, a client id (natural) or a part number from 0.
+    #[serde(default)]
+    pub part: Option<String>,
     /// Seed of the partition (must be the same on every device).
     #[serde(default)]
     pub seed: u64,
+    /// Own frames decoded up to this many MiB (as bytes) are held in memory; past it they are
+    /// decoded one mini-batch at a time.
+    #[serde(default = "default_max_memory_mb")]
+    pub max_memory_mb: u64,
+    /// The fleet's class names in label order (needed for class names in `labels.csv`, and so
+    /// a camera that has not seen every class still numbers them like the fleet). Default: the
+    /// sorted class folders.
+    #[serde(default)]
+    pub classes: Option<Vec<String>>,
 }
 
-fn default_partition() -> String {
-    "natural".into()
+fn default_max_memory_mb() -> u64 {
+    64
 }
 
 impl EdgeConfig {
@@ -169,8 +216,16 @@ mod tests {
     fn sample_config_parses() {
         let cfg: EdgeConfig = toml::from_str(include_str!("../edge.sample.toml")).unwrap();
         assert_eq!(cfg.client_id, "cam-001");
-        assert_eq!(cfg.data.partition, "dirichlet:10:0.5");
-        let spec: Result<coevo_models::partition::PartitionSpec, _> = cfg.data.partition.parse();
+        // The sample is a deployment: its own frames, no partition.
+        assert_eq!(cfg.data.partition, None);
+        assert_eq!(cfg.data.max_memory_mb, 64);
+        assert!(cfg.threads.train() >= 1 && cfg.threads.runtime() >= 1);
+        let sim: Data = toml::from_str(
+            "path = \"d\"\npartition = \"dirichlet:10:0.5\"\npart = \"0\"\nmax_memory_mb = 8\n",
+        )
+        .unwrap();
+        let spec: Result<coevo_models::partition::PartitionSpec, _> =
+            sim.partition.as_deref().unwrap_or_default().parse();
         assert!(spec.is_ok());
         assert_eq!(
             cfg.max_residual_age_rounds,

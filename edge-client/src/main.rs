@@ -12,8 +12,7 @@ struct Cli {
     edge: coevo_edge::cli::EdgeArgs,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -21,6 +20,19 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let cli = Cli::parse();
-    coevo_edge::cli::run(&cli.edge).await?;
+    coevo_edge::cli::tune_allocator();
+    // The runtime's size comes from the config, so read it before starting the runtime.
+    let cfg = coevo_edge::EdgeConfig::load(&cli.edge.config)?;
+    let workers = cfg.threads.runtime();
+    tracing::info!(
+        runtime_threads = workers,
+        train_threads = cfg.threads.train(),
+        "edge threads"
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()?;
+    rt.block_on(coevo_edge::cli::run(&cli.edge))?;
     Ok(())
 }

@@ -230,12 +230,13 @@ impl RawSplit {
             self.height as i64,
             self.width as i64,
         ];
-        // One allocation-friendly pass: bytes → tensor → float → normalise, all inside libtorch.
-        let images = Tensor::f_from_slice(&self.pixels)?
+        // bytes → tensor → float, then normalised in place: out-of-place ops would each
+        // allocate another float copy of the split (188 MB apiece for a 60k-image set).
+        let mut images = Tensor::f_from_slice(&self.pixels)?
             .f_reshape(dims)?
-            .f_to_kind(Kind::Float)?
-            .f_div_scalar(127.5)?
-            .f_sub_scalar(1.0)?;
+            .f_to_kind(Kind::Float)?;
+        let _ = images.f_div_scalar_(127.5)?;
+        let _ = images.f_sub_scalar_(1.0)?;
         Ok(Dataset {
             images,
             labels: Tensor::f_from_slice(&self.labels)?,
@@ -248,7 +249,7 @@ impl RawSplit {
 // ---------------------------------------------------------------------------------------------
 // IDX
 
-fn find_idx(dir: &Path, stem: &str) -> Option<PathBuf> {
+pub(crate) fn find_idx(dir: &Path, stem: &str) -> Option<PathBuf> {
     let raw = dir.join(stem);
     if raw.is_file() {
         return Some(raw);
@@ -263,7 +264,7 @@ fn require_idx(dir: &Path, stem: &str) -> Result<PathBuf, ModelError> {
 }
 
 /// Reads a whole file (gunzipping `*.gz`), refusing anything over [`MAX_FILE_BYTES`].
-fn read_bounded(path: &Path) -> Result<Vec<u8>, ModelError> {
+pub(crate) fn read_bounded(path: &Path) -> Result<Vec<u8>, ModelError> {
     let file = std::fs::File::open(path)?;
     let reader: Box<dyn Read> = if path.extension().is_some_and(|e| e == "gz") {
         Box::new(flate2::read::GzDecoder::new(file))
@@ -310,6 +311,22 @@ fn idx_header(bytes: &[u8], magic: u32, dims: usize, what: &str) -> Result<Vec<u
                 .ok_or_else(|| ModelError::Format(format!("{what}: truncated IDX header")))
         })
         .collect()
+}
+
+/// The `(n, rows, cols)` of an IDX3 ubyte image header (the first 16 bytes suffice), so a
+/// lazy reader can size a file without loading it.
+pub(crate) fn parse_idx_header3(
+    bytes: &[u8],
+    what: &str,
+) -> Result<(usize, usize, usize), ModelError> {
+    let dims = idx_header(bytes, IDX_IMAGES_MAGIC, 3, what)?;
+    if dims[1] == 0 || dims[2] == 0 {
+        return Err(ModelError::Format(format!(
+            "{what}: zero image dimension {}x{}",
+            dims[1], dims[2]
+        )));
+    }
+    Ok((dims[0], dims[1], dims[2]))
 }
 
 /// Parses an IDX3 ubyte image file; returns `(n, rows, cols, pixels)`.
@@ -444,7 +461,7 @@ fn load_idx_dir(dir: &Path) -> Result<DataSplit, ModelError> {
 // ---------------------------------------------------------------------------------------------
 // Image folders
 
-fn sorted_entries(dir: &Path) -> Result<Vec<(String, PathBuf)>, ModelError> {
+pub(crate) fn sorted_entries(dir: &Path) -> Result<Vec<(String, PathBuf)>, ModelError> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
@@ -462,7 +479,7 @@ fn sorted_entries(dir: &Path) -> Result<Vec<(String, PathBuf)>, ModelError> {
     Ok(out)
 }
 
-fn is_image(name: &str) -> bool {
+pub(crate) fn is_image(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
     lower.ends_with(".png") || lower.ends_with(".jpg") || lower.ends_with(".jpeg")
 }

@@ -10,6 +10,7 @@
 //! - [`error`]: [`ModelError`], the single error type.
 //! - [`data`]: [`Dataset`] / [`DataSplit`] loading from IDX directories or image folders, plus a
 //!   tiny synthetic dataset for unit tests.
+//! - [`local`]: a camera's own frames read within a memory budget ([`local::LocalSet`]).
 //! - [`partition`]: [`partition::PartitionSpec`] and the natural / IID / Dirichlet / shards
 //!   partitioners that split a training set across clients.
 //! - [`net`]: the [`Student`] and [`Teacher`] CNNs, built from a [`DataShape`], and their costs.
@@ -22,6 +23,7 @@
 pub mod data;
 pub mod distill;
 pub mod error;
+pub mod local;
 pub mod net;
 pub mod partition;
 pub mod train;

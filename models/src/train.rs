@@ -116,6 +116,26 @@ pub fn train(
     data: &Dataset,
     cfg: &TrainConfig,
 ) -> Result<TrainStats, ModelError> {
+    check_data(data)?;
+    let device = vs.device();
+    train_batches(model, vs, data.len(), cfg, |batch| {
+        let idx = Tensor::f_from_slice(batch)?;
+        let xs = data.images.f_index_select(0, &idx)?.f_to_device(device)?;
+        let ys = data.labels.f_index_select(0, &idx)?.f_to_device(device)?;
+        Ok((xs, ys))
+    })
+}
+
+/// [`train`] over any source of mini-batches: `fetch` turns a batch of sample indices (in
+/// `0..n`) into `(images [B, C, H, W] float, labels [B] int64)`. This is what lets a camera
+/// decode its frames batch by batch instead of holding the whole set as floats.
+pub fn train_batches(
+    model: &impl ModuleT,
+    vs: &nn::VarStore,
+    n: usize,
+    cfg: &TrainConfig,
+    mut fetch: impl FnMut(&[i64]) -> Result<(Tensor, Tensor), ModelError>,
+) -> Result<TrainStats, ModelError> {
     if cfg.batch_size == 0 {
         return Err(ModelError::Config("batch_size must be > 0".into()));
     }
@@ -124,8 +144,6 @@ pub fn train(
             "lr, momentum and prox_mu must be finite".into(),
         ));
     }
-    check_data(data)?;
-    let n = data.len();
     if n == 0 || cfg.epochs == 0 {
         return Ok(TrainStats::default());
     }
@@ -148,10 +166,8 @@ pub fn train(
         order.shuffle(&mut rng);
         let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0i64, 0usize);
         for batch in order.chunks(cfg.batch_size) {
+            let (xs, ys) = fetch(batch)?;
             let (l, c) = guarded("training step", || {
-                let idx = Tensor::f_from_slice(batch)?;
-                let xs = data.images.f_index_select(0, &idx)?.f_to_device(device)?;
-                let ys = data.labels.f_index_select(0, &idx)?.f_to_device(device)?;
                 let logits = model.forward_t(&xs, true);
                 let ce = logits
                     .f_log_softmax(-1, Kind::Float)?
