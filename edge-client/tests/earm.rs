@@ -175,30 +175,49 @@ fn time_to_connect(mut cmd: Command, dir: &Path, listener: TcpListener, limit: D
     elapsed
 }
 
+/// The binary under test: `COEVO_EDGE_BIN` if set (scripts/edge-binary points it at the `edge`
+/// profile's build to time that), else this package's own build.
+fn edge_bin() -> PathBuf {
+    std::env::var_os("COEVO_EDGE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_coevo-edge")))
+}
+
 #[test]
 fn edge_starts_and_connects_quickly() {
-    let t0 = Instant::now();
-    let help = Command::new(env!("CARGO_BIN_EXE_coevo-edge"))
-        .arg("--help")
-        .output()
-        .expect("coevo-edge --help");
-    let help_time = t0.elapsed();
-    assert!(help.status.success());
-    assert!(String::from_utf8_lossy(&help.stdout).contains("--config"));
+    let bin = edge_bin();
+    // The first run pages libtorch in; later ones show the warm start a device sees on restart.
+    let mut help_times = Vec::new();
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        let help = Command::new(&bin)
+            .arg("--help")
+            .output()
+            .unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
+        help_times.push(t0.elapsed());
+        assert!(help.status.success());
+        assert!(String::from_utf8_lossy(&help.stdout).contains("--config"));
+    }
+    let first = help_times[0];
+    help_times.sort();
+    let warm = help_times[2];
     // Generous bounds (a debug build on a loaded 2-core machine); BENCHMARKS.md has the figures.
-    assert!(help_time < Duration::from_secs(5), "--help took {help_time:?}");
+    assert!(warm < Duration::from_secs(5), "--help took {warm:?}");
 
     let tmp = tempfile::tempdir().expect("tempdir");
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
     device_dir(tmp.path(), port);
     let connect = time_to_connect(
-        Command::new(env!("CARGO_BIN_EXE_coevo-edge")),
+        Command::new(&bin),
         tmp.path(),
         listener,
         Duration::from_secs(30),
     );
-    eprintln!("coevo-edge --help {help_time:?}; first CONNECT after {connect:?}");
+    eprintln!(
+        "{}: --help first {first:?}, median of 5 {warm:?}; first CONNECT after {connect:?}",
+        bin.display()
+    );
     assert!(connect < Duration::from_secs(30));
 }
 
