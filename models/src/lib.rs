@@ -14,13 +14,14 @@
 //! - [`partition`]: [`partition::PartitionSpec`] and the natural / IID / Dirichlet / shards
 //!   partitioners that split a training set across clients.
 //! - [`net`]: the [`Student`] and [`Teacher`] CNNs, built from a [`DataShape`], and their costs.
-//! - [`distill`]: knowledge distillation both ways (teacher → student KD, student ensemble →
+//! - `distill` (feature `teacher`, on by default; the edge builds without it): knowledge distillation both ways (teacher → student KD, student ensemble →
 //!   teacher fusion) and the validation guard that accepts or rolls back an update.
 //! - [`train`]: SGD (optionally FedProx) training and evaluation loops.
 //! - [`weights`]: [`Weights`] (named `f32` tensors), arithmetic used by aggregation, and the
 //!   bounded [`WeightCodec`] encoders/decoders.
 
 pub mod data;
+#[cfg(feature = "teacher")]
 pub mod distill;
 pub mod error;
 pub mod local;
@@ -31,5 +32,7 @@ pub mod weights;
 
 pub use data::{DataShape, DataSplit, Dataset};
 pub use error::ModelError;
-pub use net::{NetKind, Student, Teacher};
+pub use net::{NetKind, Student};
+#[cfg(feature = "teacher")]
+pub use net::Teacher;
 pub use weights::{ParamTensor, WeightCodec, Weights};

@@ -90,6 +90,7 @@ pub enum NetKind {
     Teacher,
 }
 
+#[cfg(feature = "teacher")]
 /// Dropout after the teacher's hidden layer: the teacher often starts from a small labelled set
 /// (e.g. 10 writers) where a 3M-parameter net overfits quickly without it.
 const TEACHER_DROPOUT: f64 = 0.3;
@@ -104,6 +105,7 @@ const TEACHER_DROPOUT: f64 = 0.3;
 /// the second-resolution convolutions, where it buys accuracy; no batch-norm, so the state dict
 /// is exactly the trainable parameters and [`crate::Weights`] round-trips it without running
 /// statistics. Inputs must be at least 4×4.
+#[cfg(feature = "teacher")]
 #[derive(Debug)]
 pub struct Teacher {
     conv1: nn::Conv2D,
@@ -113,6 +115,7 @@ pub struct Teacher {
     fc2: nn::Linear,
 }
 
+#[cfg(feature = "teacher")]
 impl Teacher {
     /// Registers the layers under `p`; variable names are `conv1.*`, `conv2.*`, `conv3.*`,
     /// `fc1.*`, `fc2.*`.
@@ -133,6 +136,7 @@ impl Teacher {
     }
 }
 
+#[cfg(feature = "teacher")]
 impl ModuleT for Teacher {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
         xs.apply(&self.conv1)
@@ -186,7 +190,8 @@ pub fn param_count(vs: &nn::VarStore) -> usize {
     vs.variables().values().map(Tensor::numel).sum()
 }
 
-#[cfg(test)]
+// The tests compare the student with the teacher, so they need it.
+#[cfg(all(test, feature = "teacher"))]
 mod tests {
     use super::*;
     use tch::{Device, Kind};
