@@ -125,7 +125,12 @@ impl Drop for Reap {
 
 /// Starts `cmd` (the edge with `--config edge.toml` in a prepared device dir) and returns how
 /// long it took until its MQTT CONNECT for `cam-startup` arrived on the listener.
-fn time_to_connect(mut cmd: Command, dir: &Path, listener: TcpListener, limit: Duration) -> Duration {
+fn time_to_connect(
+    mut cmd: Command,
+    dir: &Path,
+    listener: TcpListener,
+    limit: Duration,
+) -> Duration {
     listener.set_nonblocking(true).expect("nonblocking");
     let t0 = Instant::now();
     cmd.arg("--config")
@@ -144,7 +149,11 @@ fn time_to_connect(mut cmd: Command, dir: &Path, listener: TcpListener, limit: D
         if let Ok(Some(status)) = edge.0.try_wait() {
             panic!("edge exited ({status}) before connecting: {}", log());
         }
-        assert!(t0.elapsed() < limit, "no connection in {limit:?}: {}", log());
+        assert!(
+            t0.elapsed() < limit,
+            "no connection in {limit:?}: {}",
+            log()
+        );
         std::thread::sleep(Duration::from_millis(5));
     };
     stream.set_nonblocking(false).expect("blocking");
@@ -154,7 +163,12 @@ fn time_to_connect(mut cmd: Command, dir: &Path, listener: TcpListener, limit: D
     let mut first = [0u8; 1];
     stream.read_exact(&mut first).expect("first byte");
     let elapsed = t0.elapsed();
-    assert_eq!(first[0] >> 4, 1, "first packet is not CONNECT: {:#x}", first[0]);
+    assert_eq!(
+        first[0] >> 4,
+        1,
+        "first packet is not CONNECT: {:#x}",
+        first[0]
+    );
     // Remaining length (MQTT varint), then the variable header and payload.
     let (mut len, mut shift) = (0usize, 0);
     loop {
@@ -235,10 +249,14 @@ fn aarch64_edge_runs_under_qemu() {
     assert_eq!(u16::from_le_bytes([elf[18], elf[19]]), 183, "not aarch64");
     let qemu = |args: &[&str]| {
         let mut c = Command::new("qemu-aarch64");
-        c.args(["-L", "/usr/aarch64-linux-gnu"]).arg(&bin).args(args);
+        c.args(["-L", "/usr/aarch64-linux-gnu"])
+            .arg(&bin)
+            .args(args);
         c
     };
-    let help = qemu(&["--help"]).output().expect("qemu-aarch64 (apt install qemu-user)");
+    let help = qemu(&["--help"])
+        .output()
+        .expect("qemu-aarch64 (apt install qemu-user)");
     assert!(
         help.status.success(),
         "{}",

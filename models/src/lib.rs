@@ -30,7 +30,7 @@ pub mod weights;
 
 pub use data::{DataShape, DataSplit, Dataset};
 pub use error::ModelError;
-pub use net::{NetKind, Student};
 #[cfg(feature = "teacher")]
 pub use net::Teacher;
+pub use net::{NetKind, Student};
 pub use weights::{ParamTensor, WeightCodec, Weights};
