@@ -876,33 +876,15 @@ impl Coordinator {
                 Ok(c) => c,
                 Err(e) => {
                     let reason = RejectReason::Malformed(format!("delta chunk: {e}"));
-                    self.reject(
-                        session,
-                        book,
-                        &client,
-                        true,
-                        round,
-                        digest(&p.payload),
-                        reason,
-                        false,
-                    )
-                    .await?;
+                    self.reject_unsigned(session, book, &client, round, &p.payload, reason)
+                        .await?;
                     return Ok(None);
                 }
             };
         if chunk.client != client || chunk.round != t_round || chunk.index != t_index {
             let reason = RejectReason::Malformed("chunk does not match its topic".into());
-            self.reject(
-                session,
-                book,
-                &client,
-                true,
-                round,
-                digest(&p.payload),
-                reason,
-                false,
-            )
-            .await?;
+            self.reject_unsigned(session, book, &client, round, &p.payload, reason)
+                .await?;
             return Ok(None);
         }
         let key = (client.clone(), t_round);
@@ -938,17 +920,8 @@ impl Coordinator {
             Err(e) => {
                 st.headers.remove(&key);
                 let reason = RejectReason::Malformed(format!("delta chunk: {e}"));
-                self.reject(
-                    session,
-                    book,
-                    &client,
-                    true,
-                    round,
-                    digest(&p.payload),
-                    reason,
-                    false,
-                )
-                .await?;
+                self.reject_unsigned(session, book, &client, round, &p.payload, reason)
+                    .await?;
                 Ok(None)
             }
         }
@@ -1054,16 +1027,7 @@ impl Coordinator {
             Ok(h) => h,
             Err(reason) => {
                 return self
-                    .reject(
-                        session,
-                        book,
-                        client,
-                        true,
-                        round,
-                        digest(&p.payload),
-                        reason,
-                        false,
-                    )
+                    .reject_unsigned(session, book, client, round, &p.payload, reason)
                     .await
             }
         };
@@ -1204,6 +1168,30 @@ impl Coordinator {
                 .await
             }
         }
+    }
+
+    /// Rejects a delta chunk that failed before any signature check: unsigned (only the
+    /// broker's topic ACLs vouch for the sender), under the digest of the bytes received.
+    async fn reject_unsigned(
+        &self,
+        session: &Session,
+        book: &mut RoundBook,
+        client: &str,
+        round: u64,
+        payload: &[u8],
+        reason: RejectReason,
+    ) -> Result<(), CoordinatorError> {
+        self.reject(
+            session,
+            book,
+            client,
+            true,
+            round,
+            digest(payload),
+            reason,
+            false,
+        )
+        .await
     }
 
     /// Counts a rejection against `client` (the topic's, i.e. the authenticated sender with
