@@ -13,7 +13,6 @@ use coevo_coordinator::strategy::StrategyConfig;
 use coevo_coordinator::RoundReport;
 use coevo_edge::Attack;
 use coevo_models::data::synthetic;
-use coevo_models::partition::{partition, PartitionSpec};
 use coevo_models::DataSplit;
 use std::path::Path;
 
@@ -35,18 +34,7 @@ async fn run_with(
     strategy: StrategyConfig,
     server: Option<ServerData>,
 ) -> Vec<RoundReport> {
-    let parts = partition(
-        &data.train.labels_vec(),
-        None,
-        &PartitionSpec::Iid { clients: CLIENTS },
-        5,
-    )
-    .expect("partition");
-    let clients = common::ids(CLIENTS)
-        .into_iter()
-        .zip(&parts)
-        .map(|(id, (_, idx))| (id, data.train.subset(idx)))
-        .collect();
+    let clients = common::iid_clients(&data.train, CLIENTS);
     run_fleet_with(
         FleetRun {
             fleet: "robust",

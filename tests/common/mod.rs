@@ -415,3 +415,22 @@ pub async fn start_mosquitto(mdir: &Path, addr: SocketAddr, log: PathBuf) -> Mos
     }
     m
 }
+
+/// `train` split IID (seed 5) over `n` clients named by [`ids`], as fleet runs take them.
+pub fn iid_clients(
+    train: &coevo_models::Dataset,
+    n: usize,
+) -> Vec<(String, coevo_models::Dataset)> {
+    let parts = coevo_models::partition::partition(
+        &train.labels_vec(),
+        None,
+        &coevo_models::partition::PartitionSpec::Iid { clients: n },
+        5,
+    )
+    .expect("partition");
+    ids(n)
+        .into_iter()
+        .zip(&parts)
+        .map(|(id, (_, idx))| (id, train.subset(idx)))
+        .collect()
+}
