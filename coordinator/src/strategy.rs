@@ -19,6 +19,12 @@
 
 use coevo_models::{ModelError, Weights};
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
+
+/// Largest buffer (bytes) the coordinate-wise rules and Multi-Krum hold at once: a block of
+/// coordinates across every update. With deltas read back from disk one at a time, a round's
+/// memory is then O(params + this), not O(clients × params).
+pub const BLOCK_BYTES: usize = 64 << 20;
 
 /// One accepted client update.
 #[derive(Clone, Debug)]
@@ -28,6 +34,91 @@ pub struct Update {
     pub samples: u64,
     /// Trained weights minus the round's base weights.
     pub delta: Weights,
+}
+
+/// Where a rule reads a round's updates from: in memory (`[Update]`, for tests and small
+/// tools) or one at a time from wherever the coordinator keeps them (its delta files), so no
+/// rule needs every delta in memory at once.
+pub trait UpdateSource: Send + Sync {
+    /// Number of updates.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn client(&self, i: usize) -> &str;
+    /// Local training samples of update `i` (the FedAvg weight).
+    fn samples(&self, i: usize) -> u64;
+    /// The L2 norm of update `i` when the source knows it without reading the delta (it was
+    /// computed when the delta was accepted); `None` makes the rule compute it.
+    fn norm(&self, _i: usize) -> Option<f64> {
+        None
+    }
+    /// The delta of update `i`: borrowed from memory or read back and decoded.
+    fn delta(&self, i: usize) -> Result<Cow<'_, Weights>, StrategyError>;
+}
+
+impl UpdateSource for &[Update] {
+    fn len(&self) -> usize {
+        <[Update]>::len(self)
+    }
+    fn client(&self, i: usize) -> &str {
+        &self[i].client
+    }
+    fn samples(&self, i: usize) -> u64 {
+        self[i].samples
+    }
+    fn delta(&self, i: usize) -> Result<Cow<'_, Weights>, StrategyError> {
+        Ok(Cow::Borrowed(&self[i].delta))
+    }
+}
+
+impl UpdateSource for Vec<Update> {
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+    fn client(&self, i: usize) -> &str {
+        &self[i].client
+    }
+    fn samples(&self, i: usize) -> u64 {
+        self[i].samples
+    }
+    fn delta(&self, i: usize) -> Result<Cow<'_, Weights>, StrategyError> {
+        Ok(Cow::Borrowed(&self[i].delta))
+    }
+}
+
+/// The updates of `inner` at `indices` (e.g. all but one, for the guard's leave-one-out).
+pub struct Subset<'a> {
+    pub inner: &'a dyn UpdateSource,
+    pub indices: Vec<usize>,
+}
+
+impl Subset<'_> {
+    /// Every update of `inner` except those of `client`.
+    pub fn without<'a>(inner: &'a dyn UpdateSource, client: &str) -> Subset<'a> {
+        let indices = (0..inner.len())
+            .filter(|&i| inner.client(i) != client)
+            .collect();
+        Subset { inner, indices }
+    }
+}
+
+impl UpdateSource for Subset<'_> {
+    fn len(&self) -> usize {
+        self.indices.len()
+    }
+    fn client(&self, i: usize) -> &str {
+        self.inner.client(self.indices[i])
+    }
+    fn samples(&self, i: usize) -> u64 {
+        self.inner.samples(self.indices[i])
+    }
+    fn norm(&self, i: usize) -> Option<f64> {
+        self.inner.norm(self.indices[i])
+    }
+    fn delta(&self, i: usize) -> Result<Cow<'_, Weights>, StrategyError> {
+        self.inner.delta(self.indices[i])
+    }
 }
 
 /// A client update the strategy left out of the merge.
@@ -59,6 +150,9 @@ pub enum StrategyError {
     Layout { client: String, source: ModelError },
     #[error("invalid strategy configuration: {0}")]
     Config(String),
+    /// A stored delta could not be read back (deleted or damaged since it was accepted).
+    #[error("update from {client} could not be read back: {reason}")]
+    Read { client: String, reason: String },
     #[error("{strategy} needs at least {need} updates, got {got}")]
     TooFew {
         strategy: &'static str,
@@ -71,9 +165,22 @@ pub enum StrategyError {
 pub trait Strategy: Send + Sync {
     /// Stable name, equal to the `kind` of its [`StrategyConfig`].
     fn name(&self) -> &'static str;
-    /// The new global weights from `base` and the round's accepted `updates`, with per-client
-    /// norms and exclusions.
-    fn aggregate(&self, base: &Weights, updates: &[Update]) -> Result<Aggregation, StrategyError>;
+
+    /// The new global weights from `base` and the round's accepted updates, read from `src`
+    /// (each delta at most a few times, never all at once), with per-client norms and
+    /// exclusions. `reference` is the coordinator's reference delta, for the rules that need
+    /// one; the others ignore it.
+    fn aggregate_source(
+        &self,
+        base: &Weights,
+        src: &dyn UpdateSource,
+        reference: Option<&Weights>,
+    ) -> Result<Aggregation, StrategyError>;
+
+    /// [`Strategy::aggregate_source`] over updates in memory, without a reference.
+    fn aggregate(&self, base: &Weights, updates: &[Update]) -> Result<Aggregation, StrategyError> {
+        self.aggregate_source(base, &updates, None)
+    }
 
     /// Whether the rule needs a *reference delta*: the coordinator's own training step from
     /// `base` on its labelled server data (FLTrust's root dataset).
@@ -81,15 +188,14 @@ pub trait Strategy: Send + Sync {
         false
     }
 
-    /// [`Strategy::aggregate`] with the reference delta, for the rules that need one; the
-    /// others ignore it.
+    /// [`Strategy::aggregate_source`] over updates in memory.
     fn aggregate_with_reference(
         &self,
         base: &Weights,
         updates: &[Update],
-        _reference: Option<&Weights>,
+        reference: Option<&Weights>,
     ) -> Result<Aggregation, StrategyError> {
-        self.aggregate(base, updates)
+        self.aggregate_source(base, &updates, reference)
     }
 }
 
@@ -240,29 +346,46 @@ pub fn build(cfg: &StrategyConfig) -> Box<dyn Strategy> {
     }
 }
 
-/// Errors unless every delta has `base`'s layout; returns the per-client norms.
-fn check_updates(base: &Weights, updates: &[Update]) -> Result<Vec<(String, f64)>, StrategyError> {
-    if updates.is_empty() {
+/// Update `i` of `src`, checked to have `base`'s layout.
+fn load<'s>(
+    src: &'s dyn UpdateSource,
+    i: usize,
+    base: &Weights,
+) -> Result<Cow<'s, Weights>, StrategyError> {
+    let d = src.delta(i)?;
+    if d.same_layout(base) {
+        Ok(d)
+    } else {
+        Err(StrategyError::Layout {
+            client: src.client(i).to_string(),
+            source: ModelError::Shape(format!(
+                "delta layout ({} tensors, {} values) differs from the model's \
+                 ({} tensors, {} values)",
+                d.tensors.len(),
+                d.num_params(),
+                base.tensors.len(),
+                base.num_params()
+            )),
+        })
+    }
+}
+
+/// Errors unless every delta has `base`'s layout; returns the per-client norms. A source that
+/// knows its norms (and checked its layouts when it took the deltas in) is not read here.
+fn check_updates(
+    base: &Weights,
+    src: &dyn UpdateSource,
+) -> Result<Vec<(String, f64)>, StrategyError> {
+    if src.is_empty() {
         return Err(StrategyError::Empty);
     }
-    updates
-        .iter()
-        .map(|u| {
-            if u.delta.same_layout(base) {
-                Ok((u.client.clone(), u.delta.l2_norm()))
-            } else {
-                Err(StrategyError::Layout {
-                    client: u.client.clone(),
-                    source: ModelError::Shape(format!(
-                        "delta layout ({} tensors, {} values) differs from the model's \
-                         ({} tensors, {} values)",
-                        u.delta.tensors.len(),
-                        u.delta.num_params(),
-                        base.tensors.len(),
-                        base.num_params()
-                    )),
-                })
-            }
+    (0..src.len())
+        .map(|i| {
+            let n = match src.norm(i) {
+                Some(n) => n,
+                None => load(src, i, base)?.l2_norm(),
+            };
+            Ok((src.client(i).to_string(), n))
         })
         .collect()
 }
@@ -270,41 +393,84 @@ fn check_updates(base: &Weights, updates: &[Update]) -> Result<Vec<(String, f64)
 /// Samples-weighted mean of `scale_k · Δ_k` over the updates with `keep[k]`, added to `base`.
 fn weighted_mean(
     base: &Weights,
-    updates: &[Update],
+    src: &dyn UpdateSource,
     keep: impl Fn(usize) -> bool,
     scale: impl Fn(usize) -> f32,
 ) -> Result<Weights, StrategyError> {
     let mut acc = FedAvgAccumulator::new(base);
-    for (k, u) in updates.iter().enumerate() {
+    for k in 0..src.len() {
         if keep(k) {
-            acc.add_scaled(u, scale(k))?;
+            let d = load(src, k, base)?;
+            acc.add_delta(src.client(k), src.samples(k), &d, scale(k))?;
         }
     }
     acc.finish(base)
 }
 
-/// `base + g(Δ_1[j], …, Δ_n[j])` for every coordinate j. `g` may reorder its buffer.
+/// Calls `f(lo, hi, cols)` for consecutive coordinate blocks `[lo, hi)` of the flattened
+/// model (tensors in name order), where `cols[(k − lo)·n + i]` is coordinate k of update i:
+/// every update is read once per block, and a block holds at most `budget` bytes.
+fn for_each_block(
+    base: &Weights,
+    src: &dyn UpdateSource,
+    budget: usize,
+    mut f: impl FnMut(usize, usize, &mut [f32]),
+) -> Result<(), StrategyError> {
+    let n = src.len();
+    let total = base.num_params();
+    let block = (budget / (4 * n.max(1))).max(1).min(total.max(1));
+    let mut cols = vec![0f32; block * n];
+    let mut lo = 0;
+    while lo < total {
+        let hi = (lo + block).min(total);
+        for i in 0..n {
+            let d = load(src, i, base)?;
+            let mut pos = 0;
+            for t in d.tensors.values() {
+                let len = t.data.len();
+                let (a, b) = (lo.max(pos), hi.min(pos + len));
+                for k in a..b {
+                    cols[(k - lo) * n + i] = t.data[k - pos];
+                }
+                pos += len;
+                if pos >= hi {
+                    break;
+                }
+            }
+        }
+        f(lo, hi, &mut cols[..(hi - lo) * n]);
+        lo = hi;
+    }
+    Ok(())
+}
+
+/// `base + g(Δ_1[j], …, Δ_n[j])` for every coordinate j, read in blocks of at most `budget`
+/// bytes. `g` may reorder its buffer.
 fn coordinatewise(
     base: &Weights,
-    updates: &[Update],
+    src: &dyn UpdateSource,
+    budget: usize,
     mut g: impl FnMut(&mut [f32]) -> f64,
-) -> Weights {
+) -> Result<Weights, StrategyError> {
+    let n = src.len();
     let mut out = base.clone();
-    let mut buf = vec![0f32; updates.len()];
-    for (name, t) in out.tensors.iter_mut() {
-        // Layouts were checked by `check_updates`, so every delta has this tensor.
-        let cols: Vec<&[f32]> = updates
-            .iter()
-            .map(|u| u.delta.tensors[name].data.as_slice())
-            .collect();
-        for (j, x) in t.data.iter_mut().enumerate() {
-            for (b, col) in buf.iter_mut().zip(&cols) {
-                *b = col[j];
+    for_each_block(base, src, budget, |lo, hi, cols| {
+        let mut pos = 0;
+        for t in out.tensors.values_mut() {
+            let len = t.data.len();
+            let (a, b) = (lo.max(pos), hi.min(pos + len));
+            for k in a..b {
+                let x = &mut t.data[k - pos];
+                let col = &mut cols[(k - lo) * n..(k - lo + 1) * n];
+                *x = (f64::from(*x) + g(col)) as f32;
             }
-            *x = (f64::from(*x) + g(&mut buf)) as f32;
+            pos += len;
+            if pos >= hi {
+                break;
+            }
         }
-    }
-    out
+    })?;
+    Ok(out)
 }
 
 /// Median of `v` (mean of the two middle values for even length); reorders `v`. NaNs sort to
@@ -345,10 +511,16 @@ impl Strategy for FedAvg {
         "fedavg"
     }
 
-    fn aggregate(&self, base: &Weights, updates: &[Update]) -> Result<Aggregation, StrategyError> {
+    fn aggregate_source(
+        &self,
+        base: &Weights,
+        src: &dyn UpdateSource,
+        _reference: Option<&Weights>,
+    ) -> Result<Aggregation, StrategyError> {
         let mut acc = FedAvgAccumulator::new(base);
-        for u in updates {
-            acc.add(u)?;
+        for i in 0..src.len() {
+            let d = load(src, i, base)?;
+            acc.add_delta(src.client(i), src.samples(i), &d, 1.0)?;
         }
         let norms = acc.norms().to_vec();
         if norms.is_empty() {
@@ -388,30 +560,42 @@ impl FedAvgAccumulator {
 
     /// Adds `samples · factor · Δ` (the norm recorded is that of the unscaled Δ).
     pub fn add_scaled(&mut self, u: &Update, factor: f32) -> Result<(), StrategyError> {
-        if !self.sum.same_layout(&u.delta) {
+        self.add_delta(&u.client, u.samples, &u.delta, factor)
+    }
+
+    /// [`FedAvgAccumulator::add_scaled`] for a delta that is not in an [`Update`] (read back
+    /// from disk, say), so it need not be copied into one.
+    pub fn add_delta(
+        &mut self,
+        client: &str,
+        samples: u64,
+        delta: &Weights,
+        factor: f32,
+    ) -> Result<(), StrategyError> {
+        if !self.sum.same_layout(delta) {
             // add_scaled reports the layouts in detail.
             let source = self
                 .sum
                 .clone()
-                .add_scaled(&u.delta, 0.0)
+                .add_scaled(delta, 0.0)
                 .err()
                 .unwrap_or_else(|| ModelError::Shape("layout differs".into()));
             return Err(StrategyError::Layout {
-                client: u.client.clone(),
+                client: client.to_string(),
                 source,
             });
         }
-        self.norms.push((u.client.clone(), u.delta.l2_norm()));
-        if u.samples == 0 {
+        self.norms.push((client.to_string(), delta.l2_norm()));
+        if samples == 0 {
             return Ok(());
         }
         self.sum
-            .add_scaled(&u.delta, u.samples as f32 * factor)
+            .add_scaled(delta, samples as f32 * factor)
             .map_err(|source| StrategyError::Layout {
-                client: u.client.clone(),
+                client: client.to_string(),
                 source,
             })?;
-        self.total += u.samples;
+        self.total += samples;
         Ok(())
     }
 
@@ -449,25 +633,30 @@ impl Strategy for NormClip {
         "norm-clip"
     }
 
-    fn aggregate(&self, base: &Weights, updates: &[Update]) -> Result<Aggregation, StrategyError> {
+    fn aggregate_source(
+        &self,
+        base: &Weights,
+        src: &dyn UpdateSource,
+        _reference: Option<&Weights>,
+    ) -> Result<Aggregation, StrategyError> {
         StrategyConfig::NormClip {
             multiplier: self.multiplier,
         }
         .validate()?;
-        let norms = check_updates(base, updates)?;
+        let norms = check_updates(base, src)?;
         let values: Vec<f64> = norms.iter().map(|(_, n)| *n).collect();
         let bound = self.multiplier * median_f64(&values);
         let factors: Vec<f32> = values
             .iter()
             .map(|&n| if n > bound { (bound / n) as f32 } else { 1.0 })
             .collect();
-        let clipped = updates
+        let clipped = norms
             .iter()
             .zip(&factors)
             .filter(|(_, &f)| f < 1.0)
-            .map(|(u, _)| u.client.clone())
+            .map(|((c, _), _)| c.clone())
             .collect();
-        let weights = weighted_mean(base, updates, |_| true, |k| factors[k])?;
+        let weights = weighted_mean(base, src, |_| true, |k| factors[k])?;
         Ok(Aggregation {
             weights,
             excluded: Vec::new(),
@@ -485,21 +674,22 @@ pub struct TrimmedMean {
     pub trim: f64,
 }
 
-impl Strategy for TrimmedMean {
-    fn name(&self) -> &'static str {
-        "trimmed-mean"
-    }
-
-    fn aggregate(&self, base: &Weights, updates: &[Update]) -> Result<Aggregation, StrategyError> {
+impl TrimmedMean {
+    fn aggregate_blocks(
+        &self,
+        base: &Weights,
+        src: &dyn UpdateSource,
+        budget: usize,
+    ) -> Result<Aggregation, StrategyError> {
         StrategyConfig::TrimmedMean { trim: self.trim }.validate()?;
-        let norms = check_updates(base, updates)?;
-        let n = updates.len();
+        let norms = check_updates(base, src)?;
+        let n = src.len();
         let k = ((self.trim * n as f64).floor() as usize).min((n - 1) / 2);
-        let weights = coordinatewise(base, updates, |v| {
+        let weights = coordinatewise(base, src, budget, |v| {
             v.sort_unstable_by(f32::total_cmp);
             let kept = &v[k..n - k];
             kept.iter().map(|&x| f64::from(x)).sum::<f64>() / kept.len() as f64
-        });
+        })?;
         Ok(Aggregation {
             weights,
             excluded: Vec::new(),
@@ -509,24 +699,55 @@ impl Strategy for TrimmedMean {
     }
 }
 
+impl Strategy for TrimmedMean {
+    fn name(&self) -> &'static str {
+        "trimmed-mean"
+    }
+
+    fn aggregate_source(
+        &self,
+        base: &Weights,
+        src: &dyn UpdateSource,
+        _reference: Option<&Weights>,
+    ) -> Result<Aggregation, StrategyError> {
+        self.aggregate_blocks(base, src, BLOCK_BYTES)
+    }
+}
+
 /// Coordinate-wise median (unweighted); for even n the mean of the two middle values.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Median;
 
-impl Strategy for Median {
-    fn name(&self) -> &'static str {
-        "median"
-    }
-
-    fn aggregate(&self, base: &Weights, updates: &[Update]) -> Result<Aggregation, StrategyError> {
-        let norms = check_updates(base, updates)?;
-        let weights = coordinatewise(base, updates, median_of);
+impl Median {
+    fn aggregate_blocks(
+        &self,
+        base: &Weights,
+        src: &dyn UpdateSource,
+        budget: usize,
+    ) -> Result<Aggregation, StrategyError> {
+        let norms = check_updates(base, src)?;
+        let weights = coordinatewise(base, src, budget, median_of)?;
         Ok(Aggregation {
             weights,
             excluded: Vec::new(),
             norms,
             clipped: Vec::new(),
         })
+    }
+}
+
+impl Strategy for Median {
+    fn name(&self) -> &'static str {
+        "median"
+    }
+
+    fn aggregate_source(
+        &self,
+        base: &Weights,
+        src: &dyn UpdateSource,
+        _reference: Option<&Weights>,
+    ) -> Result<Aggregation, StrategyError> {
+        self.aggregate_blocks(base, src, BLOCK_BYTES)
     }
 }
 
@@ -535,7 +756,8 @@ impl Strategy for Median {
 /// FedAvg'd (samples-weighted) and the others excluded with reason `krum-score`.
 ///
 /// Needs n ≥ 2f + 3 (Krum's condition); fewer updates is [`StrategyError::TooFew`] rather than a
-/// silent loss of the guarantee. Cost: O(n² · params) for the pairwise distances.
+/// silent loss of the guarantee. Cost: O(n² · params) for the pairwise distances, accumulated
+/// over coordinate blocks (see [`BLOCK_BYTES`]).
 #[derive(Clone, Copy, Debug)]
 pub struct MultiKrum {
     pub byzantine: usize,
@@ -543,53 +765,58 @@ pub struct MultiKrum {
 }
 
 impl MultiKrum {
-    /// Krum scores in input order (`updates` must share one layout).
-    fn scores(&self, updates: &[Update]) -> Vec<f64> {
-        let n = updates.len();
+    /// Krum scores in input order (`src` must share one layout).
+    fn scores(
+        &self,
+        base: &Weights,
+        src: &dyn UpdateSource,
+        budget: usize,
+    ) -> Result<Vec<f64>, StrategyError> {
+        let n = src.len();
         let mut d2 = vec![0f64; n * n];
+        for_each_block(base, src, budget, |lo, hi, cols| {
+            for k in 0..hi - lo {
+                let col = &cols[k * n..(k + 1) * n];
+                for i in 0..n {
+                    for j in i + 1..n {
+                        let e = f64::from(col[i]) - f64::from(col[j]);
+                        d2[i * n + j] += e * e;
+                    }
+                }
+            }
+        })?;
         for i in 0..n {
             for j in i + 1..n {
-                let d: f64 = updates[i]
-                    .delta
-                    .tensors
-                    .values()
-                    .zip(updates[j].delta.tensors.values())
-                    .flat_map(|(a, b)| a.data.iter().zip(&b.data))
-                    .map(|(&x, &y)| {
-                        let e = f64::from(x) - f64::from(y);
-                        e * e
-                    })
-                    .sum();
                 // A NaN distance (non-finite delta) must rank worst, not compare as equal.
+                let d = d2[i * n + j];
                 let d = if d.is_nan() { f64::INFINITY } else { d };
                 d2[i * n + j] = d;
                 d2[j * n + i] = d;
             }
         }
         let neighbours = n - self.byzantine - 2;
-        (0..n)
+        Ok((0..n)
             .map(|i| {
                 let mut row: Vec<f64> = (0..n).filter(|&j| j != i).map(|j| d2[i * n + j]).collect();
                 row.sort_by(f64::total_cmp);
                 row[..neighbours].iter().sum()
             })
-            .collect()
-    }
-}
-
-impl Strategy for MultiKrum {
-    fn name(&self) -> &'static str {
-        "multi-krum"
+            .collect())
     }
 
-    fn aggregate(&self, base: &Weights, updates: &[Update]) -> Result<Aggregation, StrategyError> {
+    fn aggregate_blocks(
+        &self,
+        base: &Weights,
+        src: &dyn UpdateSource,
+        budget: usize,
+    ) -> Result<Aggregation, StrategyError> {
         StrategyConfig::MultiKrum {
             byzantine: self.byzantine,
             select: self.select,
         }
         .validate()?;
-        let norms = check_updates(base, updates)?;
-        let n = updates.len();
+        let norms = check_updates(base, src)?;
+        let n = src.len();
         let need = 2 * self.byzantine + 3;
         if n < need {
             return Err(StrategyError::TooFew {
@@ -598,7 +825,7 @@ impl Strategy for MultiKrum {
                 got: n,
             });
         }
-        let scores = self.scores(updates);
+        let scores = self.scores(base, src, budget)?;
         let m = self.select.unwrap_or(n - self.byzantine).min(n);
         let mut order: Vec<usize> = (0..n).collect();
         order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(a.cmp(&b)));
@@ -606,13 +833,13 @@ impl Strategy for MultiKrum {
         for &k in &order[..m] {
             keep[k] = true;
         }
-        let weights = weighted_mean(base, updates, |k| keep[k], |_| 1.0)?;
-        let excluded = updates
+        let weights = weighted_mean(base, src, |k| keep[k], |_| 1.0)?;
+        let excluded = norms
             .iter()
             .zip(&keep)
             .filter(|(_, &kept)| !kept)
-            .map(|(u, _)| Exclusion {
-                client: u.client.clone(),
+            .map(|((c, _), _)| Exclusion {
+                client: c.clone(),
                 reason: "krum-score".into(),
             })
             .collect();
@@ -622,6 +849,21 @@ impl Strategy for MultiKrum {
             norms,
             clipped: Vec::new(),
         })
+    }
+}
+
+impl Strategy for MultiKrum {
+    fn name(&self) -> &'static str {
+        "multi-krum"
+    }
+
+    fn aggregate_source(
+        &self,
+        base: &Weights,
+        src: &dyn UpdateSource,
+        _reference: Option<&Weights>,
+    ) -> Result<Aggregation, StrategyError> {
+        self.aggregate_blocks(base, src, BLOCK_BYTES)
     }
 }
 
@@ -646,18 +888,22 @@ impl Strategy for MultiKrum {
 pub struct FlTrust;
 
 impl FlTrust {
-    /// Trust scores in input order.
-    fn trust(updates: &[Update], norms: &[(String, f64)], reference: &Weights) -> Vec<f64> {
+    /// Trust scores in input order (each delta read once).
+    fn trust(
+        base: &Weights,
+        src: &dyn UpdateSource,
+        norms: &[(String, f64)],
+        reference: &Weights,
+    ) -> Result<Vec<f64>, StrategyError> {
         let ref_norm = reference.l2_norm();
-        updates
-            .iter()
+        (0..src.len())
             .zip(norms)
-            .map(|(u, &(_, n))| {
+            .map(|(i, &(_, n))| {
                 if !(n.is_finite() && n > 0.0 && ref_norm.is_finite() && ref_norm > 0.0) {
-                    return 0.0;
+                    return Ok(0.0);
                 }
-                let dot: f64 = u
-                    .delta
+                let d = load(src, i, base)?;
+                let dot: f64 = d
                     .tensors
                     .values()
                     .zip(reference.tensors.values())
@@ -665,11 +911,7 @@ impl FlTrust {
                     .map(|(&x, &y)| f64::from(x) * f64::from(y))
                     .sum();
                 let cos = dot / (n * ref_norm);
-                if cos.is_finite() {
-                    cos.max(0.0)
-                } else {
-                    0.0
-                }
+                Ok(if cos.is_finite() { cos.max(0.0) } else { 0.0 })
             })
             .collect()
     }
@@ -680,21 +922,17 @@ impl Strategy for FlTrust {
         "fltrust"
     }
 
-    fn aggregate(&self, base: &Weights, updates: &[Update]) -> Result<Aggregation, StrategyError> {
-        self.aggregate_with_reference(base, updates, None)
-    }
-
     fn needs_reference(&self) -> bool {
         true
     }
 
-    fn aggregate_with_reference(
+    fn aggregate_source(
         &self,
         base: &Weights,
-        updates: &[Update],
+        src: &dyn UpdateSource,
         reference: Option<&Weights>,
     ) -> Result<Aggregation, StrategyError> {
-        let norms = check_updates(base, updates)?;
+        let norms = check_updates(base, src)?;
         let reference = reference.ok_or_else(|| {
             StrategyError::Config("fltrust needs the coordinator's reference delta".into())
         })?;
@@ -703,7 +941,7 @@ impl Strategy for FlTrust {
                 "fltrust reference delta has another layout than the model".into(),
             ));
         }
-        let trust = Self::trust(updates, &norms, reference);
+        let trust = Self::trust(base, src, &norms, reference)?;
         let finite: Vec<f64> = norms
             .iter()
             .map(|(_, n)| *n)
@@ -714,26 +952,27 @@ impl Strategy for FlTrust {
         let mut weights = base.clone();
         let mut clipped = Vec::new();
         if total > 0.0 {
-            for ((u, &(_, n)), &t) in updates.iter().zip(&norms).zip(&trust) {
+            for (i, (&(ref client, n), &t)) in norms.iter().zip(&trust).enumerate() {
                 if t > 0.0 {
+                    let d = load(src, i, base)?;
                     weights
-                        .add_scaled(&u.delta, (t / total * target / n) as f32)
+                        .add_scaled(&d, (t / total * target / n) as f32)
                         .map_err(|source| StrategyError::Layout {
-                            client: u.client.clone(),
+                            client: client.clone(),
                             source,
                         })?;
                     if n > target {
-                        clipped.push(u.client.clone());
+                        clipped.push(client.clone());
                     }
                 }
             }
         }
-        let excluded = updates
+        let excluded = norms
             .iter()
             .zip(&trust)
             .filter(|(_, &t)| t <= 0.0)
-            .map(|(u, _)| Exclusion {
-                client: u.client.clone(),
+            .map(|((c, _), _)| Exclusion {
+                client: c.clone(),
                 reason: "untrusted".into(),
             })
             .collect();
@@ -1293,5 +1532,181 @@ mod tests {
         let cfg: StrategyConfig = toml::from_str("kind = \"fltrust\"").unwrap();
         assert_eq!(cfg, StrategyConfig::FlTrust);
         assert!(cfg.needs_reference() && !StrategyConfig::Median.needs_reference());
+    }
+
+    /// The in-memory coordinate-wise rule from before deltas were read in blocks: the
+    /// reference the block-wise one must reproduce.
+    fn coordinatewise_in_memory(
+        base: &Weights,
+        updates: &[Update],
+        mut g: impl FnMut(&mut [f32]) -> f64,
+    ) -> Weights {
+        let mut out = base.clone();
+        let mut buf = vec![0f32; updates.len()];
+        for (name, t) in out.tensors.iter_mut() {
+            let cols: Vec<&[f32]> = updates
+                .iter()
+                .map(|u| u.delta.tensors[name].data.as_slice())
+                .collect();
+            for (j, x) in t.data.iter_mut().enumerate() {
+                for (b, col) in buf.iter_mut().zip(&cols) {
+                    *b = col[j];
+                }
+                *x = (f64::from(*x) + g(&mut buf)) as f32;
+            }
+        }
+        out
+    }
+
+    /// Multi-Krum's pairwise distances computed over whole deltas in memory (the old way).
+    fn krum_d2_in_memory(updates: &[Update]) -> Vec<f64> {
+        let n = updates.len();
+        let mut d2 = vec![0f64; n * n];
+        for i in 0..n {
+            for j in i + 1..n {
+                let d: f64 = updates[i]
+                    .delta
+                    .tensors
+                    .values()
+                    .zip(updates[j].delta.tensors.values())
+                    .flat_map(|(a, b)| a.data.iter().zip(&b.data))
+                    .map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2))
+                    .sum();
+                d2[i * n + j] = d;
+                d2[j * n + i] = d;
+            }
+        }
+        d2
+    }
+
+    fn max_abs_diff(a: &Weights, b: &Weights) -> f32 {
+        a.tensors
+            .values()
+            .zip(b.tensors.values())
+            .flat_map(|(x, y)| x.data.iter().zip(&y.data))
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn block_wise_rules_match_the_in_memory_ones_for_any_block_size() {
+        for attack in [Attack::Scale10, Attack::SignFlip, Attack::HugeNoise] {
+            let (base, updates, _) = scenario(attack, 7);
+            let n = updates.len();
+            let want_median = coordinatewise_in_memory(&base, &updates, median_of);
+            let k = 2; // ⌊0.2 · 10⌋
+            let want_trim = coordinatewise_in_memory(&base, &updates, |v| {
+                v.sort_unstable_by(f32::total_cmp);
+                v[k..n - k].iter().map(|&x| f64::from(x)).sum::<f64>() / (n - 2 * k) as f64
+            });
+            let krum = MultiKrum {
+                byzantine: BYZ,
+                select: None,
+            };
+            let want_krum = krum.aggregate(&base, &updates).unwrap();
+            let d2 = krum_d2_in_memory(&updates);
+            // One coordinate per block, blocks that straddle the two tensors, everything at once.
+            for budget in [1, 4 * n, 4 * n * 7, 4 * n * 20, BLOCK_BYTES] {
+                let slice = updates.as_slice();
+                let src: &dyn UpdateSource = &slice;
+                let m = Median.aggregate_blocks(&base, src, budget).unwrap();
+                assert_eq!(m.weights, want_median, "{attack:?} median, budget {budget}");
+                let t = TrimmedMean { trim: 0.2 }
+                    .aggregate_blocks(&base, src, budget)
+                    .unwrap();
+                assert_eq!(t.weights, want_trim, "{attack:?} trimmed, budget {budget}");
+                let got = krum.aggregate_blocks(&base, src, budget).unwrap();
+                assert_eq!(got.excluded, want_krum.excluded, "{attack:?} {budget}");
+                assert!(max_abs_diff(&got.weights, &want_krum.weights) <= 1e-5);
+                // The scores come from the same distances, summed block by block.
+                let scores = krum.scores(&base, src, budget).unwrap();
+                for (i, s) in scores.iter().enumerate() {
+                    let mut row: Vec<f64> =
+                        (0..n).filter(|&j| j != i).map(|j| d2[i * n + j]).collect();
+                    row.sort_by(f64::total_cmp);
+                    let want: f64 = row[..n - BYZ - 2].iter().sum();
+                    assert!((s - want).abs() <= 1e-9 * want.max(1.0), "{s} vs {want}");
+                }
+            }
+        }
+    }
+
+    /// Deltas known only by index, with their norms, counting reads: what the coordinator's
+    /// delta files look like to a rule.
+    struct Counting<'a> {
+        updates: &'a [Update],
+        reads: std::sync::atomic::AtomicUsize,
+    }
+
+    impl UpdateSource for Counting<'_> {
+        fn len(&self) -> usize {
+            self.updates.len()
+        }
+        fn client(&self, i: usize) -> &str {
+            &self.updates[i].client
+        }
+        fn samples(&self, i: usize) -> u64 {
+            self.updates[i].samples
+        }
+        fn norm(&self, i: usize) -> Option<f64> {
+            Some(self.updates[i].delta.l2_norm())
+        }
+        fn delta(&self, i: usize) -> Result<Cow<'_, Weights>, StrategyError> {
+            self.reads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(Cow::Owned(self.updates[i].delta.clone()))
+        }
+    }
+
+    #[test]
+    fn streaming_sources_give_the_in_memory_result_reading_each_delta_a_bounded_number_of_times() {
+        let (base, updates, _) = scenario(Attack::Scale10, 3);
+        let reference = Weights {
+            tensors: updates[0].delta.tensors.clone(),
+        };
+        // (rule, reads of each delta at most)
+        for (cfg, per_delta) in [
+            (StrategyConfig::FedAvg, 1),
+            (StrategyConfig::NormClip { multiplier: 1.0 }, 1),
+            (StrategyConfig::FlTrust, 2),
+            (StrategyConfig::Median, 1),
+            (StrategyConfig::TrimmedMean { trim: 0.2 }, 1),
+            (
+                StrategyConfig::MultiKrum {
+                    byzantine: BYZ,
+                    select: None,
+                },
+                2,
+            ),
+        ] {
+            let s = build(&cfg);
+            let want = s
+                .aggregate_with_reference(&base, &updates, Some(&reference))
+                .unwrap();
+            let src = Counting {
+                updates: &updates,
+                reads: Default::default(),
+            };
+            let got = s.aggregate_source(&base, &src, Some(&reference)).unwrap();
+            assert!(max_abs_diff(&got.weights, &want.weights) <= 1e-5, "{cfg:?}");
+            assert_eq!(got.excluded, want.excluded, "{cfg:?}");
+            assert_eq!(got.clipped, want.clipped, "{cfg:?}");
+            assert_eq!(got.norms.len(), want.norms.len(), "{cfg:?}");
+            let reads = src.reads.load(std::sync::atomic::Ordering::Relaxed);
+            assert!(reads <= per_delta * updates.len(), "{cfg:?}: {reads} reads");
+        }
+        // Leaving one out is a view, not a copy.
+        let rest = Subset::without(&updates, "c3");
+        assert_eq!(rest.len(), updates.len() - 1);
+        assert!((0..rest.len()).all(|i| rest.client(i) != "c3"));
+        let want: Vec<Update> = updates
+            .iter()
+            .filter(|u| u.client != "c3")
+            .cloned()
+            .collect();
+        assert_eq!(
+            FedAvg.aggregate_source(&base, &rest, None).unwrap(),
+            FedAvg.aggregate(&base, &want).unwrap()
+        );
     }
 }
