@@ -11,7 +11,7 @@
 //! Everything here that decides is a pure function ([`flag_outliers`], [`judge`],
 //! [`suspects`]); the round loop in `server.rs` does the evaluations and calls them.
 
-use crate::strategy::{build as build_strategy, StrategyConfig, Update};
+use crate::strategy::{build as build_strategy, StrategyConfig, Subset, UpdateSource};
 use crate::CoordinatorError;
 use coevo_models::Weights;
 use serde::{Deserialize, Serialize};
@@ -352,7 +352,9 @@ pub(crate) struct Candidate<'a> {
     pub base: &'a Weights,
     /// The merged model the rule produced.
     pub merged: &'a Weights,
-    pub updates: &'a [Update],
+    /// The round's accepted updates (read back from disk: only the re-aggregations without a
+    /// suspect read them, one at a time or in blocks).
+    pub updates: std::sync::Arc<dyn UpdateSource>,
     pub strategy: &'a StrategyConfig,
     /// The reference delta, for rules that need one (FLTrust).
     pub reference: Option<&'a Weights>,
@@ -403,20 +405,21 @@ pub(crate) async fn check(
     };
     if let Err(reason) = judge(before, after, cfg) {
         for client in suspects(c.norms, cfg) {
-            let rest: Vec<Update> = c
-                .updates
-                .iter()
-                .filter(|u| u.client != client)
-                .cloned()
-                .collect();
-            let (base, strategy, reference) =
-                (c.base.clone(), c.strategy.clone(), c.reference.cloned());
-            let score = if rest.is_empty() {
+            let empty = Subset::without(&*c.updates, &client).is_empty();
+            let (base, strategy, reference, src) = (
+                c.base.clone(),
+                c.strategy.clone(),
+                c.reference.cloned(),
+                c.updates.clone(),
+            );
+            let score = if empty {
                 // Without its only update the round merges nothing: the base itself.
                 Some(before)
             } else {
+                let left_out = client.clone();
                 on_evaluator(ev, move |g| {
-                    match build_strategy(&strategy).aggregate_with_reference(
+                    let rest = Subset::without(&*src, &left_out);
+                    match build_strategy(&strategy).aggregate_source(
                         &base,
                         &rest,
                         reference.as_ref(),

@@ -7,6 +7,7 @@
 //! - [`registry`]: the fleet registry (client ids and their public keys).
 //! - [`collect`]: pure collect-phase decisions: admission of chunks, rejection tally, recovery.
 //! - [`verify`]: pure checks of a delta upload, each failure a [`coevo_protocol::RejectReason`].
+//! - [`ingest`]: verification on a worker pool, group commit, deltas read back from disk.
 //! - [`strategy`]: aggregation rules as pure functions.
 //! - [`guard`]: the check of a merged model before it is published (rollback, outliers).
 //! - [`store`]: durable state (accepted deltas written before they are acknowledged).
@@ -17,6 +18,7 @@ pub mod coevolve;
 pub mod collect;
 pub mod config;
 pub mod guard;
+pub mod ingest;
 pub mod registry;
 pub mod report;
 pub mod server;

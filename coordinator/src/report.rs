@@ -103,6 +103,30 @@ pub struct RoundReport {
     /// Memory the round's upload reassembly held at its peak.
     #[serde(default)]
     pub reassembly: ReassemblyReport,
+    /// How collection verified and committed deltas: worker pool, group commits, fsyncs.
+    #[serde(default)]
+    pub collect: CollectReport,
+}
+
+/// The collect pipeline's work in a round (verification on a worker pool, group commit): lets
+/// a fleet bench print deltas/s and how well fsyncs were batched.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct CollectReport {
+    /// Verification workers (the machine's cores).
+    pub workers: usize,
+    /// Complete uploads verified (accepted or rejected) on the workers.
+    pub verified: u64,
+    /// Worker time spent verifying, decoding and writing deltas, summed over workers (ms).
+    pub verify_ms: u64,
+    /// Group commits: each made a batch of delta files and journal lines durable at once.
+    pub commits: u64,
+    /// Deltas in the largest group commit.
+    pub max_batch: u64,
+    /// fsync calls made for accepted deltas: one per delta file, plus one directory and one
+    /// journal fsync per group commit.
+    pub fsyncs: u64,
+    /// Wall time spent in group commits (directory + journal fsyncs), ms.
+    pub commit_ms: u64,
 }
 
 /// How many messages one client had rejected for one reason in a round.

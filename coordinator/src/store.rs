@@ -19,6 +19,18 @@ use std::path::{Path, PathBuf};
 /// Writes `data` to `path` via a temp file, fsync and rename: readers see the old or the new
 /// file, never a torn one.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), CoordinatorError> {
+    write_synced(path, data)?;
+    if let Some(dir) = path.parent() {
+        // Make the rename itself durable.
+        let _ = sync_dir(dir);
+    }
+    Ok(())
+}
+
+/// [`write_atomic`] without syncing the directory: the file's bytes are durable, its name is
+/// not until [`sync_dir`] runs on its directory. Lets a batch of files share one directory
+/// sync (group commit).
+pub fn write_synced(path: &Path, data: &[u8]) -> Result<(), CoordinatorError> {
     let io = |e: std::io::Error| CoordinatorError::Io(format!("{}: {e}", path.display()));
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;
@@ -29,14 +41,13 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), CoordinatorError> {
         f.write_all(data).map_err(io)?;
         f.sync_all().map_err(io)?;
     }
-    std::fs::rename(&tmp, path).map_err(io)?;
-    if let Some(dir) = path.parent() {
-        // Make the rename itself durable.
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// fsyncs a directory, making the renames and creations in it durable.
+pub fn sync_dir(dir: &Path) -> Result<(), CoordinatorError> {
+    let io = |e: std::io::Error| CoordinatorError::Io(format!("{}: {e}", dir.display()));
+    std::fs::File::open(dir).map_err(io)?.sync_all().map_err(io)
 }
 
 /// What survives a restart between rounds.
@@ -115,20 +126,33 @@ impl Store {
     /// Appends `entry` to its round's journal and fsyncs it: once this returns, a restarted
     /// coordinator knows the delta was acknowledged, even if its file is later lost.
     pub fn append_journal(&self, entry: &JournalEntry) -> Result<(), CoordinatorError> {
-        let path = self.journal_path(entry.round);
+        self.append_journal_batch(entry.round, std::slice::from_ref(entry))
+    }
+
+    /// Appends `entries` (all of `round`) to the round's journal in one write and one fsync:
+    /// the journal half of a group commit.
+    pub fn append_journal_batch(
+        &self,
+        round: u64,
+        entries: &[JournalEntry],
+    ) -> Result<(), CoordinatorError> {
+        let path = self.journal_path(round);
         let io = |e: std::io::Error| CoordinatorError::Io(format!("{}: {e}", path.display()));
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
-        let mut line =
-            serde_json::to_vec(entry).map_err(|e| CoordinatorError::Io(format!("journal: {e}")))?;
-        line.push(b'\n');
+        let mut lines = Vec::with_capacity(entries.len() * 128);
+        for entry in entries {
+            serde_json::to_writer(&mut lines, entry)
+                .map_err(|e| CoordinatorError::Io(format!("journal: {e}")))?;
+            lines.push(b'\n');
+        }
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
             .map_err(io)?;
-        f.write_all(&line).map_err(io)?;
+        f.write_all(&lines).map_err(io)?;
         f.sync_all().map_err(io)
     }
 
@@ -206,6 +230,19 @@ impl Store {
         header: &coevo_protocol::Signed,
         payload: &[u8],
     ) -> Result<(), CoordinatorError> {
+        self.write_delta(round, client, header, payload)?;
+        sync_dir(&self.delta_dir(round))
+    }
+
+    /// [`Store::save_delta`] without the directory sync, which a group commit does once for
+    /// the whole batch ([`sync_dir`] on [`Store::delta_dir`]).
+    pub fn write_delta(
+        &self,
+        round: u64,
+        client: &str,
+        header: &coevo_protocol::Signed,
+        payload: &[u8],
+    ) -> Result<(), CoordinatorError> {
         let record = coevo_protocol::envelope::encode(
             coevo_protocol::Kind::DeltaChunk,
             &coevo_protocol::DeltaChunk {
@@ -217,7 +254,7 @@ impl Store {
                 data: payload.to_vec(),
             },
         );
-        write_atomic(
+        write_synced(
             &self.delta_dir(round).join(format!("{client}.bin")),
             &record,
         )
