@@ -56,8 +56,14 @@ fn fleet(layout: &Weights) -> (FleetRegistry, Vec<Upload>) {
             .expect("registry add");
         let mut delta = layout.clone();
         for (j, t) in delta.tensors.values_mut().enumerate() {
-            for (k, x) in t.data.iter_mut().enumerate() {
-                *x = (((i * 31 + j * 7 + k) % 97) as f32 - 48.0) * 1e-4;
+            // SplitMix64 noise: a realistic (incompressible) int8 payload, ~1 byte a param.
+            let mut s = (i as u64) << 32 | j as u64;
+            for x in t.data.iter_mut() {
+                s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = s;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                *x = ((z >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 1e-2;
             }
         }
         let payload = UplinkCodec::Int8.encode(&delta.to_named()).expect("encode");
