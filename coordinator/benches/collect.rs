@@ -100,7 +100,12 @@ async fn ingest_all(
     let store = Store::new(dir.path());
     let n = uploads.len();
     let t = Instant::now();
-    let mut ingest = Ingest::new(spec, store, default_workers());
+    // COLLECT_WORKERS overrides the pool size (to compare CPU-sized and I/O-sized pools).
+    let workers = std::env::var("COLLECT_WORKERS")
+        .ok()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(default_workers);
+    let mut ingest = Ingest::new(spec, store, workers);
     for (i, up) in uploads.into_iter().enumerate() {
         ingest.submit(i as u64, up);
     }

@@ -173,6 +173,9 @@ pub struct Ingest {
     tx: mpsc::UnboundedSender<(Done, u64)>,
     rx: mpsc::UnboundedReceiver<(Done, u64)>,
     in_flight: usize,
+    /// Worker time in µs (summed exactly; `stats.verify_ms` is derived from it, so sub-ms
+    /// verifications are not truncated to 0 one by one).
+    verify_us: u64,
     pub stats: CollectReport,
 }
 
@@ -192,6 +195,7 @@ impl Ingest {
             tx,
             rx,
             in_flight: 0,
+            verify_us: 0,
             stats: CollectReport {
                 workers,
                 ..CollectReport::default()
@@ -267,7 +271,8 @@ impl Ingest {
     fn take(&mut self, (done, us): (Done, u64), out: &mut Vec<Done>) {
         self.in_flight -= 1;
         self.stats.verified += 1;
-        self.stats.verify_ms += us / 1000;
+        self.verify_us += us;
+        self.stats.verify_ms = self.verify_us / 1000;
         out.push(done);
     }
 
