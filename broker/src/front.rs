@@ -38,7 +38,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::acl::Acl;
-use crate::auth::Verifier;
+use crate::auth::{Verdict, Verifier};
 use crate::{BrokerError, BrokerStats};
 
 /// Read buffer per direction and connection, so a 256 KiB model chunk moves in a handful of
@@ -60,6 +60,9 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// MQTT 3.1.1 CONNACK return codes we send ourselves.
 const CONNACK_BAD_PROTOCOL: u8 = 1;
 const CONNACK_IDENTIFIER_REJECTED: u8 = 2;
+/// "Server unavailable": overloaded, try again later. Sent instead of letting a CONNECT time
+/// out, so the client backs off at once and no work is spent on a client that gave up.
+const CONNACK_SERVER_UNAVAILABLE: u8 = 3;
 const CONNACK_BAD_CREDENTIALS: u8 = 4;
 const CONNACK_NOT_AUTHORIZED: u8 = 5;
 
@@ -80,6 +83,8 @@ pub(crate) struct Counters {
     pub(crate) credential_reload_errors: AtomicU64,
     pub(crate) connections_accepted: AtomicU64,
     pub(crate) protocol_violations: AtomicU64,
+    pub(crate) connects_busy: AtomicU64,
+    pub(crate) connections_over_limit: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -99,6 +104,8 @@ impl Counters {
             credential_reload_errors: get(&self.credential_reload_errors),
             connections_accepted: get(&self.connections_accepted),
             protocol_violations: get(&self.protocol_violations),
+            connects_busy: get(&self.connects_busy),
+            connections_over_limit: get(&self.connections_over_limit),
         }
     }
 }
@@ -158,6 +165,11 @@ pub(crate) struct Front {
     /// Bumped on every credential reload; connections then re-check their credentials.
     pub(crate) generation: watch::Sender<u64>,
     pub(crate) log_limit: RateLimit,
+    /// Admission control: CONNECTs being verified and handed to rumqttd at once
+    /// (`max_pending_connects`). A CONNECT that cannot get a permit within `connect_timeout`
+    /// is answered CONNACK 3, so under overload clients hear "later" quickly instead of
+    /// timing out and retrying into a queue of work for clients that already left.
+    pub(crate) admission: Semaphore,
 }
 
 /// Never prints the secret.
@@ -221,6 +233,7 @@ async fn serve(
             }
         };
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            bump(&front.counters.connections_over_limit);
             if front.log_limit.allow("\0connection-limit") {
                 tracing::warn!(%peer, max_connections, "connection refused: connection limit reached");
             }
@@ -306,6 +319,24 @@ where
             }
         };
     let id = connect.client_id.clone();
+    // Admission: verification and the hand-over to rumqttd run for at most
+    // `max_pending_connects` clients at once; the rest wait up to `connect_timeout` in FIFO
+    // order, then hear "server unavailable".
+    let busy = |front: &Front| {
+        bump(&front.counters.connects_busy);
+        if front.log_limit.allow("\0busy") {
+            tracing::warn!(%peer, client_id = %id, "broker busy: CONNECT answered 'server unavailable' (CONNACK 3); the client retries with backoff");
+        }
+    };
+    let permit = match tokio::time::timeout(front.connect_timeout, front.admission.acquire()).await
+    {
+        Ok(Ok(permit)) => permit,
+        _ => {
+            busy(front);
+            refuse(&mut tx, CONNACK_SERVER_UNAVAILABLE).await;
+            return;
+        }
+    };
     let hash = match tokio::time::timeout(front.connect_timeout, admit(front, &connect, peer)).await
     {
         Ok(Ok(hash)) => hash,
@@ -314,13 +345,15 @@ where
             return;
         }
         Err(_) => {
-            bump(&front.counters.auth_refused);
-            refuse(&mut tx, CONNACK_NOT_AUTHORIZED).await;
+            busy(front);
+            refuse(&mut tx, CONNACK_SERVER_UNAVAILABLE).await;
             return;
         }
     };
     let Ok(upstream) = TcpStream::connect(front.backend).await else {
         tracing::error!(backend = %front.backend, "cannot reach the embedded MQTT router");
+        busy(front);
+        refuse(&mut tx, CONNACK_SERVER_UNAVAILABLE).await;
         return;
     };
     let _ = upstream.set_nodelay(true);
@@ -332,6 +365,7 @@ where
     {
         return;
     }
+    drop(permit);
     bump(&front.counters.connections_accepted);
 
     let up = async {
@@ -405,7 +439,17 @@ async fn admit(front: &Front, c: &Connect, peer: SocketAddr) -> Result<Option<St
                 .and_then(|p| std::str::from_utf8(p).ok())
                 .unwrap_or("");
             let (verdict, hash) = verifier.authenticate(id, password);
-            let ok = verdict.await;
+            let ok = match verdict.await {
+                Verdict::Accept => true,
+                Verdict::Refuse => false,
+                Verdict::Busy => {
+                    bump(&front.counters.connects_busy);
+                    if quiet("busy") {
+                        tracing::warn!(client_id = id, %peer, "password check pool saturated: CONNECT answered 'server unavailable' (CONNACK 3)");
+                    }
+                    return Err(CONNACK_SERVER_UNAVAILABLE);
+                }
+            };
             // A reload may have replaced this client's hash while the check ran.
             let hash = hash.filter(|h| ok && verifier.is_current(id, h));
             let Some(hash) = hash else {

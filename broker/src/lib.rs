@@ -16,8 +16,9 @@
 //! - `front` (private): the MQTT-aware front end on `listen` (plain TCP or TLS): checks
 //!   CONNECT, PUBLISH and SUBSCRIBE, closes revoked clients, and pipes the rest to rumqttd on
 //!   a loopback port that accepts only the front end's secret.
-//! - `auth` (private): password checks; runs argon2 off the event loop on a bounded worker
-//!   pool and caches successful checks; its credential set can be replaced while running.
+//! - `auth` (private): password checks; device secrets (fast salted HMAC) inline, argon2 off
+//!   the event loop on a bounded worker pool with a cache of successful checks; its
+//!   credential set can be replaced while running. Overload is answered CONNACK 3.
 //! - `tls` (private): loads the `[tls]` identity (rumqttd's own TLS listener can be stalled
 //!   by one idle socket; the module doc says why).
 //! - this file: [`start`] / [`BrokerHandle`] (run rumqttd on its own thread, the front end,
@@ -103,6 +104,12 @@ pub struct BrokerStats {
     /// Connections closed for not speaking MQTT 3.1.1 as a client must (no or malformed
     /// CONNECT, a second CONNECT, a packet over `max_payload_bytes`).
     pub protocol_violations: u64,
+    /// CONNECTs answered CONNACK 3 ("server unavailable") by admission control: no
+    /// verification slot within `connection_timeout_ms`, or the argon2 pool saturated. The
+    /// client backs off and retries; on a quiet network with device secrets this stays 0.
+    pub connects_busy: u64,
+    /// TCP connections closed at once because `max_connections` sockets were open.
+    pub connections_over_limit: u64,
 }
 
 /// A running embedded broker. rumqttd has no shutdown API, so it runs on its own OS thread for
@@ -157,6 +164,22 @@ impl BrokerHandle {
 /// (e.g. port in use), or a broker thread that dies or never starts listening.
 pub fn start(config: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
     config.validate()?;
+    // Each client holds three descriptors here (its socket, the front end's socket to
+    // rumqttd, rumqttd's end of it); Debian's default soft limit of 1,024 stops at ~340.
+    let wanted = (config.max_connections as u64)
+        .saturating_mul(FDS_PER_CONNECTION)
+        .saturating_add(FD_HEADROOM);
+    match raise_fd_limit(wanted) {
+        Ok(limit) if limit < wanted => tracing::warn!(
+            limit,
+            wanted,
+            max_connections = config.max_connections,
+            "open-file limit below what max_connections needs; raise `ulimit -Hn` (or LimitNOFILE= in the unit) or expect refused connections near {} clients",
+            limit.saturating_sub(FD_HEADROOM) / FDS_PER_CONNECTION
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
+    }
     let acceptor = config.tls.as_ref().map(tls::acceptor).transpose()?;
 
     let verifier = match &config.credentials {
@@ -258,6 +281,7 @@ pub fn start(config: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         counters: front::Counters::default(),
         generation: tokio::sync::watch::Sender::new(0),
         log_limit: front::RateLimit::new(config.max_connections.saturating_mul(2)),
+        admission: tokio::sync::Semaphore::new(config.max_pending_connects),
     });
     let front_thread = front::spawn(public, acceptor, Arc::clone(&front), config.max_connections)?;
     let watched = config.credentials.clone().zip(verifier);
@@ -400,6 +424,35 @@ fn wait_until_listening(addr: SocketAddr, thread: &JoinHandle<()>) -> Result<(),
         }
         std::thread::sleep(PROBE_INTERVAL);
     }
+}
+
+/// Descriptors one client connection holds in the broker process (see [`start`]).
+const FDS_PER_CONNECTION: u64 = 3;
+/// Descriptors for everything else: listeners, credential file, logs, threads' eventfds.
+const FD_HEADROOM: u64 = 256;
+
+/// Raises this process's open-file soft limit (RLIMIT_NOFILE) towards `wanted`: up to the
+/// hard limit, and past it when the process may (root, CAP_SYS_RESOURCE). Never lowers it.
+/// Returns the soft limit now in force. Load generators and the broker call it at start.
+#[cfg(unix)]
+pub fn raise_fd_limit(wanted: u64) -> std::io::Result<u64> {
+    use rlimit::Resource;
+    let (soft, hard) = Resource::NOFILE.get()?;
+    if soft >= wanted {
+        return Ok(soft);
+    }
+    if hard < wanted && Resource::NOFILE.set(wanted, wanted).is_ok() {
+        return Ok(wanted);
+    }
+    let target = wanted.min(hard);
+    Resource::NOFILE.set(target, hard)?;
+    Ok(target)
+}
+
+/// No descriptor limit to raise off Unix.
+#[cfg(not(unix))]
+pub fn raise_fd_limit(wanted: u64) -> std::io::Result<u64> {
+    Ok(wanted)
 }
 
 /// Picks a free TCP port on 127.0.0.1 (bind :0, read, drop) for tests and the demo. Another
