@@ -54,6 +54,8 @@ pub(crate) const LOG_INTERVAL: Duration = Duration::from_secs(60);
 /// Largest CONNECT read before authentication: id, will, user name and password are small, and
 /// an unauthenticated peer must not make us buffer a whole `max_packet`.
 const MAX_CONNECT: usize = 64 * 1024;
+/// Sockets over `max_connections` answered CONNACK 3 at once (beyond: closed unanswered).
+const OVER_LIMIT_ANSWERS: usize = 64;
 /// Pause after a failed `accept` (e.g. out of file descriptors) so the loop doesn't spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
@@ -156,7 +158,10 @@ pub(crate) struct Front {
     pub(crate) verifier: Option<Arc<Verifier>>,
     /// The password rumqttd accepts; only the front end knows it.
     pub(crate) secret: String,
-    pub(crate) backend: SocketAddr,
+    /// rumqttd's loopback listeners, one per server thread (see `ROUTER_LISTENERS` in
+    /// lib.rs); connections are spread over them round-robin.
+    pub(crate) backends: Vec<SocketAddr>,
+    pub(crate) next_backend: AtomicU64,
     /// Budget for the TLS handshake and, separately, for the CONNECT (and its verification).
     pub(crate) connect_timeout: Duration,
     /// Largest packet accepted from a client (the broker's `max_payload_bytes`).
@@ -178,7 +183,7 @@ impl std::fmt::Debug for Front {
         f.debug_struct("Front")
             .field("acl", &self.acl)
             .field("auth", &self.verifier.is_some())
-            .field("backend", &self.backend)
+            .field("backends", &self.backends)
             .field("counters", &self.counters)
             .finish_non_exhaustive()
     }
@@ -223,6 +228,9 @@ async fn serve(
     max_connections: usize,
 ) {
     let slots = Arc::new(Semaphore::new(max_connections));
+    // Over the limit, a client still gets an answer (CONNACK 3, so it backs off rather than
+    // reading a bare close as a refused password), from at most this many sockets at once.
+    let answering = Arc::new(Semaphore::new(OVER_LIMIT_ANSWERS));
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -232,12 +240,18 @@ async fn serve(
                 continue;
             }
         };
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            bump(&front.counters.connections_over_limit);
-            if front.log_limit.allow("\0connection-limit") {
-                tracing::warn!(%peer, max_connections, "connection refused: connection limit reached");
+        let (slot, full) = match Arc::clone(&slots).try_acquire_owned() {
+            Ok(slot) => (slot, false),
+            Err(_) => {
+                bump(&front.counters.connections_over_limit);
+                if front.log_limit.allow("\0connection-limit") {
+                    tracing::warn!(%peer, max_connections, "connection limit reached: answering 'server unavailable'");
+                }
+                match Arc::clone(&answering).try_acquire_owned() {
+                    Ok(slot) => (slot, true),
+                    Err(_) => continue,
+                }
             }
-            continue;
         };
         let tls = tls.clone();
         let front = Arc::clone(&front);
@@ -246,11 +260,11 @@ async fn serve(
             // MQTT is many small packets: don't let Nagle hold them back.
             let _ = tcp.set_nodelay(true);
             match tls {
-                None => connection(&front, tcp, peer).await,
+                None => connection(&front, tcp, peer, full).await,
                 Some(acceptor) => {
                     let timeout = front.connect_timeout;
                     match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => connection(&front, stream, peer).await,
+                        Ok(Ok(stream)) => connection(&front, stream, peer, full).await,
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "TLS handshake failed")
                         }
@@ -292,7 +306,9 @@ struct Connect {
 }
 
 /// One client connection from CONNECT to close.
-async fn connection<S>(front: &Front, stream: S, peer: SocketAddr)
+/// `full`: the broker is at its connection limit; the CONNECT is only read to be answered
+/// CONNACK 3.
+async fn connection<S>(front: &Front, stream: S, peer: SocketAddr, full: bool)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -319,6 +335,11 @@ where
             }
         };
     let id = connect.client_id.clone();
+    if full {
+        bump(&front.counters.connects_busy);
+        refuse(&mut tx, CONNACK_SERVER_UNAVAILABLE).await;
+        return;
+    }
     // Admission: verification and the hand-over to rumqttd run for at most
     // `max_pending_connects` clients at once; the rest wait up to `connect_timeout` in FIFO
     // order, then hear "server unavailable".
@@ -350,21 +371,43 @@ where
             return;
         }
     };
-    let Ok(upstream) = TcpStream::connect(front.backend).await else {
-        tracing::error!(backend = %front.backend, "cannot reach the embedded MQTT router");
-        busy(front);
-        refuse(&mut tx, CONNACK_SERVER_UNAVAILABLE).await;
-        return;
+    // The permit is held until rumqttd's CONNACK is back: admission then bounds every
+    // handshake in flight anywhere in the broker, rumqttd's accept queue (128 deep per
+    // listener) included, and a router that cannot keep up shows up as "busy" answers here
+    // rather than as SYN retransmits and silent client time-outs.
+    let handover = async {
+        let n = front.next_backend.fetch_add(1, Ordering::Relaxed);
+        let backend = front.backends[(n as usize) % front.backends.len().max(1)];
+        let upstream = TcpStream::connect(backend).await?;
+        let _ = upstream.set_nodelay(true);
+        let (up_rx, mut up_tx) = upstream.into_split();
+        up_tx
+            .write_all(&encode_connect(&connect, &front.secret))
+            .await?;
+        let mut up_rx = BufReader::with_capacity(PIPE_BUFFER, up_rx);
+        let mut connack = [0u8; 4];
+        up_rx.read_exact(&mut connack).await?;
+        Ok::<_, std::io::Error>((up_rx, up_tx, connack))
     };
-    let _ = upstream.set_nodelay(true);
-    let (up_rx, mut up_tx) = upstream.into_split();
-    if up_tx
-        .write_all(&encode_connect(&connect, &front.secret))
-        .await
-        .is_err()
-    {
-        return;
-    }
+    let (up_rx, mut up_tx) = match tokio::time::timeout(front.connect_timeout, handover).await {
+        Ok(Ok((up_rx, up_tx, connack))) => {
+            if tx.write_all(&connack).await.is_err() {
+                return;
+            }
+            (up_rx, up_tx)
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(client_id = %id, error = %e, "embedded MQTT router closed the hand-over");
+            busy(front);
+            refuse(&mut tx, CONNACK_SERVER_UNAVAILABLE).await;
+            return;
+        }
+        Err(_) => {
+            busy(front);
+            refuse(&mut tx, CONNACK_SERVER_UNAVAILABLE).await;
+            return;
+        }
+    };
     drop(permit);
     bump(&front.counters.connections_accepted);
 
@@ -374,8 +417,8 @@ where
         end
     };
     let down = async {
-        let _ =
-            tokio::io::copy_buf(&mut BufReader::with_capacity(PIPE_BUFFER, up_rx), &mut tx).await;
+        let mut up_rx = up_rx;
+        let _ = tokio::io::copy_buf(&mut up_rx, &mut tx).await;
         // Sends TLS close_notify after everything rumqttd wrote.
         let _ = tx.shutdown().await;
     };

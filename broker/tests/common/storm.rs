@@ -18,6 +18,8 @@ pub struct StormResult {
     pub retried: usize,
     /// Failed attempts in all.
     pub failed_attempts: usize,
+    /// Why attempts failed (reason → count), for the report.
+    pub reasons: std::collections::BTreeMap<String, usize>,
     /// From the first session start to the last CONNACK.
     pub all_connected: Duration,
     /// Median and 99th percentile time to CONNACK.
@@ -42,14 +44,13 @@ pub async fn storm(
         s.password = Some(pw.clone());
         tasks.spawn(async move {
             let mut session = Session::start(&s, Vec::new());
-            let mut failed = 0usize;
+            let mut failed = Vec::new();
             let outcome = tokio::time::timeout(deadline, async {
                 loop {
                     match session.recv().await {
                         Some(Incoming::Connected { .. }) => return Some(start.elapsed()),
-                        Some(Incoming::Disconnected(_) | Incoming::AuthRefused { .. }) => {
-                            failed += 1
-                        }
+                        Some(Incoming::Disconnected(reason)) => failed.push(reason),
+                        Some(Incoming::AuthRefused { error, .. }) => failed.push(error.to_string()),
                         Some(Incoming::Publish(_)) => {}
                         None => return None,
                     }
@@ -70,9 +71,14 @@ pub async fn storm(
         let Ok((session, outcome, failed)) = joined else {
             continue;
         };
-        result.failed_attempts += failed;
-        if failed > 0 {
+        result.failed_attempts += failed.len();
+        if !failed.is_empty() {
             result.retried += 1;
+        }
+        for reason in failed {
+            // "retrying in 1.2s" differs per client: count by the reason alone.
+            let reason = reason.split("; retrying").next().unwrap_or("").to_owned();
+            *result.reasons.entry(reason).or_default() += 1;
         }
         if let Some(t) = outcome {
             result.connected += 1;
