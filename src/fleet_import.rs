@@ -189,7 +189,7 @@ pub fn import(devices: &[Device], o: &ImportOptions) -> Result<ImportSummary> {
         let key = match &d.public_key {
             Some(k) => {
                 summary.keys_given += 1;
-                k.clone()
+                *k
             }
             None => {
                 let pk8 = o.keys_dir.join(format!("{}.pk8", d.id));

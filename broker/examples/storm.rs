@@ -86,7 +86,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         loaded_rss as f64 / 1024.0,
         loaded_rss.saturating_sub(idle_rss) as f64 / n.max(1) as f64,
     );
-    println!("broker: {stats}");
+    println!("broker: {stats} (of {} clients)", r.clients);
     if !r.reasons.is_empty() {
         println!("failed attempts: {:?}", r.reasons);
     }

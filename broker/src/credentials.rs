@@ -418,7 +418,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("credentials.toml");
         for bad in [
-            format!("{DEVICE_SECRET_SCHEME}"),
+            DEVICE_SECRET_SCHEME.to_string(),
             format!("{DEVICE_SECRET_SCHEME}AAAA$BBBB"),
             format!("{DEVICE_SECRET_SCHEME}not base64!$x"),
         ] {
