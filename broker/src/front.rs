@@ -391,6 +391,9 @@ where
     };
     let (up_rx, mut up_tx) = match tokio::time::timeout(front.connect_timeout, handover).await {
         Ok(Ok((up_rx, up_tx, connack))) => {
+            // Counted before the client can see its CONNACK, so a stats read right after a
+            // client connected always includes it.
+            bump(&front.counters.connections_accepted);
             if tx.write_all(&connack).await.is_err() {
                 return;
             }
@@ -409,7 +412,6 @@ where
         }
     };
     drop(permit);
-    bump(&front.counters.connections_accepted);
 
     let up = async {
         let end = forward(front, &id, &mut rx, &mut up_tx).await;
