@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - [`provision`]: keys, fleet registry and broker credentials for a fleet, written to a folder.
+//! - [`fleet_import`]: bulk provisioning (`coevo fleet import`, `fleet add ID...`), O(N).
 //! - [`demo`]: embedded broker + coordinator + N edge agents over real MQTT on 127.0.0.1.
 //! - [`mosquitto`]: export a fleet's passwords and per-client ACLs for Mosquitto.
 //! - [`table`]: the round table printed by `coevo report`.
@@ -10,6 +11,7 @@
 
 pub mod bench;
 pub mod demo;
+pub mod fleet_import;
 pub mod mosquitto;
 pub mod provision;
 pub mod table;

@@ -102,22 +102,112 @@ enum KeysCmd {
     },
 }
 
+/// Where bulk provisioning puts keys and secrets, and the optional Mosquitto export.
+#[derive(clap::Args)]
+struct BulkArgs {
+    /// Key folder: ID.pub here is used (a key the device made), else ID.pk8 + ID.pub are
+    /// generated here.
+    #[arg(long, default_value = "keys")]
+    keys: PathBuf,
+    /// Folder receiving each device's generated broker secret (file ID, mode 0600).
+    #[arg(long, default_value = "passwords")]
+    passwords: PathBuf,
+    /// Also write Mosquitto's passwd, acl and mosquitto.conf for the whole fleet here.
+    #[arg(long, requires = "fleet")]
+    mosquitto: Option<PathBuf>,
+    /// Fleet name for the Mosquitto ACLs.
+    #[arg(long)]
+    fleet: Option<String>,
+    /// The coordinator's client id (Mosquitto export).
+    #[arg(long, default_value = "coordinator")]
+    coordinator: String,
+    /// Listener address for mosquitto.conf.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    listen: std::net::SocketAddr,
+}
+
+impl BulkArgs {
+    fn options(
+        &self,
+        registry: PathBuf,
+        credentials: PathBuf,
+    ) -> coevo::fleet_import::ImportOptions {
+        coevo::fleet_import::ImportOptions {
+            registry,
+            credentials,
+            keys_dir: self.keys.clone(),
+            passwords_dir: self.passwords.clone(),
+            mosquitto: self
+                .mosquitto
+                .clone()
+                .map(|dir| coevo::fleet_import::MosquittoTarget {
+                    dir,
+                    fleet: self.fleet.clone().unwrap_or_default(),
+                    coordinator: self.coordinator.clone(),
+                    listen: self.listen,
+                    user: None,
+                }),
+        }
+    }
+}
+
+fn report_import(
+    s: &coevo::fleet_import::ImportSummary,
+    o: &coevo::fleet_import::ImportOptions,
+    t: std::time::Instant,
+) {
+    eprintln!(
+        "added {} clients ({} keys generated in {}, {} given; secrets in {}) in {:.1} s; {} now has {} clients{}",
+        s.added,
+        s.keys_generated,
+        o.keys_dir.display(),
+        s.keys_given,
+        o.passwords_dir.display(),
+        t.elapsed().as_secs_f64(),
+        o.registry.display(),
+        s.registered,
+        o.mosquitto
+            .as_ref()
+            .map(|m| format!("; Mosquitto files in {}", m.dir.display()))
+            .unwrap_or_default()
+    );
+}
+
 #[derive(Subcommand)]
 enum FleetCmd {
-    /// Register a client: its public key in the registry, its broker password in the
-    /// credential file (hashed). Prints the generated password unless --password is given.
+    /// Register clients: public keys in the registry, broker secrets in the credential file
+    /// (hashed). One ID with --key: prints the generated secret (or sets --password). Several
+    /// IDs: like `fleet import` (keys from/into --keys, secrets into --passwords), one write.
     Add {
-        id: String,
-        /// Public key: hex, or a .pub file from `coevo keys gen`.
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// Public key (one ID only): hex, or a .pub file from `coevo keys gen`.
         #[arg(long)]
-        key: String,
+        key: Option<String>,
         #[arg(long, default_value = "fleet.toml")]
         registry: PathBuf,
         #[arg(long, default_value = "credentials.toml")]
         credentials: PathBuf,
-        /// Broker password to set (default: generate one and print it).
+        /// Broker password a human chose (one ID only; stored as argon2id). Default: generate
+        /// a 143-bit secret (stored as a fast salted HMAC) and print it.
         #[arg(long, env = "COEVO_NEW_PASSWORD")]
         password: Option<String>,
+        #[command(flatten)]
+        bulk: BulkArgs,
+    },
+    /// Register many cameras in one pass: DEVICES is one id per line, or a CSV whose header
+    /// names an `id` column (and optionally `public_key`). Writes keys (unless given),
+    /// generated secrets, the registry and the credential file once, and optionally the
+    /// Mosquitto files. Refuses duplicates and registered ids (with line numbers) before
+    /// writing anything.
+    Import {
+        devices: PathBuf,
+        #[arg(long, default_value = "fleet.toml")]
+        registry: PathBuf,
+        #[arg(long, default_value = "credentials.toml")]
+        credentials: PathBuf,
+        #[command(flatten)]
+        bulk: BulkArgs,
     },
     /// Remove a client from the registry and the credential file. A running embedded broker
     /// (`coevo broker`, `coevo demo`) re-reads the file within ~1 s and closes the client's
@@ -354,21 +444,48 @@ fn fleet(cmd: FleetCmd) -> Result<()> {
     };
     match cmd {
         FleetCmd::Add {
-            id,
+            ids,
             key,
             registry,
             credentials,
             password,
+            bulk,
         } => {
+            let Some(key) = key else {
+                if password.is_some() {
+                    bail!("--password needs --key and a single id: bulk adds generate secrets");
+                }
+                let t = std::time::Instant::now();
+                let devices = coevo::fleet_import::devices_from_ids(&ids)?;
+                let o = bulk.options(registry, credentials);
+                let s = coevo::fleet_import::import(&devices, &o)?;
+                report_import(&s, &o, t);
+                return Ok(());
+            };
+            let [id] = &ids[..] else {
+                bail!("--key names one client's key; give one id, or use --keys DIR for several");
+            };
+            let id = id.clone();
             let pk = read_public(&key)?;
             let mut reg = load_registry(&registry)?;
             reg.add(&id, &pk)?;
             let mut creds = load_credentials(&credentials)?;
             let generated = password.is_none();
             let pw = password.unwrap_or_else(coevo_broker::generate_password);
-            creds.set_password(&id, &pw)?;
+            // Generated: the fast device-secret hash; chosen by a human: argon2id.
+            if generated {
+                creds.set_device_secret(&id, &pw)?;
+            } else {
+                creds.set_password(&id, &pw)?;
+            }
             reg.save(&registry)?;
             creds.save(&credentials)?;
+            if let Some(dir) = &bulk.mosquitto {
+                bail!(
+                    "--mosquitto is for bulk adds; run `coevo fleet export-mosquitto {}`",
+                    dir.display()
+                );
+            }
             eprintln!(
                 "added {id} to {} and {}",
                 registry.display(),
@@ -436,6 +553,21 @@ fn fleet(cmd: FleetCmd) -> Result<()> {
                 dir.display()
             );
         }
+        FleetCmd::Import {
+            devices,
+            registry,
+            credentials,
+            bulk,
+        } => {
+            let t = std::time::Instant::now();
+            let text = std::fs::read_to_string(&devices)
+                .with_context(|| format!("reading {}", devices.display()))?;
+            let list = coevo::fleet_import::parse_devices(&text)
+                .with_context(|| devices.display().to_string())?;
+            let o = bulk.options(registry, credentials);
+            let s = coevo::fleet_import::import(&list, &o)?;
+            report_import(&s, &o, t);
+        }
         FleetCmd::Password {
             id,
             credentials,
@@ -444,7 +576,12 @@ fn fleet(cmd: FleetCmd) -> Result<()> {
             let mut creds = load_credentials(&credentials)?;
             let generated = password.is_none();
             let pw = password.unwrap_or_else(coevo_broker::generate_password);
-            creds.set_password(&id, &pw)?;
+            // Generated: the fast device-secret hash; chosen by a human: argon2id.
+            if generated {
+                creds.set_device_secret(&id, &pw)?;
+            } else {
+                creds.set_password(&id, &pw)?;
+            }
             creds.save(&credentials)?;
             eprintln!(
                 "set the password of {id} in {}. A running embedded broker using it closes {id}'s \

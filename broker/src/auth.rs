@@ -1,6 +1,10 @@
 //! Password checks for the front end ([`crate::front`]): [`Credentials::check`] without
 //! stalling the event loop.
 //!
+//! Device secrets (`$coevo-hmac-sha256$`, see [`crate::credentials`]) verify in about a
+//! microsecond and are checked inline: a 10,000-camera connect storm costs ~10 ms of CPU.
+//! Only argon2id entries (passwords a human chose, e.g. the coordinator's) take the path below.
+//!
 //! The front end awaits the verdict inside its tokio runtime. An argon2 verification takes
 //! tens of milliseconds of CPU, so calling it inline would freeze every other connection on
 //! that listener during a reconnect storm. Instead verifications run on a small fixed pool of
@@ -8,7 +12,10 @@
 //!
 //! - bounded threads and queue: a flood of bogus CONNECTs costs at most `workers` argon2
 //!   computations at a time (each ~19 MiB of RAM), never an unbounded number; when the queue
-//!   is full the attempt is refused (fail closed) and the client retries with backoff;
+//!   is full the attempt is answered [`Verdict::Busy`] (CONNACK 3, "server unavailable": fail
+//!   closed, and the client backs off rather than treating it as a wrong password). The queue
+//!   is short ([`QUEUE_DEPTH`]) on purpose: at ~20 checks/s a long queue only holds clients
+//!   whose own connect timeout runs out before their turn (congestion collapse, issue #13);
 //! - a cache of successful checks (client id → cheap keyed argon2 digest of the accepted
 //!   password) makes reconnects of already-verified clients nearly free. It is only written
 //!   after a full verification and only for known client ids, so it is bounded by the fleet
@@ -31,8 +38,9 @@ use argon2::{Algorithm, Argon2, Params, Version};
 
 use crate::Credentials;
 
-/// Pending verifications beyond the ones being computed; more are refused.
-const QUEUE_DEPTH: usize = 1024;
+/// Pending argon2 verifications beyond the ones being computed; more are answered busy.
+/// 64 at ~15–27 checks/s on 2 cores is a wait of a few seconds, inside any client's timeout.
+const QUEUE_DEPTH: usize = 64;
 /// Upper bound on verification threads (each argon2 run holds ~19 MiB).
 const MAX_WORKERS: usize = 4;
 
@@ -44,6 +52,15 @@ pub(crate) struct Verifier {
     /// Per-process random salt for cache digests, so they are useless outside this process.
     cache_salt: [u8; 16],
     jobs: SyncSender<Job>,
+}
+
+/// The answer to a CONNECT's password.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Accept,
+    Refuse,
+    /// Not checked: the verification pool is saturated. Answered with CONNACK 3.
+    Busy,
 }
 
 struct Job {
@@ -125,11 +142,17 @@ impl Verifier {
         let credentials = self.snapshot();
         // Cheap refusal first: no argon2 work for an id that cannot succeed.
         let Some(hash) = credentials.clients.get(client_id).cloned() else {
-            return (AuthFuture::ready(false), None);
+            return (AuthFuture::ready(Verdict::Refuse), None);
         };
+        if crate::credentials::is_device_hash(&hash) {
+            // Microseconds: inline, no pool, no cache needed.
+            let ok = crate::credentials::verify_password(password, &hash);
+            let verdict = if ok { Verdict::Accept } else { Verdict::Refuse };
+            return (AuthFuture::ready(verdict), Some(hash));
+        }
         if self.cached(client_id, &hash, password) {
             tracing::debug!(client_id, "MQTT connect accepted (cached verification)");
-            return (AuthFuture::ready(true), Some(hash));
+            return (AuthFuture::ready(Verdict::Accept), Some(hash));
         }
         let (reply, future) = Reply::new();
         let job = Job {
@@ -142,11 +165,11 @@ impl Verifier {
             Ok(()) => {}
             Err(TrySendError::Full(job)) => {
                 tracing::debug!(client_id = job.client_id, "auth queue full");
-                job.reply.send(false);
+                job.reply.send(Verdict::Busy);
             }
             Err(TrySendError::Disconnected(job)) => {
                 tracing::error!(client_id = job.client_id, "auth workers gone");
-                job.reply.send(false);
+                job.reply.send(Verdict::Busy);
             }
         }
         (future, Some(hash))
@@ -164,7 +187,8 @@ impl Verifier {
                 }
             }
         }
-        job.reply.send(ok);
+        job.reply
+            .send(if ok { Verdict::Accept } else { Verdict::Refuse });
     }
 
     /// A cache hit needs the same password *and* the same stored hash as when it was verified.
@@ -203,7 +227,7 @@ fn worker(rx: Arc<Mutex<Receiver<Job>>>, verifier: std::sync::Weak<Verifier>) {
         };
         match verifier.upgrade() {
             Some(v) => v.run(job),
-            None => job.reply.send(false),
+            None => job.reply.send(Verdict::Busy),
         }
     }
 }
@@ -216,12 +240,12 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// Result slot shared between a worker and the waiting connection task.
 #[derive(Default)]
 struct Slot {
-    result: Option<bool>,
+    result: Option<Verdict>,
     waker: Option<Waker>,
 }
 
-/// Sending half. Dropping it unanswered (e.g. a worker panicked) answers `false`, so a
-/// connection can never hang waiting for a verdict.
+/// Sending half. Dropping it unanswered (e.g. a worker panicked) answers
+/// [`Verdict::Busy`] (not admitted), so a connection can never hang waiting for a verdict.
 struct Reply(Option<Arc<Mutex<Slot>>>);
 
 impl Reply {
@@ -233,11 +257,11 @@ impl Reply {
         )
     }
 
-    fn send(mut self, ok: bool) {
+    fn send(mut self, ok: Verdict) {
         self.complete(ok);
     }
 
-    fn complete(&mut self, ok: bool) {
+    fn complete(&mut self, ok: Verdict) {
         if let Some(slot) = self.0.take() {
             let waker = match slot.lock() {
                 Ok(mut s) => {
@@ -259,34 +283,34 @@ impl Reply {
 
 impl Drop for Reply {
     fn drop(&mut self) {
-        self.complete(false);
+        self.complete(Verdict::Busy);
     }
 }
 
-/// Future returned to rumqttd; resolves to whether the CONNECT is allowed.
+/// Resolves to the [`Verdict`] on a CONNECT's password.
 pub(crate) struct AuthFuture(Inner);
 
 enum Inner {
-    Ready(bool),
+    Ready(Verdict),
     Pending(Arc<Mutex<Slot>>),
 }
 
 impl AuthFuture {
-    fn ready(ok: bool) -> Self {
+    fn ready(ok: Verdict) -> Self {
         Self(Inner::Ready(ok))
     }
 }
 
 impl Future for AuthFuture {
-    type Output = bool;
+    type Output = Verdict;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<bool> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Verdict> {
         match &self.0 {
             Inner::Ready(ok) => Poll::Ready(*ok),
             Inner::Pending(slot) => {
                 let mut s = match slot.lock() {
                     Ok(s) => s,
-                    Err(_) => return Poll::Ready(false),
+                    Err(_) => return Poll::Ready(Verdict::Busy),
                 };
                 match s.result {
                     Some(ok) => Poll::Ready(ok),
@@ -304,7 +328,7 @@ impl Future for AuthFuture {
 mod tests {
     use super::*;
 
-    fn block_on(f: AuthFuture) -> bool {
+    fn block_on(f: AuthFuture) -> Verdict {
         // Minimal executor: park the thread until the worker wakes us.
         struct ThreadWaker(std::thread::Thread);
         impl std::task::Wake for ThreadWaker {
@@ -324,7 +348,7 @@ mod tests {
     }
 
     fn check(v: &Arc<Verifier>, id: &str, pw: &str) -> bool {
-        block_on(v.authenticate(id, pw).0)
+        block_on(v.authenticate(id, pw).0) == Verdict::Accept
     }
 
     #[test]
@@ -365,9 +389,43 @@ mod tests {
     }
 
     #[test]
-    fn dropped_reply_answers_false() {
+    fn dropped_reply_answers_busy() {
         let (reply, fut) = Reply::new();
         drop(reply);
-        assert!(!block_on(fut));
+        assert_eq!(block_on(fut), Verdict::Busy);
+    }
+
+    #[test]
+    fn device_secrets_verify_inline_and_follow_reloads() {
+        let mut creds = Credentials::default();
+        let secret = crate::generate_password();
+        creds.set_device_secret("cam-1", &secret).unwrap();
+        let v = Verifier::start(creds.clone()).unwrap();
+        // Ready at once: no worker involved.
+        let (fut, hash) = v.authenticate("cam-1", &secret);
+        assert!(matches!(fut.0, Inner::Ready(Verdict::Accept)));
+        let hash = hash.unwrap();
+        assert!(!check(&v, "cam-1", "wrong-but-long-enough-secret"));
+        let new = crate::generate_password();
+        creds.set_device_secret("cam-1", &new).unwrap();
+        v.replace(creds);
+        assert!(!v.is_current("cam-1", &hash));
+        assert!(!check(&v, "cam-1", &secret));
+        assert!(check(&v, "cam-1", &new));
+    }
+
+    #[test]
+    fn a_full_argon2_queue_answers_busy_not_refused() {
+        let mut creds = Credentials::default();
+        creds.set_password("human", "chosen").unwrap();
+        let v = Verifier::start(creds).unwrap();
+        // Far more than workers + queue at once: the overflow must be Busy, never Refuse.
+        let futures: Vec<_> = (0..QUEUE_DEPTH + MAX_WORKERS + 40)
+            .map(|_| v.authenticate("human", "chosen").0)
+            .collect();
+        let verdicts: Vec<Verdict> = futures.into_iter().map(block_on).collect();
+        assert!(verdicts.contains(&Verdict::Busy), "{verdicts:?}");
+        assert!(verdicts.contains(&Verdict::Accept));
+        assert!(!verdicts.contains(&Verdict::Refuse));
     }
 }

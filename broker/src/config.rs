@@ -30,8 +30,17 @@ pub struct BrokerConfig {
     /// and signed deltas are bounded by the protocol, so this leaves ample headroom while
     /// stopping a client from making the broker buffer arbitrarily large packets.
     pub max_payload_bytes: usize,
-    /// Maximum number of simultaneous client connections (router slots). Default 10 000.
+    /// Maximum number of simultaneous client connections (router slots). Default 20 000:
+    /// 10,000 cameras plus the coordinator, collectors and reconnecting clients whose old
+    /// socket has not timed out yet. Each connection holds three file descriptors in the
+    /// broker process; [`crate::start`] raises the open-file limit to match (see
+    /// [`crate::raise_fd_limit`]) and warns when it cannot.
     pub max_connections: usize,
+    /// Admission control: CONNECTs verified and handed to the router at the same time.
+    /// Others wait in line up to `connection_timeout_ms`, then get CONNACK 3 ("server
+    /// unavailable") and back off, rather than timing out client-side and coming back while
+    /// the broker still works on their old attempt. Default 1024. At least 1.
+    pub max_pending_connects: usize,
     /// Maximum number of packets rumqttd reads from one connection in a single batch before
     /// handing them to the router. Default 100. Note: despite the name rumqttd gives it
     /// (`max_inflight_count`), the broker's *outgoing* QoS 1 in-flight window is fixed at 100
@@ -84,7 +93,8 @@ impl Default for BrokerConfig {
         Self {
             listen: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1883)),
             max_payload_bytes: 4 * MODEL_CHUNK_BYTES + 64 * 1024,
-            max_connections: 10_000,
+            max_connections: 20_000,
+            max_pending_connects: 1024,
             max_inflight: 100,
             connection_timeout_ms: 5_000,
             max_segment_size: 16 * 1024 * 1024,
@@ -149,6 +159,9 @@ impl BrokerConfig {
         }
         if self.max_connections == 0 {
             return fail("max_connections must be at least 1".into());
+        }
+        if self.max_pending_connects == 0 {
+            return fail("max_pending_connects must be at least 1".into());
         }
         if self.max_inflight == 0 {
             return fail("max_inflight must be at least 1".into());

@@ -1,15 +1,30 @@
-//! Per-client broker credentials, stored as argon2id PHC hashes.
+//! Per-client broker credentials, stored as salted one-way hashes in one of two schemes.
 //!
 //! File format (TOML), one entry per MQTT client id:
 //!
 //! ```toml
 //! [clients]
-//! "cam-001" = "$argon2id$v=19$m=19456,t=2,p=1$...$..."
+//! "coordinator" = "$argon2id$v=19$m=19456,t=2,p=1$...$..."       # a password a human chose
+//! "cam-001" = "$coevo-hmac-sha256$v=1$<salt>$<tag>"              # a generated device secret
 //! ```
 //!
-//! Plaintext passwords are never stored: [`Credentials::load`] refuses any entry that is not an
-//! argon2id hash, so a password pasted into the file by mistake is caught at startup rather
-//! than silently never matching.
+//! - **argon2id** ([`Credentials::set_password`]) for passwords a human chose: their entropy is
+//!   unknown, so a leaked file must make each guess expensive (tens of ms and ~19 MiB).
+//! - **device secrets** ([`Credentials::set_device_secret`]) for secrets coevo generated
+//!   itself ([`generate_password`]: 24 characters from 62 symbols, ≈ 143 bits from the OS
+//!   RNG): stored as HMAC-SHA256 keyed with a per-entry random 128-bit salt. Checking one
+//!   costs about a microsecond, so a 10,000-camera connect storm costs the broker nothing,
+//!   and this does not weaken the file: a slow hash only helps against guessable passwords,
+//!   while guessing a 143-bit random secret takes ~2^142 tries whatever each one costs (at
+//!   10^12 HMACs/s, ~10^30 years). The per-entry salt stops precomputation and makes equal
+//!   secrets hash differently. [`Credentials::set_device_secret`] refuses secrets shorter
+//!   than [`MIN_DEVICE_SECRET_LEN`] characters so a human password cannot end up in the fast
+//!   scheme by mistake.
+//!
+//! Plaintext passwords are never stored: [`Credentials::load`] refuses any entry that is not
+//! one of these two schemes, so a password pasted into the file by mistake is caught at
+//! startup rather than silently never matching. Files written before device secrets existed
+//! (argon2id only) load and verify as before.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -22,7 +37,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::BrokerError;
 
-/// Client id → argon2id PHC hash of that client's password.
+/// Scheme prefix of device-secret entries: `$coevo-hmac-sha256$v=1$<salt>$<tag>`, salt and tag
+/// in unpadded standard base64 (16 and 32 bytes).
+pub const DEVICE_SECRET_SCHEME: &str = "$coevo-hmac-sha256$v=1$";
+/// Shortest secret [`Credentials::set_device_secret`] accepts: 22 alphanumeric characters
+/// carry ≥ 128 bits when drawn uniformly (22 × log2 62 ≈ 131). [`generate_password`] makes 24.
+pub const MIN_DEVICE_SECRET_LEN: usize = 22;
+const DEVICE_SALT_LEN: usize = 16;
+
+/// Client id → salted hash of that client's password (argon2id PHC or device-secret HMAC).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Credentials {
@@ -97,6 +120,30 @@ impl Credentials {
         Ok(())
     }
 
+    /// Sets (or replaces) a client's *generated* secret (from [`generate_password`]), stored as
+    /// a salted HMAC-SHA256 that verifies in about a microsecond (the module doc says why that
+    /// is safe for a high-entropy secret and not for a chosen password). Also stores the
+    /// Mosquitto hash, like [`Self::set_password`]. Refuses secrets shorter than
+    /// [`MIN_DEVICE_SECRET_LEN`]: use [`Self::set_password`] for anything a human picked.
+    pub fn set_device_secret(&mut self, client_id: &str, secret: &str) -> Result<(), BrokerError> {
+        if client_id.is_empty() {
+            return Err(BrokerError::Credentials(
+                "client id must not be empty".into(),
+            ));
+        }
+        if secret.chars().count() < MIN_DEVICE_SECRET_LEN {
+            return Err(BrokerError::Credentials(format!(
+                "client {client_id:?}: a device secret needs at least {MIN_DEVICE_SECRET_LEN} \
+                 characters (≥ 128 bits); hash a chosen password with set_password instead"
+            )));
+        }
+        let hash = hash_device_secret(secret)?;
+        self.clients.insert(client_id.to_owned(), hash);
+        self.mosquitto
+            .insert(client_id.to_owned(), mosquitto_hash(secret)?);
+        Ok(())
+    }
+
     /// Removes a client; returns whether it was present.
     pub fn remove(&mut self, client_id: &str) -> bool {
         self.mosquitto.remove(client_id);
@@ -106,7 +153,8 @@ impl Credentials {
     /// The MQTT CONNECT check: the client id must equal the user name (so one device's
     /// password cannot be used to impersonate another id), the client must be known, and the
     /// password must verify against its stored hash. Costs one argon2 verification
-    /// (tens of milliseconds with default parameters) when the id is known.
+    /// (tens of milliseconds with default parameters) for a password entry, about a
+    /// microsecond for a device secret.
     pub fn check(&self, client_id: &str, username: &str, password: &str) -> bool {
         if client_id != username {
             return false;
@@ -117,11 +165,17 @@ impl Credentials {
         }
     }
 
-    /// Every entry must be a parseable argon2id PHC string and no client id may be empty.
+    /// Every entry must be a parseable argon2id PHC string or device-secret hash, and no
+    /// client id may be empty.
     fn validate(&self) -> Result<(), String> {
         for (client, hash) in &self.clients {
             if client.is_empty() {
                 return Err("empty client id".into());
+            }
+            if hash.starts_with(DEVICE_SECRET_SCHEME) {
+                parse_device_hash(hash)
+                    .ok_or_else(|| format!("client {client:?}: malformed device-secret hash"))?;
+                continue;
             }
             let parsed = PasswordHash::new(hash)
                 .map_err(|e| format!("client {client:?}: not a PHC hash string ({e})"))?;
@@ -146,8 +200,49 @@ pub fn hash_password(password: &str) -> Result<String, BrokerError> {
         .map_err(|e| BrokerError::Credentials(format!("cannot hash password: {e}")))
 }
 
-/// Verifies `password` against a stored PHC string; a malformed hash never verifies.
+/// Hashes a generated device secret: `$coevo-hmac-sha256$v=1$<salt>$<tag>` with a fresh
+/// random 128-bit salt as the HMAC key and the secret as the message.
+pub fn hash_device_secret(secret: &str) -> Result<String, BrokerError> {
+    use base64::Engine as _;
+    let mut salt = [0u8; DEVICE_SALT_LEN];
+    OsRng
+        .try_fill_bytes(&mut salt)
+        .map_err(|e| BrokerError::Credentials(format!("random salt: {e}")))?;
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &salt);
+    let tag = ring::hmac::sign(&key, secret.as_bytes());
+    let b64 = base64::engine::general_purpose::STANDARD_NO_PAD;
+    Ok(format!(
+        "{DEVICE_SECRET_SCHEME}{}${}",
+        b64.encode(salt),
+        b64.encode(tag.as_ref())
+    ))
+}
+
+/// (salt, tag) of a device-secret entry; `None` if malformed.
+fn parse_device_hash(stored: &str) -> Option<(Vec<u8>, Vec<u8>)> {
+    use base64::Engine as _;
+    let rest = stored.strip_prefix(DEVICE_SECRET_SCHEME)?;
+    let (salt, tag) = rest.split_once('$')?;
+    let b64 = base64::engine::general_purpose::STANDARD_NO_PAD;
+    let salt = b64.decode(salt).ok()?;
+    let tag = b64.decode(tag).ok()?;
+    (salt.len() == DEVICE_SALT_LEN && tag.len() == 32).then_some((salt, tag))
+}
+
+/// Whether a stored entry is a device-secret hash, i.e. verifies in microseconds.
+pub(crate) fn is_device_hash(stored: &str) -> bool {
+    stored.starts_with(DEVICE_SECRET_SCHEME)
+}
+
+/// Verifies `password` against a stored entry of either scheme; a malformed hash never
+/// verifies. Device secrets are compared in constant time (`ring::hmac::verify`).
 pub(crate) fn verify_password(password: &str, stored: &str) -> bool {
+    if is_device_hash(stored) {
+        return parse_device_hash(stored).is_some_and(|(salt, tag)| {
+            let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &salt);
+            ring::hmac::verify(&key, password.as_bytes(), &tag).is_ok()
+        });
+    }
     match PasswordHash::new(stored) {
         Ok(hash) => Argon2::default()
             .verify_password(password.as_bytes(), &hash)
@@ -158,8 +253,14 @@ pub(crate) fn verify_password(password: &str, stored: &str) -> bool {
 
 /// Length of generated passwords: 24 alphanumeric characters ≈ 143 bits of entropy, far beyond
 /// brute force even against a leaked hash.
-const GENERATED_PASSWORD_LEN: usize = 24;
+pub const GENERATED_PASSWORD_LEN: usize = 24;
 const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+
+/// Bits of entropy of a [`generate_password`] secret: each character is uniform over 62
+/// symbols (rejection sampling), so 24 × log2(62) ≈ 142.9.
+pub fn generated_password_bits() -> f64 {
+    GENERATED_PASSWORD_LEN as f64 * (ALPHABET.len() as f64).log2()
+}
 
 /// Generates a random alphanumeric password (24 characters) from the OS RNG. Alphanumeric so
 /// it survives shells, TOML, env vars and URLs without quoting.
@@ -231,4 +332,103 @@ pub fn mosquitto_hash(password: &str) -> Result<String, BrokerError> {
         b64.encode(salt),
         b64.encode(out)
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_secrets_carry_at_least_128_bits() {
+        assert!(
+            generated_password_bits() >= 128.0,
+            "{}",
+            generated_password_bits()
+        );
+        let pw = generate_password();
+        assert_eq!(pw.len(), GENERATED_PASSWORD_LEN);
+        assert!(pw.len() >= MIN_DEVICE_SECRET_LEN);
+        assert!(pw.bytes().all(|b| ALPHABET.contains(&b)));
+    }
+
+    #[test]
+    fn device_secret_verifies_and_rejects_wrong_secrets() {
+        let secret = generate_password();
+        let mut creds = Credentials::default();
+        creds.set_device_secret("cam-1", &secret).unwrap();
+        let stored = &creds.clients["cam-1"];
+        assert!(stored.starts_with(DEVICE_SECRET_SCHEME), "{stored}");
+        assert!(creds.check("cam-1", "cam-1", &secret));
+        assert!(!creds.check("cam-1", "cam-1", &generate_password()));
+        assert!(!creds.check("cam-1", "cam-1", &secret[..23]));
+        assert!(!creds.check("cam-1", "cam-1", ""));
+        assert!(
+            !creds.check("cam-1", "cam-2", &secret),
+            "user name must equal the id"
+        );
+        assert!(creds.mosquitto["cam-1"].starts_with("$7$101$"));
+        // Per-entry salt: the same secret hashes differently each time.
+        creds.set_device_secret("cam-2", &secret).unwrap();
+        assert_ne!(creds.clients["cam-1"], creds.clients["cam-2"]);
+        // Fast: 1,000 checks well under the cost of a single argon2 verification.
+        let t = std::time::Instant::now();
+        for _ in 0..1000 {
+            assert!(creds.check("cam-1", "cam-1", &secret));
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_millis(200),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+
+    #[test]
+    fn short_device_secrets_are_refused() {
+        let mut creds = Credentials::default();
+        let e = creds.set_device_secret("cam-1", "hunter2").unwrap_err();
+        assert!(e.to_string().contains("at least 22"), "{e}");
+        assert!(creds.clients.is_empty());
+        assert!(creds.set_device_secret("", &generate_password()).is_err());
+    }
+
+    #[test]
+    fn old_argon2_files_and_mixed_files_load_and_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("credentials.toml");
+        let mut creds = Credentials::default();
+        creds
+            .set_password("coordinator", "chosen by a human")
+            .unwrap();
+        creds.save(&path).unwrap();
+        // An argon2-only file, as written before device secrets existed.
+        let old = Credentials::load(&path).unwrap();
+        assert!(old.check("coordinator", "coordinator", "chosen by a human"));
+        assert!(!old.check("coordinator", "coordinator", "chosen by a robot"));
+        let secret = generate_password();
+        creds.set_device_secret("cam-1", &secret).unwrap();
+        creds.save(&path).unwrap();
+        let mixed = Credentials::load(&path).unwrap();
+        assert_eq!(mixed, creds);
+        assert!(mixed.check("cam-1", "cam-1", &secret));
+        assert!(mixed.check("coordinator", "coordinator", "chosen by a human"));
+    }
+
+    #[test]
+    fn malformed_device_hashes_are_refused_at_load_and_never_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("credentials.toml");
+        for bad in [
+            DEVICE_SECRET_SCHEME.to_string(),
+            format!("{DEVICE_SECRET_SCHEME}AAAA$BBBB"),
+            format!("{DEVICE_SECRET_SCHEME}not base64!$x"),
+        ] {
+            std::fs::write(&path, format!("[clients]\n\"cam-1\" = {bad:?}\n")).unwrap();
+            let e = Credentials::load(&path).unwrap_err();
+            assert!(
+                e.to_string().contains("malformed device-secret hash"),
+                "{e}"
+            );
+            assert!(!verify_password("x", &bad));
+        }
+    }
 }

@@ -38,7 +38,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::acl::Acl;
-use crate::auth::Verifier;
+use crate::auth::{Verdict, Verifier};
 use crate::{BrokerError, BrokerStats};
 
 /// Read buffer per direction and connection, so a 256 KiB model chunk moves in a handful of
@@ -54,12 +54,17 @@ pub(crate) const LOG_INTERVAL: Duration = Duration::from_secs(60);
 /// Largest CONNECT read before authentication: id, will, user name and password are small, and
 /// an unauthenticated peer must not make us buffer a whole `max_packet`.
 const MAX_CONNECT: usize = 64 * 1024;
+/// Sockets over `max_connections` answered CONNACK 3 at once (beyond: closed unanswered).
+const OVER_LIMIT_ANSWERS: usize = 64;
 /// Pause after a failed `accept` (e.g. out of file descriptors) so the loop doesn't spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// MQTT 3.1.1 CONNACK return codes we send ourselves.
 const CONNACK_BAD_PROTOCOL: u8 = 1;
 const CONNACK_IDENTIFIER_REJECTED: u8 = 2;
+/// "Server unavailable": overloaded, try again later. Sent instead of letting a CONNECT time
+/// out, so the client backs off at once and no work is spent on a client that gave up.
+const CONNACK_SERVER_UNAVAILABLE: u8 = 3;
 const CONNACK_BAD_CREDENTIALS: u8 = 4;
 const CONNACK_NOT_AUTHORIZED: u8 = 5;
 
@@ -80,6 +85,8 @@ pub(crate) struct Counters {
     pub(crate) credential_reload_errors: AtomicU64,
     pub(crate) connections_accepted: AtomicU64,
     pub(crate) protocol_violations: AtomicU64,
+    pub(crate) connects_busy: AtomicU64,
+    pub(crate) connections_over_limit: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -99,6 +106,8 @@ impl Counters {
             credential_reload_errors: get(&self.credential_reload_errors),
             connections_accepted: get(&self.connections_accepted),
             protocol_violations: get(&self.protocol_violations),
+            connects_busy: get(&self.connects_busy),
+            connections_over_limit: get(&self.connections_over_limit),
         }
     }
 }
@@ -149,7 +158,10 @@ pub(crate) struct Front {
     pub(crate) verifier: Option<Arc<Verifier>>,
     /// The password rumqttd accepts; only the front end knows it.
     pub(crate) secret: String,
-    pub(crate) backend: SocketAddr,
+    /// rumqttd's loopback listeners, one per server thread (see `ROUTER_LISTENERS` in
+    /// lib.rs); connections are spread over them round-robin.
+    pub(crate) backends: Vec<SocketAddr>,
+    pub(crate) next_backend: AtomicU64,
     /// Budget for the TLS handshake and, separately, for the CONNECT (and its verification).
     pub(crate) connect_timeout: Duration,
     /// Largest packet accepted from a client (the broker's `max_payload_bytes`).
@@ -158,6 +170,11 @@ pub(crate) struct Front {
     /// Bumped on every credential reload; connections then re-check their credentials.
     pub(crate) generation: watch::Sender<u64>,
     pub(crate) log_limit: RateLimit,
+    /// Admission control: CONNECTs being verified and handed to rumqttd at once
+    /// (`max_pending_connects`). A CONNECT that cannot get a permit within `connect_timeout`
+    /// is answered CONNACK 3, so under overload clients hear "later" quickly instead of
+    /// timing out and retrying into a queue of work for clients that already left.
+    pub(crate) admission: Semaphore,
 }
 
 /// Never prints the secret.
@@ -166,7 +183,7 @@ impl std::fmt::Debug for Front {
         f.debug_struct("Front")
             .field("acl", &self.acl)
             .field("auth", &self.verifier.is_some())
-            .field("backend", &self.backend)
+            .field("backends", &self.backends)
             .field("counters", &self.counters)
             .finish_non_exhaustive()
     }
@@ -211,6 +228,9 @@ async fn serve(
     max_connections: usize,
 ) {
     let slots = Arc::new(Semaphore::new(max_connections));
+    // Over the limit, a client still gets an answer (CONNACK 3, so it backs off rather than
+    // reading a bare close as a refused password), from at most this many sockets at once.
+    let answering = Arc::new(Semaphore::new(OVER_LIMIT_ANSWERS));
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -220,11 +240,18 @@ async fn serve(
                 continue;
             }
         };
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            if front.log_limit.allow("\0connection-limit") {
-                tracing::warn!(%peer, max_connections, "connection refused: connection limit reached");
+        let (slot, full) = match Arc::clone(&slots).try_acquire_owned() {
+            Ok(slot) => (slot, false),
+            Err(_) => {
+                bump(&front.counters.connections_over_limit);
+                if front.log_limit.allow("\0connection-limit") {
+                    tracing::warn!(%peer, max_connections, "connection limit reached: answering 'server unavailable'");
+                }
+                match Arc::clone(&answering).try_acquire_owned() {
+                    Ok(slot) => (slot, true),
+                    Err(_) => continue,
+                }
             }
-            continue;
         };
         let tls = tls.clone();
         let front = Arc::clone(&front);
@@ -233,11 +260,11 @@ async fn serve(
             // MQTT is many small packets: don't let Nagle hold them back.
             let _ = tcp.set_nodelay(true);
             match tls {
-                None => connection(&front, tcp, peer).await,
+                None => connection(&front, tcp, peer, full).await,
                 Some(acceptor) => {
                     let timeout = front.connect_timeout;
                     match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => connection(&front, stream, peer).await,
+                        Ok(Ok(stream)) => connection(&front, stream, peer, full).await,
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "TLS handshake failed")
                         }
@@ -279,7 +306,9 @@ struct Connect {
 }
 
 /// One client connection from CONNECT to close.
-async fn connection<S>(front: &Front, stream: S, peer: SocketAddr)
+/// `full`: the broker is at its connection limit; the CONNECT is only read to be answered
+/// CONNACK 3.
+async fn connection<S>(front: &Front, stream: S, peer: SocketAddr, full: bool)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -306,6 +335,29 @@ where
             }
         };
     let id = connect.client_id.clone();
+    if full {
+        bump(&front.counters.connects_busy);
+        refuse(&mut tx, CONNACK_SERVER_UNAVAILABLE).await;
+        return;
+    }
+    // Admission: verification and the hand-over to rumqttd run for at most
+    // `max_pending_connects` clients at once; the rest wait up to `connect_timeout` in FIFO
+    // order, then hear "server unavailable".
+    let busy = |front: &Front| {
+        bump(&front.counters.connects_busy);
+        if front.log_limit.allow("\0busy") {
+            tracing::warn!(%peer, client_id = %id, "broker busy: CONNECT answered 'server unavailable' (CONNACK 3); the client retries with backoff");
+        }
+    };
+    let permit = match tokio::time::timeout(front.connect_timeout, front.admission.acquire()).await
+    {
+        Ok(Ok(permit)) => permit,
+        _ => {
+            busy(front);
+            refuse(&mut tx, CONNACK_SERVER_UNAVAILABLE).await;
+            return;
+        }
+    };
     let hash = match tokio::time::timeout(front.connect_timeout, admit(front, &connect, peer)).await
     {
         Ok(Ok(hash)) => hash,
@@ -314,25 +366,52 @@ where
             return;
         }
         Err(_) => {
-            bump(&front.counters.auth_refused);
-            refuse(&mut tx, CONNACK_NOT_AUTHORIZED).await;
+            busy(front);
+            refuse(&mut tx, CONNACK_SERVER_UNAVAILABLE).await;
             return;
         }
     };
-    let Ok(upstream) = TcpStream::connect(front.backend).await else {
-        tracing::error!(backend = %front.backend, "cannot reach the embedded MQTT router");
-        return;
+    // The permit is held until rumqttd's CONNACK is back: admission then bounds every
+    // handshake in flight anywhere in the broker, rumqttd's accept queue (128 deep per
+    // listener) included, and a router that cannot keep up shows up as "busy" answers here
+    // rather than as SYN retransmits and silent client time-outs.
+    let handover = async {
+        let n = front.next_backend.fetch_add(1, Ordering::Relaxed);
+        let backend = front.backends[(n as usize) % front.backends.len().max(1)];
+        let upstream = TcpStream::connect(backend).await?;
+        let _ = upstream.set_nodelay(true);
+        let (up_rx, mut up_tx) = upstream.into_split();
+        up_tx
+            .write_all(&encode_connect(&connect, &front.secret))
+            .await?;
+        let mut up_rx = BufReader::with_capacity(PIPE_BUFFER, up_rx);
+        let mut connack = [0u8; 4];
+        up_rx.read_exact(&mut connack).await?;
+        Ok::<_, std::io::Error>((up_rx, up_tx, connack))
     };
-    let _ = upstream.set_nodelay(true);
-    let (up_rx, mut up_tx) = upstream.into_split();
-    if up_tx
-        .write_all(&encode_connect(&connect, &front.secret))
-        .await
-        .is_err()
-    {
-        return;
-    }
-    bump(&front.counters.connections_accepted);
+    let (up_rx, mut up_tx) = match tokio::time::timeout(front.connect_timeout, handover).await {
+        Ok(Ok((up_rx, up_tx, connack))) => {
+            // Counted before the client can see its CONNACK, so a stats read right after a
+            // client connected always includes it.
+            bump(&front.counters.connections_accepted);
+            if tx.write_all(&connack).await.is_err() {
+                return;
+            }
+            (up_rx, up_tx)
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(client_id = %id, error = %e, "embedded MQTT router closed the hand-over");
+            busy(front);
+            refuse(&mut tx, CONNACK_SERVER_UNAVAILABLE).await;
+            return;
+        }
+        Err(_) => {
+            busy(front);
+            refuse(&mut tx, CONNACK_SERVER_UNAVAILABLE).await;
+            return;
+        }
+    };
+    drop(permit);
 
     let up = async {
         let end = forward(front, &id, &mut rx, &mut up_tx).await;
@@ -340,8 +419,8 @@ where
         end
     };
     let down = async {
-        let _ =
-            tokio::io::copy_buf(&mut BufReader::with_capacity(PIPE_BUFFER, up_rx), &mut tx).await;
+        let mut up_rx = up_rx;
+        let _ = tokio::io::copy_buf(&mut up_rx, &mut tx).await;
         // Sends TLS close_notify after everything rumqttd wrote.
         let _ = tx.shutdown().await;
     };
@@ -405,7 +484,17 @@ async fn admit(front: &Front, c: &Connect, peer: SocketAddr) -> Result<Option<St
                 .and_then(|p| std::str::from_utf8(p).ok())
                 .unwrap_or("");
             let (verdict, hash) = verifier.authenticate(id, password);
-            let ok = verdict.await;
+            let ok = match verdict.await {
+                Verdict::Accept => true,
+                Verdict::Refuse => false,
+                Verdict::Busy => {
+                    bump(&front.counters.connects_busy);
+                    if quiet("busy") {
+                        tracing::warn!(client_id = id, %peer, "password check pool saturated: CONNECT answered 'server unavailable' (CONNACK 3)");
+                    }
+                    return Err(CONNACK_SERVER_UNAVAILABLE);
+                }
+            };
             // A reload may have replaced this client's hash while the check ran.
             let hash = hash.filter(|h| ok && verifier.is_current(id, h));
             let Some(hash) = hash else {

@@ -3,6 +3,14 @@
 //! deadlock), with reconnect backoff and re-subscription after every CONNACK (a restarted
 //! rumqttd remembers no subscriptions).
 //!
+//! Sized for fleets (issue #13): a connection attempt may take [`Settings::connect_timeout`]
+//! (30 s, not rumqttc's 5 s: during a 10,000-client storm a CONNACK can take seconds, and a
+//! client that gives up early only comes back as a second CONNECT the broker must also
+//! serve); waits between attempts are exponential, capped and *fully jittered* (uniform in
+//! [0, backoff]), so a fleet that lost its broker at the same instant does not come back at
+//! the same instant; and a broker that answers CONNACK 3 ("server unavailable", the embedded
+//! broker's admission control) is backed off from like a network failure, never hammered.
+//!
 //! Shared by the edge client and the coordinator so both survive broker restarts the same way.
 //!
 //! # Layout
@@ -152,8 +160,13 @@ pub struct Settings {
     pub clean_session: bool,
     /// Retained message the broker publishes if we vanish (topic, payload).
     pub last_will: Option<(String, Vec<u8>)>,
-    /// Longest wait between reconnect attempts.
+    /// Longest wait between reconnect attempts (before jitter: each wait is uniform in
+    /// [0, current backoff], the backoff doubling from [`MIN_BACKOFF`] up to this).
     pub max_backoff: Duration,
+    /// How long one connection attempt (TCP, TLS, CONNECT → CONNACK) may take before it is
+    /// abandoned and retried after a backoff; also rumqttc's timeout for network writes.
+    /// Default 30 s. Whole seconds (rumqttc's unit); rounded up, at least 1 s.
+    pub connect_timeout: Duration,
     /// Acknowledge incoming QoS 1 messages only when the owner calls [`Session::ack`] (the
     /// coordinator acks a delta once it is on disk, so the broker re-delivers it otherwise).
     pub manual_acks: bool,
@@ -172,9 +185,36 @@ impl Settings {
             clean_session: true,
             last_will: None,
             max_backoff: Duration::from_secs(5),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             manual_acks: false,
         }
     }
+}
+
+/// Default [`Settings::connect_timeout`].
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// First reconnect backoff (before jitter).
+pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The wait before a reconnect: uniform in [0, `backoff`] ("full jitter"). Spreads a fleet's
+/// reconnects over the whole window instead of synchronising them on the backoff steps.
+pub fn jittered(backoff: Duration) -> Duration {
+    use rand::Rng as _;
+    let ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(rand::thread_rng().gen_range(0..=ms))
+}
+
+/// The next backoff after a failed attempt: doubled, at most `max`.
+pub fn next_backoff(backoff: Duration, max: Duration) -> Duration {
+    (backoff * 2).min(max).max(MIN_BACKOFF.min(max))
+}
+
+/// Whether a failed attempt is the broker saying it is overloaded (CONNACK 3).
+fn broker_busy(e: &rumqttc::ConnectionError) -> bool {
+    matches!(
+        e,
+        rumqttc::ConnectionError::ConnectionRefused(rumqttc::ConnectReturnCode::ServiceUnavailable)
+    )
 }
 
 /// What the session hands to its owner.
@@ -234,6 +274,12 @@ impl Session {
             ));
         }
         let (client, mut eventloop) = AsyncClient::new(opts, 256);
+        let mut network = rumqttc::NetworkOptions::new();
+        let timeout_s = settings.connect_timeout.as_secs()
+            + u64::from(settings.connect_timeout.subsec_nanos() > 0);
+        network.set_connection_timeout(timeout_s.max(1));
+        network.set_tcp_nodelay(true);
+        eventloop.set_network_options(network);
         let filters = Arc::new(Mutex::new(filters));
         let (tx, incoming) = mpsc::unbounded_channel();
         let poll_client = client.clone();
@@ -244,14 +290,14 @@ impl Session {
         let unacked = Arc::new(AtomicI64::new(0));
         let poll_unacked = unacked.clone();
         let poller = tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(100);
+            let mut backoff = MIN_BACKOFF.min(max_backoff);
             // Whether the current connection got its CONNACK, and refusals in a row.
             let mut acked = false;
             let mut refusals = 0u32;
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                        backoff = Duration::from_millis(100);
+                        backoff = MIN_BACKOFF.min(max_backoff);
                         acked = true;
                         refusals = 0;
                         let list = poll_filters.lock().map(|f| f.clone()).unwrap_or_default();
@@ -292,18 +338,27 @@ impl Session {
                             if tx.send(ev).is_err() {
                                 return;
                             }
-                            // The longest wait at once: a refusal is not a network hiccup, and
-                            // an auth queue that was momentarily full gets time to drain.
-                            tokio::time::sleep(max_backoff).await;
+                            // The longest backoff at once (jittered, so refused clients of a
+                            // revoked batch don't return in lockstep): a refusal is not a
+                            // network hiccup.
+                            tokio::time::sleep(max_backoff / 2 + jittered(max_backoff / 2)).await;
                             continue;
                         }
                         acked = false;
-                        tracing::debug!(client = %id, error = %e, "connection lost; retrying in {backoff:?}");
-                        if tx.send(Incoming::Disconnected(e.to_string())).is_err() {
+                        let wait = jittered(backoff);
+                        let reason = if broker_busy(&e) {
+                            format!(
+                                "broker busy (CONNACK 3, server unavailable); retrying in {wait:?}"
+                            )
+                        } else {
+                            e.to_string()
+                        };
+                        tracing::debug!(client = %id, error = %e, "connection lost; retrying in {wait:?}");
+                        if tx.send(Incoming::Disconnected(reason)).is_err() {
                             return;
                         }
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(max_backoff);
+                        tokio::time::sleep(wait).await;
+                        backoff = next_backoff(backoff, max_backoff);
                     }
                 }
             }
@@ -434,6 +489,45 @@ mod tests {
         let down = E::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
         assert!(auth_refusal(&down, false, true).is_none());
         assert!(auth_refusal(&E::NetworkTimeout, false, true).is_none());
+    }
+
+    #[test]
+    fn backoff_doubles_to_the_cap_and_jitter_stays_inside_it() {
+        let cap = Duration::from_secs(5);
+        let mut b = MIN_BACKOFF;
+        let mut steps = vec![b];
+        for _ in 0..10 {
+            b = next_backoff(b, cap);
+            steps.push(b);
+        }
+        assert_eq!(steps[1], Duration::from_millis(200));
+        assert_eq!(*steps.last().unwrap(), cap);
+        assert!(steps.windows(2).all(|w| w[0] <= w[1]));
+        // Full jitter: within [0, backoff], and actually spread (not a constant).
+        let waits: Vec<Duration> = (0..200).map(|_| jittered(cap)).collect();
+        assert!(waits.iter().all(|w| *w <= cap));
+        let min = waits.iter().min().unwrap();
+        let max = waits.iter().max().unwrap();
+        assert!(*max - *min > Duration::from_secs(2), "{min:?}..{max:?}");
+        assert_eq!(jittered(Duration::ZERO), Duration::ZERO);
+    }
+
+    #[test]
+    fn busy_broker_is_not_an_auth_refusal() {
+        use rumqttc::{ConnectReturnCode as Code, ConnectionError as E};
+        let busy = E::ConnectionRefused(Code::ServiceUnavailable);
+        assert!(broker_busy(&busy));
+        assert!(auth_refusal(&busy, false, true).is_none());
+        assert!(!broker_busy(&E::ConnectionRefused(
+            Code::BadUserNamePassword
+        )));
+    }
+
+    #[test]
+    fn fleet_defaults() {
+        let s = Settings::new("h", 1, "c");
+        assert_eq!(s.connect_timeout, Duration::from_secs(30));
+        assert!(s.max_backoff >= MIN_BACKOFF);
     }
 
     #[test]
