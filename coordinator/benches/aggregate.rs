@@ -37,7 +37,13 @@ fn weights(params: usize, rng: &mut StdRng, scale: f32) -> Weights {
     let mut w = Weights::default();
     for (name, n) in layout(params) {
         let data = (0..n).map(|_| rng.gen_range(-scale..scale)).collect();
-        w.tensors.insert(name, ParamTensor { shape: vec![n], data });
+        w.tensors.insert(
+            name,
+            ParamTensor {
+                shape: vec![n],
+                data,
+            },
+        );
     }
     assert_eq!(w.num_params(), params);
     w
@@ -79,7 +85,8 @@ fn fastest(runs: usize, mut f: impl FnMut()) -> Duration {
 
 fn fedavg(c: &mut Criterion) {
     let mut g = c.benchmark_group("fedavg");
-    for (clients, params, flower_ms) in [(1_000usize, 28_000usize, 167.0), (100, 1_000_000, 322.0)] {
+    for (clients, params, flower_ms) in [(1_000usize, 28_000usize, 167.0), (100, 1_000_000, 322.0)]
+    {
         let (base, ups) = updates(clients, params);
         let n = (clients * params) as f64;
         let name = format!("{clients}x{params}");
