@@ -401,16 +401,19 @@ impl FedAvgAccumulator {
                 source,
             });
         }
-        self.norms.push((u.client.clone(), u.delta.l2_norm()));
         if u.samples == 0 {
+            self.norms.push((u.client.clone(), u.delta.l2_norm()));
             return Ok(());
         }
-        self.sum
-            .add_scaled(&u.delta, u.samples as f32 * factor)
+        // One pass over the delta for the add and its norm (aggregation is memory-bound).
+        let norm = self
+            .sum
+            .add_scaled_norm(&u.delta, u.samples as f32 * factor)
             .map_err(|source| StrategyError::Layout {
                 client: u.client.clone(),
                 source,
             })?;
+        self.norms.push((u.client.clone(), norm));
         self.total += u.samples;
         Ok(())
     }

@@ -100,6 +100,28 @@ pub fn sum_squares(data: &[f32]) -> f64 {
     lanes.iter().sum::<f64>() + tail
 }
 
+/// Elements per block of [`axpy_sum_squares`]: 4,096 f32 (16 KiB of the delta) stay in L1
+/// between the block's two loops.
+const FUSED_BLOCK: usize = 4096;
+
+/// `x += a · y` and `Σ y²` (f64) with one trip of `y` through memory: what adding a delta and
+/// recording its norm cost together. Aggregation is bound by memory bandwidth, so reading each
+/// delta once instead of twice (norm, then add) is most of the speed-up. Blocked rather than
+/// one fused loop: each block runs [`axpy`] then [`sum_squares`] (both vectorise on their own,
+/// a loop doing both does not), the second reading the block from L1.
+#[inline]
+pub fn axpy_sum_squares(x: &mut [f32], y: &[f32], a: f32) -> f64 {
+    let n = x.len().min(y.len());
+    x[..n]
+        .chunks_mut(FUSED_BLOCK)
+        .zip(y[..n].chunks(FUSED_BLOCK))
+        .map(|(xb, yb)| {
+            axpy(xb, yb, a);
+            sum_squares(yb)
+        })
+        .sum()
+}
+
 fn tensor_to_param(t: &Tensor) -> Result<ParamTensor, ModelError> {
     let shape = t
         .size()
@@ -234,6 +256,19 @@ impl Weights {
             axpy(&mut a.data, &b.data, scale);
         }
         Ok(())
+    }
+
+    /// `self += scale · other`, returning `other`'s Euclidean norm (as [`Weights::l2_norm`]),
+    /// in one pass over `other`: the aggregation step of a FedAvg accumulator.
+    pub fn add_scaled_norm(&mut self, other: &Weights, scale: f32) -> Result<f64, ModelError> {
+        if !self.same_layout(other) {
+            return Err(layout_error("add_scaled_norm", self, other));
+        }
+        let mut sq = 0f64;
+        for (a, b) in self.tensors.values_mut().zip(other.tensors.values()) {
+            sq += axpy_sum_squares(&mut a.data, &b.data, scale);
+        }
+        Ok(sq.sqrt())
     }
 
     /// `self *= factor`.
@@ -640,6 +675,10 @@ mod tests {
             let serial: f64 = y.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
             let fast = sum_squares(&y);
             prop_assert!((fast - serial).abs() <= 1e-12 * serial.max(1.0), "{} vs {}", fast, serial);
+            let mut fused: Vec<f32> = y.iter().map(|v| v * 0.5 + 1.0).collect();
+            let sq = axpy_sum_squares(&mut fused, &y, a);
+            prop_assert_eq!(&fused, &x);
+            prop_assert!((sq - serial).abs() <= 1e-12 * serial.max(1.0), "{} vs {}", sq, serial);
         }
 
         #[test]
