@@ -671,7 +671,7 @@ mod tests {
             let mut x: Vec<f32> = y.iter().map(|v| v * 0.5 + 1.0).collect();
             let want: Vec<f32> = x.iter().zip(&y).map(|(x, y)| x + a * y).collect();
             axpy(&mut x, &y, a);
-            prop_assert_eq!(x, want);
+            prop_assert_eq!(&x, &want);
             let serial: f64 = y.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
             let fast = sum_squares(&y);
             prop_assert!((fast - serial).abs() <= 1e-12 * serial.max(1.0), "{} vs {}", fast, serial);
