@@ -585,16 +585,19 @@ impl FedAvgAccumulator {
                 source,
             });
         }
-        self.norms.push((client.to_string(), delta.l2_norm()));
         if samples == 0 {
+            self.norms.push((client.to_string(), delta.l2_norm()));
             return Ok(());
         }
-        self.sum
-            .add_scaled(delta, samples as f32 * factor)
+        // One pass over the delta for the add and its norm (aggregation is memory-bound).
+        let norm = self
+            .sum
+            .add_scaled_norm(delta, samples as f32 * factor)
             .map_err(|source| StrategyError::Layout {
                 client: client.to_string(),
                 source,
             })?;
+        self.norms.push((client.to_string(), norm));
         self.total += samples;
         Ok(())
     }

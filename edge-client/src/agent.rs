@@ -901,54 +901,20 @@ impl Agent {
         metrics: LocalMetrics,
     ) -> Result<Upload, EdgeError> {
         let o = &self.opts;
-        let parts = split(payload, m.chunk_size as usize);
-        let payload_digest = digest(payload);
         // The id the upload claims: ours, unless a test's impersonation attack says otherwise.
         let me = o
             .attack
             .as_ref()
             .map_or(o.client_id.as_str(), |a| a.claimed_id(&o.client_id));
-        let header = DeltaHeader {
-            fleet: o.fleet.clone(),
-            round: m.round,
-            client: me.to_string(),
-            base_digest: m.model.digest,
-            samples: self.samples as u64,
+        let mut sent = signed_upload(
+            &o.fleet,
+            me,
+            &self.key,
+            m,
+            payload,
+            self.samples as u64,
             metrics,
-            codec: m.uplink_codec,
-            payload_digest,
-            payload_len: payload.len() as u64,
-            chunks: parts.len() as u32,
-        };
-        let signed = Signed::sign(Kind::DeltaHeader, &header, me, &self.key);
-        let wire: Vec<(String, Vec<u8>)> = parts
-            .iter()
-            .enumerate()
-            .map(|(i, data)| {
-                let c = DeltaChunk {
-                    client: me.to_string(),
-                    round: m.round,
-                    index: i as u32,
-                    total: parts.len() as u32,
-                    header: (i == 0).then(|| signed.clone()),
-                    data: data.to_vec(),
-                };
-                (
-                    Topic::DeltaChunk {
-                        client: me.to_string(),
-                        round: m.round,
-                        index: i as u32,
-                    }
-                    .path(&o.fleet),
-                    envelope::encode(Kind::DeltaChunk, &c),
-                )
-            })
-            .collect();
-        let mut sent = WireUpload {
-            round: m.round,
-            payload_digest,
-            messages: wire,
-        };
+        );
         if self.opts.attack == Some(Attack::StaleReplay) {
             sent = stale_replay(&mut self.replay, sent);
         }
@@ -1010,5 +976,64 @@ impl Agent {
             tracing::debug!(client = %self.opts.client_id, round = m.round, "no receipt yet; re-sending");
             wait = (wait * 2).min(max_wait);
         }
+    }
+}
+
+/// The MQTT messages of one signed delta upload: a [`DeltaHeader`] (fleet, round, client, base
+/// digest, samples, codec, payload digest and length) signed with `key` as `client`, carried in
+/// the first of the payload's chunks (cut at the manifest's chunk size), each chunk on its own
+/// `delta/{client}/{round}/{index}` topic. Shared by the agent and `coevo bench fleet`'s
+/// synthetic clients, so the load generator sends exactly what a camera sends.
+pub fn signed_upload(
+    fleet: &str,
+    client: &str,
+    key: &SigningKey,
+    m: &RoundManifest,
+    payload: &[u8],
+    samples: u64,
+    metrics: LocalMetrics,
+) -> WireUpload {
+    let parts = split(payload, m.chunk_size as usize);
+    let payload_digest = digest(payload);
+    let header = DeltaHeader {
+        fleet: fleet.to_string(),
+        round: m.round,
+        client: client.to_string(),
+        base_digest: m.model.digest,
+        samples,
+        metrics,
+        codec: m.uplink_codec,
+        payload_digest,
+        payload_len: payload.len() as u64,
+        chunks: parts.len() as u32,
+    };
+    let signed = Signed::sign(Kind::DeltaHeader, &header, client, key);
+    let messages = parts
+        .iter()
+        .enumerate()
+        .map(|(i, data)| {
+            let c = DeltaChunk {
+                client: client.to_string(),
+                round: m.round,
+                index: i as u32,
+                total: parts.len() as u32,
+                header: (i == 0).then(|| signed.clone()),
+                data: data.to_vec(),
+            };
+            (
+                Topic::DeltaChunk {
+                    client: client.to_string(),
+                    round: m.round,
+                    index: i as u32,
+                }
+                .path(fleet),
+                envelope::encode(Kind::DeltaChunk, &c),
+            )
+        })
+        .collect();
+    WireUpload {
+        round: m.round,
+        payload_digest,
+        messages,
     }
 }

@@ -143,7 +143,7 @@ pub(crate) fn corruption_seed(client_id: &str, train_seed: u64) -> u64 {
 /// A signed upload exactly as it goes on the wire: what the receipt must name, and the
 /// (topic, payload) messages.
 #[derive(Clone, Debug, PartialEq)]
-pub(crate) struct WireUpload {
+pub struct WireUpload {
     pub round: u64,
     pub payload_digest: Digest,
     pub messages: Vec<(String, Vec<u8>)>,

@@ -4,6 +4,7 @@
 
 pub mod coevolution;
 pub mod compression;
+pub mod fleet;
 pub mod robustness;
 pub mod split;
 
@@ -110,6 +111,9 @@ pub enum BenchCmd {
     /// Uplink and downlink codecs (int8, top-k with and without error feedback, f16): bytes
     /// per client and round against final accuracy, next to uncompressed f32.
     Compression(compression::CompressionArgs),
+    /// A synthetic city fleet (no training) against the real coordinator and broker as
+    /// separate processes: connect storm, publish → close, phases, peak RSS, resends vs N.
+    Fleet(fleet::FleetArgs),
 }
 
 impl BenchCmd {
@@ -119,6 +123,7 @@ impl BenchCmd {
             BenchCmd::Coevolution(a) => coevolution::run(rt, a),
             BenchCmd::Robustness(a) => robustness::run(rt, a),
             BenchCmd::Compression(a) => compression::run(rt, a),
+            BenchCmd::Fleet(a) => fleet::run(rt, a),
         }
     }
 }

@@ -1,0 +1,88 @@
+//! `coevo bench fleet` at a small N, through the real binary: the coordinator and the broker
+//! (embedded, then Debian's Mosquitto) run as their own processes, 20 synthetic clients with
+//! their own keys, passwords and connections upload signed int8 deltas. Every client must get
+//! its receipt in one CONNECT, and the summary must hold sane figures.
+
+use std::path::Path;
+use std::process::Command;
+
+const CLIENTS: u64 = 20;
+
+fn run_bench(out: &Path, broker: &str) -> serde_json::Value {
+    let status = Command::new(env!("CARGO_BIN_EXE_coevo"))
+        .args(["bench", "fleet", "--clients", &CLIENTS.to_string()])
+        .args(["--broker", broker, "--round-timeout-s", "120"])
+        .arg("--out")
+        .arg(out)
+        .status()
+        .expect("coevo runs");
+    assert!(status.success(), "bench fleet --broker {broker}: {status}");
+    let text = std::fs::read_to_string(out.join(format!("n-{CLIENTS}/summary.json")))
+        .expect("per-size summary.json");
+    let svg = std::fs::read_to_string(out.join("fleet.svg")).expect("fleet.svg");
+    assert!(svg.starts_with("<svg") && svg.contains("clients"), "plot");
+    serde_json::from_str(&text).expect("summary is JSON")
+}
+
+fn check(s: &serde_json::Value, broker: &str) {
+    let u = |k: &str| {
+        s[k].as_u64()
+            .unwrap_or_else(|| panic!("{k} missing or not a count: {s}"))
+    };
+    let f = |k: &str| {
+        s[k].as_f64()
+            .unwrap_or_else(|| panic!("{k} missing or not a number: {s}"))
+    };
+    assert_eq!(s["broker"], broker);
+    assert_eq!(u("clients"), CLIENTS);
+    assert_eq!(u("params"), 114_314, "the Fashion-MNIST student");
+    assert_eq!(s["uplink"], "int8");
+    assert_eq!(u("accepted"), CLIENTS, "{s}");
+    assert_eq!(u("lost"), 0, "{s}");
+    assert_eq!(u("honest_rejections"), 0, "{s}");
+    assert_eq!(s["outcomes"][0], "completed");
+    assert_eq!(u("connect_attempts_max"), 1, "one CONNECT per client: {s}");
+    assert_eq!(u("connect_attempts_total"), CLIENTS);
+    let connect = f("connect_s");
+    assert!(connect > 0.0 && connect < 60.0, "connect_s {connect}");
+    let close = s["publish_to_close_ms"][0]
+        .as_u64()
+        .expect("publish_to_close_ms[0]");
+    assert!(close > 0 && close < 120_000, "publish→close {close} ms");
+    for phase in ["publish", "collect", "aggregate", "evaluate"] {
+        assert!(
+            s["phase_ms"][0][phase].is_u64(),
+            "phase_ms.{phase} missing: {s}"
+        );
+    }
+    assert!(f("deltas_per_s") > 0.0);
+    assert!(s["aggregate_ns_per_param"][0].is_number());
+    // Real processes with real memory: above a bare binary, below anything absurd.
+    for k in [
+        "coordinator_peak_rss_mb",
+        "broker_peak_rss_mb",
+        "bench_peak_rss_mb",
+    ] {
+        let mb = f(k);
+        assert!(mb > 1.0 && mb < 8192.0, "{k} = {mb}");
+    }
+}
+
+#[test]
+fn twenty_clients_embedded_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = run_bench(dir.path(), "embedded");
+    check(&s, "embedded");
+}
+
+#[test]
+fn twenty_clients_mosquitto() {
+    if Command::new("mosquitto").arg("-h").output().is_err()
+        && !Path::new("/usr/sbin/mosquitto").exists()
+    {
+        panic!("mosquitto is not installed: run scripts/setup");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let s = run_bench(dir.path(), "mosquitto");
+    check(&s, "mosquitto");
+}
