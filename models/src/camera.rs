@@ -5,7 +5,8 @@
 //! as ~6 near-identical frames, ~100 cameras of ~80 frames and 7–13 classes each. That regime
 //! (small labelled set, many classes, near-duplicate frames, colour casts per camera) cannot be
 //! reproduced with data we do not have, so this module *builds* it from data we do have: every
-//! source glyph becomes a coloured sign on a camera's background, rendered into several
+//! source glyph is printed on a class's sign plate (shape and colour shared by a few classes,
+//! as on real roads) on a camera's background, rendered into several
 //! jittered frames (shift, scale, rotation, brightness, sensor noise) under the camera's colour
 //! cast. The test split uses different source images (the source's own test split) seen by
 //! cameras that never appear in training.
@@ -106,45 +107,79 @@ impl Style {
     }
 }
 
-/// Sign colours (red, blue, white, yellow, black) like road signs; a class's ink is one of
-/// them, so colour helps but does not decide the class.
+/// Plate colours of road signs (red, blue, white, yellow, green).
 const PALETTE: [[f32; 3]; 5] = [
     [0.85, 0.1, 0.1],
     [0.1, 0.25, 0.85],
     [0.95, 0.95, 0.95],
     [0.95, 0.8, 0.1],
-    [0.05, 0.05, 0.05],
+    [0.1, 0.6, 0.25],
 ];
 
-/// Renders one frame: the source glyph (`[h, w]` ink in 0..1) as `ink` colour on the camera's
-/// background, under a random affine jitter, brightness and noise; RGB bytes, HWC.
+/// A class's sign: a plate (shape and colour, shared by a few classes, as on real roads) with
+/// the source glyph printed on it in a contrasting ink; the glyph is what tells classes that
+/// share a plate apart.
+#[derive(Clone, Copy)]
+struct Sign {
+    /// 0 circle, 1 square, 2 diamond, 3 triangle.
+    shape: u8,
+    plate: [f32; 3],
+    ink: [f32; 3],
+}
+
+impl Sign {
+    fn for_class(class: usize) -> Sign {
+        let plate = PALETTE[class % PALETTE.len()];
+        let shape = ((class / PALETTE.len()) % 4) as u8;
+        let luma = 0.3 * plate[0] + 0.59 * plate[1] + 0.11 * plate[2];
+        let ink = if luma > 0.5 { [0.05; 3] } else { [0.97; 3] };
+        Sign { shape, plate, ink }
+    }
+
+    /// This physical sign's own slight tint (wear, paint batch).
+    fn tinted(mut self, rng: &mut StdRng) -> Sign {
+        for c in &mut self.plate {
+            *c = (*c + rng.gen_range(-0.08f32..0.08)).clamp(0.0, 1.0);
+        }
+        self
+    }
+
+    /// Whether the sign-space point (p, q) ∈ [−1, 1]² lies on the plate.
+    fn on_plate(&self, p: f32, q: f32) -> bool {
+        match self.shape {
+            0 => p * p + q * q <= 1.0,
+            1 => p.abs().max(q.abs()) <= 0.88,
+            2 => p.abs() + q.abs() <= 1.0,
+            _ => (-0.85..=0.8).contains(&q) && p.abs() <= (q + 0.85) * 0.62,
+        }
+    }
+}
+
+/// Renders one frame: the sign (plate, then the source glyph `[h, w]` ink in 0..1) on the
+/// camera's background, under a random affine jitter, brightness and noise; RGB bytes, HWC.
 fn render(
     glyph: &[f32],
     (h, w): (usize, usize),
-    ink: [f32; 3],
+    sign: &Sign,
     style: &Style,
-    jitter: bool,
     size: usize,
     rng: &mut StdRng,
 ) -> Vec<u8> {
-    let (angle, scale, dx, dy, gain) = if jitter {
-        (
-            rng.gen_range(-8f32..8.0).to_radians(),
-            rng.gen_range(0.9f32..1.1),
-            rng.gen_range(-2f32..2.0),
-            rng.gen_range(-2f32..2.0),
-            rng.gen_range(0.85f32..1.15),
-        )
-    } else {
-        (0.0, 1.0, 0.0, 0.0, 1.0)
-    };
+    let (angle, scale, dx, dy, gain) = (
+        rng.gen_range(-8f32..8.0).to_radians(),
+        rng.gen_range(0.9f32..1.1),
+        rng.gen_range(-2f32..2.0),
+        rng.gen_range(-2f32..2.0),
+        rng.gen_range(0.85f32..1.15),
+    );
     let noise = Normal::new(0.0f32, 0.03).unwrap_or_else(|_| unreachable!("fixed σ > 0"));
     let (cos, sin) = (angle.cos(), angle.sin());
-    // The glyph's w×h box is centred in the output; each output pixel samples the glyph at the
-    // inverse-transformed position (bilinear), so no pixel is left unfilled.
+    // The sign spans 90 % of the frame; each output pixel is mapped back into sign space
+    // (p, q) ∈ [−1, 1]², where the glyph fills the inner 70 % (bilinear sampling), so no pixel
+    // is left unfilled.
     let c_out = (size as f32 - 1.0) / 2.0;
+    let half = size as f32 * 0.45;
     let (cy, cx) = ((h as f32 - 1.0) / 2.0, (w as f32 - 1.0) / 2.0);
-    let fit = (h.max(w) as f32) / (size as f32 * 0.9);
     let sample = |y: f32, x: f32| -> f32 {
         if y < 0.0 || x < 0.0 || y > (h - 1) as f32 || x > (w - 1) as f32 {
             return 0.0;
@@ -161,11 +196,17 @@ fn render(
         for ox in 0..size {
             let (u, v) = (ox as f32 - c_out - dx, oy as f32 - c_out - dy);
             let (ru, rv) = (cos * u + sin * v, -sin * u + cos * v);
-            let a = sample(rv * fit / scale + cy, ru * fit / scale + cx).clamp(0.0, 1.0);
-            for c in 0..3 {
-                let base = style.background[c] * (1.0 - a) + ink[c] * a;
-                let px = base * style.cast[c] * style.brightness * gain + noise.sample(rng);
-                out.push((px.clamp(0.0, 1.0) * 255.0).round() as u8);
+            let (p, q) = (ru / (half * scale), rv / (half * scale));
+            let mut px = style.background;
+            if sign.on_plate(p, q) {
+                let a = sample(q / 0.7 * cy + cy, p / 0.7 * cx + cx).clamp(0.0, 1.0);
+                for c in 0..3 {
+                    px[c] = sign.plate[c] * (1.0 - a) + sign.ink[c] * a;
+                }
+            }
+            for (c, x) in px.iter().enumerate() {
+                let v = x * style.cast[c] * style.brightness * gain + noise.sample(rng);
+                out.push((v.clamp(0.0, 1.0) * 255.0).round() as u8);
             }
         }
     }
@@ -255,9 +296,6 @@ pub fn generate(
         std::fs::create_dir_all(out.join("train").join(class_name(c)))?;
         std::fs::create_dir_all(out.join("test").join(class_name(c)))?;
     }
-    let ink: Vec<[f32; 3]> = (0..cfg.classes)
-        .map(|_| PALETTE[rng.gen_range(0..PALETTE.len())])
-        .collect();
     // Unused source images per class, shuffled: each source is drawn at most once overall.
     let mut pool: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
     for (i, &l) in train_labels.iter().enumerate() {
@@ -295,22 +333,10 @@ pub fn generate(
             let Some(src) = pool.get_mut(&class).and_then(Vec::pop) else {
                 continue;
             };
-            // Each physical sign has its own slight tint over its class colour.
-            let mut tint = ink[class as usize];
-            for c in &mut tint {
-                *c = (*c + rng.gen_range(-0.08f32..0.08)).clamp(0.0, 1.0);
-            }
+            let sign = Sign::for_class(class as usize).tinted(&mut rng);
             stats.train_sources += 1;
             for f in 0..cfg.frames {
-                let rgb = render(
-                    &train_glyphs[src],
-                    hw,
-                    tint,
-                    &style,
-                    true,
-                    cfg.size,
-                    &mut rng,
-                );
+                let rgb = render(&train_glyphs[src], hw, &sign, &style, cfg.size, &mut rng);
                 let rel = format!("{}/{id}-{s:02}-{f}.png", class_name(class));
                 write_png(&out.join("train").join(&rel), rgb, cfg.size)?;
                 writeln!(csv, "{rel},{id}")?;
@@ -333,19 +359,8 @@ pub fn generate(
     for (j, &i) in test_idx.iter().enumerate() {
         let cam = rng.gen_range(0..styles.len());
         let class = test_labels[i];
-        let mut tint = ink[class as usize];
-        for c in &mut tint {
-            *c = (*c + rng.gen_range(-0.08f32..0.08)).clamp(0.0, 1.0);
-        }
-        let rgb = render(
-            &test_glyphs[i],
-            hw,
-            tint,
-            &styles[cam],
-            true,
-            cfg.size,
-            &mut rng,
-        );
+        let sign = Sign::for_class(class as usize).tinted(&mut rng);
+        let rgb = render(&test_glyphs[i], hw, &sign, &styles[cam], cfg.size, &mut rng);
         let rel = format!("{}/test{j:05}.png", class_name(class));
         write_png(&out.join("test").join(&rel), rgb, cfg.size)?;
         writeln!(csv, "{rel},testcam{cam:02}")?;
