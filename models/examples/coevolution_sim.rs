@@ -85,7 +85,7 @@ struct Split {
     test: Dataset,
 }
 
-fn split(dir: &Path, seed: u64, n_lab: usize, n_pool: usize) -> Res<Split> {
+fn split(dir: &Path, seed: u64, n_lab: usize, n_pool: usize, n_val: usize) -> Res<Split> {
     let d = data::load_dir(dir)?;
     let labels = d.train.labels_vec();
     let parts = partition(
@@ -106,15 +106,25 @@ fn split(dir: &Path, seed: u64, n_lab: usize, n_pool: usize) -> Res<Split> {
         v
     };
     let mut lab_idx = take(&writers[..n_lab]);
-    lab_idx.shuffle(&mut rng);
-    let n_val = lab_idx.len() / 5;
-    let val = d.train.subset(&lab_idx[..n_val]);
-    let labelled = d.train.subset(&lab_idx[n_val..]);
-    let pool = d
-        .train
-        .subset(&take(&writers[n_lab..n_lab + n_pool]))
-        .images;
-    let clients = writers[n_lab + n_pool..]
+    // Validation: whole writers nobody trains on (n_val > 0), or the old 20 % of the labelled
+    // writers' own samples (n_val = 0), which on near-duplicate frames leaks.
+    let (val, labelled, rest) = if n_val > 0 {
+        (
+            d.train.subset(&take(&writers[n_lab..n_lab + n_val])),
+            d.train.subset(&lab_idx),
+            n_lab + n_val,
+        )
+    } else {
+        lab_idx.shuffle(&mut rng);
+        let n = lab_idx.len() / 5;
+        (
+            d.train.subset(&lab_idx[..n]),
+            d.train.subset(&lab_idx[n..]),
+            n_lab,
+        )
+    };
+    let pool = d.train.subset(&take(&writers[rest..rest + n_pool])).images;
+    let clients = writers[rest + n_pool..]
         .iter()
         .map(|&w| d.train.subset(&parts[w].1))
         .collect();
@@ -222,10 +232,15 @@ fn student_acc(shape: &DataShape, w: &Weights, test: &Dataset) -> Result<f64, Mo
 
 fn short(g: &GuardOutcome) -> String {
     match g {
-        GuardOutcome::Accepted { before, after } => format!("acc {:+.3}", after - before),
-        GuardOutcome::RolledBack { before, after, .. } => {
-            format!("ROLLBACK {:+.3}", after - before)
+        GuardOutcome::Accepted { before, after, .. } => {
+            format!("acc {before:.3}->{after:.3}")
         }
+        GuardOutcome::RolledBack {
+            before,
+            after,
+            best,
+            reason,
+        } => format!("ROLLBACK {before:.3}->{after:.3} (best {best:.3}: {reason})"),
     }
 }
 
@@ -259,6 +274,7 @@ fn main() -> Res<()> {
         weight_decay: 5e-4,
         augment: a.0.contains_key("fuse-augment"),
         seed,
+        min_confidence: a.get("fuse-conf", 0.0),
     };
     let distill_cfg = KdConfig {
         temperature: a.get("distill-temp", 3.0),
@@ -270,8 +286,13 @@ fn main() -> Res<()> {
         weight_decay: 0.0,
         augment: false,
         seed,
+        min_confidence: 0.0,
     };
-    let fuse_eps: f64 = a.get("fuse-eps", 0.02);
+    let fuse_eps: f64 = a.get("fuse-eps", 0.0);
+    // "old": one guarded fusion of all epochs against the previous teacher (the algorithm
+    // before issue #12); "best": early-stopped epochs, guarded against the best teacher so far.
+    let fuse_mode = a.s("fuse-guard", "best");
+    let weighted = a.0.contains_key("weighted");
     let distill_eps: f64 = a.get("distill-eps", 0.0);
     let ensemble_mode = a.s("ensemble", "clients");
 
@@ -281,6 +302,7 @@ fn main() -> Res<()> {
         seed,
         a.get("server-labelled", 10),
         a.get("server-unlabelled", 20),
+        a.get("val-writers", 10),
     )?;
     let shape = sp.train_all.shape;
     println!(
@@ -334,7 +356,8 @@ fn main() -> Res<()> {
         return Ok(());
     }
     let tb = Instant::now();
-    let lower_w = cached_teacher(&cache, "lower", &shape, &sp.labelled, lower_epochs, seed)?;
+    let lower_name = format!("lower-v{}", a.get::<usize>("val-writers", 10));
+    let lower_w = cached_teacher(&cache, &lower_name, &shape, &sp.labelled, lower_epochs, seed)?;
     let lower = teacher_acc(&shape, &lower_w, &sp.test)?;
     let upper = if a.0.contains_key("no-upper") {
         f64::NAN
@@ -383,6 +406,7 @@ fn main() -> Res<()> {
         // recomputed only then (saves a teacher pass over server data and test set per rollback).
         let mut t_logits = distill::logits(&teacher, &sp.server_images, 500)?;
         let mut t_val: Option<f64> = None;
+        let mut t_best: Option<f64> = None;
         let mut phase = [0.0f64; 4];
         for r in 0..rounds {
             let tp = Instant::now();
@@ -421,36 +445,45 @@ fn main() -> Res<()> {
                 seed: seed + r as u64,
                 ..fuse_cfg.clone()
             };
-            let (f_out, _) = if fuse_cfg.augment {
-                let ens = Ensemble::new(NetKind::Student, &shape, &members)?;
-                let f = |x: &Tensor| ens.logits(x);
-                distill::guard_update(&teacher, &mut tvs, &sp.val, fuse_eps, t_val, |vs| {
-                    distill::fuse(
-                        &teacher,
-                        vs,
-                        &sp.pool,
-                        Soft::Model(&f),
-                        Some(&sp.labelled),
-                        &fcfg,
-                    )
-                })?
+            let weights = if weighted {
+                distill::quality_weights(&distill::member_accuracies(&shape, &members, &sp.val)?)
             } else {
-                let ens = distill::ensemble_logits(&shape, &members, &sp.pool, 1000)?;
-                distill::guard_update(&teacher, &mut tvs, &sp.val, fuse_eps, t_val, |vs| {
-                    distill::fuse(
-                        &teacher,
-                        vs,
-                        &sp.pool,
-                        Soft::Logits(&ens),
-                        Some(&sp.labelled),
-                        &fcfg,
-                    )
-                })?
+                vec![1.0; members.len()]
             };
-            t_val = Some(match &f_out {
-                GuardOutcome::Accepted { after, .. } => *after,
-                GuardOutcome::RolledBack { before, .. } => *before,
-            });
+            let ens_online;
+            let ens_fixed;
+            let f;
+            let soft = if fuse_cfg.augment {
+                ens_online = Ensemble::weighted(NetKind::Student, &shape, &members, &weights)?;
+                f = |x: &Tensor| ens_online.logits(x);
+                Soft::Model(&f)
+            } else {
+                ens_fixed =
+                    distill::weighted_ensemble_logits(&shape, &members, &weights, &sp.pool, 1000)?;
+                Soft::Logits(&ens_fixed)
+            };
+            let f_out = if fuse_mode == "old" {
+                distill::guard_update(&teacher, &mut tvs, &sp.val, fuse_eps, t_val, |vs| {
+                    distill::fuse(&teacher, vs, &sp.pool, soft, Some(&sp.labelled), &fcfg)
+                })?
+                .0
+            } else {
+                distill::fuse_guarded(
+                    &teacher,
+                    &mut tvs,
+                    &sp.val,
+                    &sp.pool,
+                    soft,
+                    Some(&sp.labelled),
+                    &fcfg,
+                    fuse_eps,
+                    t_val,
+                    t_best,
+                )?
+                .0
+            };
+            t_val = Some(f_out.kept());
+            t_best = Some(t_best.map_or(f_out.kept(), |b: f64| b.max(f_out.kept())));
             phase[2] += tp.elapsed().as_secs_f64();
             let tp = Instant::now();
             if f_out.accepted() {

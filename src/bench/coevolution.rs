@@ -91,7 +91,12 @@ pub struct Summary {
     pub split: String,
     pub seed: u64,
     pub rounds: u64,
+    /// Test accuracy of the co-evolved teacher's round-0 checkpoint (its pretraining on the
+    /// labelled set), read back from `coevolve/checkpoints/` when that part ran.
     pub lower_bound: Option<f64>,
+    /// Whether the bounds part's pretrained teacher and the coevolve run's round-0 teacher
+    /// checkpoint are byte-identical (they must be: same code path, same seed).
+    pub lower_is_round0_checkpoint: Option<bool>,
     pub upper_bound: Option<f64>,
     pub fedavg_student: Option<f64>,
     pub coevolve_teacher: Option<f64>,
@@ -111,14 +116,23 @@ pub struct Goals {
     pub student_not_worse_than_fedavg: Option<bool>,
 }
 
+/// One line per guarded step: the decision, before → after, and why (the yardstick compared).
 fn guard_text(g: &Option<GuardOutcome>) -> Option<String> {
-    g.as_ref().map(|g| match g {
-        GuardOutcome::Accepted { before, after } => {
-            format!("accepted {:+.4}", after - before)
-        }
-        GuardOutcome::RolledBack { before, after, .. } => {
-            format!("rolled back {:+.4}", after - before)
-        }
+    g.as_ref().map(|g| {
+        let verdict = if g.accepted() {
+            "accepted"
+        } else {
+            "rolled back"
+        };
+        let (before, after) = match g {
+            GuardOutcome::Accepted { before, after, .. }
+            | GuardOutcome::RolledBack { before, after, .. } => (before, after),
+        };
+        format!(
+            "{verdict} {:+.4} ({before:.4} -> {after:.4}): {}",
+            after - before,
+            g.reason()
+        )
     })
 }
 
@@ -193,6 +207,11 @@ pub fn run(rt: &tokio::runtime::Runtime, args: &CoevolutionArgs) -> Result<()> {
         tch::manual_seed(args.split.seed as i64);
         tl.pretrain(args.split.seed)?;
         let lower = tl.evaluate_teacher(&split.test).accuracy;
+        std::fs::write(
+            args.out.join("lower-teacher.safetensors"),
+            tl.teacher_weights()
+                .encode(coevo_models::WeightCodec::F32)?,
+        )?;
         println!("[bounds] lower_bound {lower:.4}");
         println!(
             "[bounds] upper: teacher on all training data ({} samples × {} epochs)",
@@ -244,6 +263,9 @@ pub fn run(rt: &tokio::runtime::Runtime, args: &CoevolutionArgs) -> Result<()> {
                 }
             }
         }
+        if mode == Mode::Coevolve {
+            check_round0(&mut summary, &args.out, &split)?;
+        }
         let last = reports.iter().rev().find(|r| r.round == args.rounds);
         match mode {
             Mode::Fedavg => summary.fedavg_student = last.and_then(|r| r.student.test_accuracy),
@@ -262,6 +284,22 @@ pub fn run(rt: &tokio::runtime::Runtime, args: &CoevolutionArgs) -> Result<()> {
     write_json(&summary_path, &summary)?;
     print_table(&summary);
     println!("summary in {}", summary_path.display());
+    Ok(())
+}
+
+/// The lower bound is the co-evolved teacher's round-0 checkpoint: evaluates that checkpoint
+/// on the test split and records whether the bounds part pretrained byte-identical weights.
+fn check_round0(summary: &mut Summary, out: &Path, split: &BenchSplit) -> Result<()> {
+    let path = out.join("coevolve/checkpoints/teacher-0000.safetensors");
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    if let Ok(lower) = std::fs::read(out.join("lower-teacher.safetensors")) {
+        summary.lower_is_round0_checkpoint = Some(lower == bytes);
+    }
+    let w = coevo_models::Weights::decode(&bytes, coevo_models::WeightCodec::F32, 1 << 30)?;
+    let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let teacher = Teacher::new(&vs.root(), &split.shape);
+    w.load_into(&mut vs)?;
+    summary.lower_bound = Some(evaluate(&teacher, &split.test, 512).accuracy);
     Ok(())
 }
 
