@@ -125,5 +125,8 @@ async fn two_coevolve_rounds_update_or_roll_back_the_teacher() {
     .unwrap();
     tl.pretrain(seed).unwrap();
     let again = tl.teacher_weights().encode(WeightCodec::F32).unwrap();
-    assert!(round0 == again, "round-0 teacher differs from a fresh pretraining");
+    assert!(
+        round0 == again,
+        "round-0 teacher differs from a fresh pretraining"
+    );
 }

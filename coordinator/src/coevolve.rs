@@ -68,8 +68,13 @@ impl Default for CoevolutionConfig {
             pretrain_lr: 0.02,
             distill: KdConfig::default(),
             distill_epsilon: 0.0,
+            // Fusion keeps half its weight on the labelled cross-entropy and skips targets the
+            // ensemble is unsure of: with 43 classes and weak members, α = 0.7 on every target
+            // pulled the teacher's logits flat (issue #12).
             fuse: KdConfig {
                 epochs: 1,
+                alpha: 0.5,
+                min_confidence: 0.5,
                 ..KdConfig::default()
             },
             fuse_epsilon: 0.0,

@@ -357,7 +357,14 @@ fn main() -> Res<()> {
     }
     let tb = Instant::now();
     let lower_name = format!("lower-v{}", a.get::<usize>("val-writers", 10));
-    let lower_w = cached_teacher(&cache, &lower_name, &shape, &sp.labelled, lower_epochs, seed)?;
+    let lower_w = cached_teacher(
+        &cache,
+        &lower_name,
+        &shape,
+        &sp.labelled,
+        lower_epochs,
+        seed,
+    )?;
     let lower = teacher_acc(&shape, &lower_w, &sp.test)?;
     let upper = if a.0.contains_key("no-upper") {
         f64::NAN

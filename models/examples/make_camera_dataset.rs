@@ -14,9 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut cfg = CameraConfig::default();
     let (mut source, mut out) = (PathBuf::from("../shared/data/femnist"), None);
     while let Some(flag) = args.next() {
-        let value = args
-            .next()
-            .ok_or_else(|| format!("{flag} needs a value"))?;
+        let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let num = || -> Result<usize, Box<dyn std::error::Error>> {
             value
                 .parse()
@@ -53,7 +51,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     std::fs::write(
         out.join("camera-dataset.json"),
-        serde_json::to_vec_pretty(&serde_json::json!({ "config": cfg, "stats": stats, "source": source }))?,
+        serde_json::to_vec_pretty(
+            &serde_json::json!({ "config": cfg, "stats": stats, "source": source }),
+        )?,
     )?;
     Ok(())
 }

@@ -200,8 +200,8 @@ fn render(
             let mut px = style.background;
             if sign.on_plate(p, q) {
                 let a = sample(q / 0.7 * cy + cy, p / 0.7 * cx + cx).clamp(0.0, 1.0);
-                for c in 0..3 {
-                    px[c] = sign.plate[c] * (1.0 - a) + sign.ink[c] * a;
+                for (c, x) in px.iter_mut().enumerate() {
+                    *x = sign.plate[c] * (1.0 - a) + sign.ink[c] * a;
                 }
             }
             for (c, x) in px.iter().enumerate() {
@@ -214,7 +214,10 @@ fn render(
 }
 
 /// The source images as `[h, w]` ink maps in 0..1 (grey sources only), with their labels.
-fn glyphs(d: &Dataset) -> Result<(Vec<Vec<f32>>, Vec<i64>, (usize, usize)), ModelError> {
+/// Source glyphs (`[h, w]` ink maps), their labels and `(h, w)`.
+type Glyphs = (Vec<Vec<f32>>, Vec<i64>, (usize, usize));
+
+fn glyphs(d: &Dataset) -> Result<Glyphs, ModelError> {
     if d.shape.channels != 1 {
         return Err(ModelError::Config(format!(
             "camera dataset: the source must be grey, got {} channels",
@@ -272,8 +275,7 @@ pub fn generate(
             cfg.classes, source_train.shape.classes
         ));
     }
-    if cfg.min_classes == 0 || cfg.min_classes > cfg.max_classes || cfg.max_classes > cfg.classes
-    {
+    if cfg.min_classes == 0 || cfg.min_classes > cfg.max_classes || cfg.max_classes > cfg.classes {
         return bad(format!(
             "classes per camera {}..={} must be non-empty and within 1..={}",
             cfg.min_classes, cfg.max_classes, cfg.classes
@@ -289,7 +291,9 @@ pub fn generate(
     let (train_glyphs, train_labels, hw) = glyphs(source_train)?;
     let (test_glyphs, test_labels, test_hw) = glyphs(source_test)?;
     if test_hw != hw {
-        return bad(format!("train {hw:?} and test {test_hw:?} image sizes differ"));
+        return bad(format!(
+            "train {hw:?} and test {test_hw:?} image sizes differ"
+        ));
     }
     let class_name = |c: i64| format!("c{c:02}");
     for c in 0..cfg.classes as i64 {

@@ -41,7 +41,8 @@ pub struct CoevolutionArgs {
     /// co-evolved teacher's starting point).
     #[arg(long, default_value_t = 40)]
     pub pretrain_epochs: usize,
-    /// Passes of upward fusion over the unlabelled pool per round.
+    /// Most passes of upward fusion over the unlabelled pool per round (early-stopped on the
+    /// held-out validation writers; the best epoch is kept).
     #[arg(long, default_value_t = 3)]
     pub fuse_epochs: usize,
     /// Fuse on randomly shifted/rotated/scaled views of the pool, the ensemble labelling each
@@ -55,6 +56,17 @@ pub struct CoevolutionArgs {
     /// measured in BENCHMARKS.md.
     #[arg(long, default_value_t = 0)]
     pub ensemble_clients: usize,
+    /// Weight of the KD term in fusion (1 − α goes to cross-entropy on the labelled set).
+    #[arg(long, default_value_t = 0.5)]
+    pub fuse_alpha: f64,
+    /// Pool rows whose ensemble target's top-class probability is below this are left out of
+    /// fusion's KD term (0 keeps all).
+    #[arg(long, default_value_t = 0.5)]
+    pub fuse_min_confidence: f64,
+    /// Weight fusion-ensemble members by their accuracy on the held-out validation writers
+    /// (members below half the best left out); `false` = uniform, as before issue #12.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub fuse_weighted: bool,
     /// Which parts to run; with `--reuse`, the others are taken from an earlier bench.
     #[arg(long, value_delimiter = ',', default_value = "bounds,fedavg,coevolve")]
     pub only: Vec<Part>,
@@ -160,9 +172,12 @@ pub fn run(rt: &tokio::runtime::Runtime, args: &CoevolutionArgs) -> Result<()> {
     let coevolution = CoevolutionConfig {
         pretrain_epochs: args.pretrain_epochs,
         ensemble_clients: args.ensemble_clients,
+        fuse_weighted: args.fuse_weighted,
         fuse: coevo_models::distill::KdConfig {
             epochs: args.fuse_epochs,
             augment: args.fuse_augment,
+            alpha: args.fuse_alpha,
+            min_confidence: args.fuse_min_confidence,
             ..CoevolutionConfig::default().fuse
         },
         ..CoevolutionConfig::default()
@@ -175,6 +190,7 @@ pub fn run(rt: &tokio::runtime::Runtime, args: &CoevolutionArgs) -> Result<()> {
         settings: serde_json::json!({
             "server_labelled_writers": args.split.server_labelled,
             "server_unlabelled_writers": args.split.server_unlabelled,
+            "server_validation_writers": args.split.server_validation,
             "client_writers": split.clients.len(),
             "local_epochs": args.local.local_epochs,
             "lr": args.local.lr,
