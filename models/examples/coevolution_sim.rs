@@ -6,7 +6,8 @@
 //!     [--clients-per-round 10] [--local-epochs 2] [--local-batch 16] [--local-lr 0.05]
 //!     [--modes fedavg,coevolve] [--threads 1]
 //!     [--fuse-epochs 1] [--fuse-temp 3] [--fuse-alpha 0.7] [--fuse-lr 0.02] [--fuse-augment]
-//!     [--ensemble clients|merged] [--fuse-eps 0.02]
+//!     [--ensemble clients|merged] [--fuse-eps 0] [--fuse-guard best|old] [--fuse-conf 0]
+//!     [--weighted] [--server-labelled 10] [--server-unlabelled 20] [--val-writers 10]
 //!     [--distill-epochs 2] [--distill-temp 3] [--distill-alpha 0.7] [--distill-lr 0.02]
 //!     [--distill-eps 0] [--lower-epochs 40] [--upper-epochs 6] [--no-upper] [--cache DIR]
 //!     [--speed]
@@ -16,11 +17,13 @@
 //! contend with other processes (measured: teacher training 359 samples/s with 1 thread vs 86
 //! with 2 under load). `--speed` only prints training throughput and exits.
 //!
-//! Split (by writer, shuffled with `--seed`): server labelled = 10 writers (of which 20 % of
-//! the samples, drawn with the seed, are held out as the **validation** set used by both guards;
-//! the rest is "the labelled set", which is all the lower bound and the coevolve teacher's CE
-//! ever see — so the lower bound is not handicapped relative to coevolve), server unlabelled pool = 20 other writers (labels never
-//! read), clients = the remaining writers, one client per writer; test = all of `t10k`.
+//! Split (by writer, shuffled with `--seed`): server labelled = `--server-labelled` writers
+//! (all their samples: "the labelled set", which is all the lower bound and the coevolve
+//! teacher's CE ever see); validation = `--val-writers` (10) other whole writers nobody trains
+//! on, used by both guards (`--val-writers 0` = the pre-#12 20 % of the labelled writers' own
+//! samples, which leaks on near-duplicate camera frames); server unlabelled pool =
+//! `--server-unlabelled` other writers (labels never read); clients = the remaining writers, one
+//! client per writer; test = all of the test split.
 //!
 //! - lower bound: teacher trained on the labelled set only (this is also the coevolve teacher's
 //!   starting point: the data centre starts with what it has);
