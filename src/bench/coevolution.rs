@@ -274,7 +274,10 @@ pub fn run(rt: &tokio::runtime::Runtime, args: &CoevolutionArgs) -> Result<()> {
                     p.coevolve_teacher = r.teacher.test_accuracy;
                     if let Some(c) = &r.coevolution {
                         p.distillation = guard_text(&c.distillation);
-                        p.fusion = guard_text(&c.fusion);
+                        // Fusion runs only on a round whose merged student was kept; say so
+                        // rather than leave the curve silent.
+                        p.fusion = guard_text(&c.fusion)
+                            .or_else(|| Some(format!("not run: round {}", r.outcome)));
                     }
                 }
             }
