@@ -5,11 +5,12 @@
 
 mod common;
 
-use coevo_coordinator::coevolve::{Mode, ServerData};
+use coevo_coordinator::coevolve::{Mode, ServerData, TeacherLoop};
 use coevo_coordinator::Coordinator;
 use coevo_models::data::synthetic;
 use coevo_models::distill::GuardOutcome;
 use coevo_models::partition::{partition, PartitionSpec};
+use coevo_models::WeightCodec;
 use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -41,6 +42,7 @@ async fn two_coevolve_rounds_update_or_roll_back_the_teacher() {
     cfg.coevolution.pretrain_epochs = 3;
     cfg.coevolution.distill.epochs = 1;
     cfg.coevolution.fuse.epochs = 1;
+    let (seed, coevolution) = (cfg.seed, cfg.coevolution.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let agents: Vec<_> = (0..3)
         .map(|i| {
@@ -87,8 +89,14 @@ async fn two_coevolve_rounds_update_or_roll_back_the_teacher() {
         let c = r.coevolution.as_ref().expect("coevolution outcome");
         for step in [c.distillation.as_ref(), c.fusion.as_ref()] {
             match step.expect("step ran") {
-                GuardOutcome::Accepted { before, after } => {
-                    assert!(after.is_finite() && before.is_finite())
+                GuardOutcome::Accepted {
+                    before,
+                    after,
+                    best,
+                    reason,
+                } => {
+                    assert!(after.is_finite() && before.is_finite() && *best >= *before);
+                    assert!(reason.contains("best so far"), "{reason}");
                 }
                 GuardOutcome::RolledBack { reason, .. } => assert!(!reason.is_empty()),
             }
@@ -100,8 +108,25 @@ async fn two_coevolve_rounds_update_or_roll_back_the_teacher() {
             .join(format!("checkpoints/base-{:04}.safetensors", r.round))
             .is_file());
     }
+    // The lower bound is the round-0 checkpoint: pretraining the same labelled set with the
+    // same seed outside the coordinator (after other use of the RNG) gives the same bytes.
+    let round0 = std::fs::read(out.join("checkpoints/teacher-0000.safetensors"))
+        .expect("pretrained teacher saved");
+    tch::manual_seed(12345);
+    let mut tl = TeacherLoop::new(
+        shape,
+        ServerData {
+            labelled: range(0, 100),
+            unlabelled: range(100, 300),
+            validation: range(300, 400),
+        },
+        coevolution,
+    )
+    .unwrap();
+    tl.pretrain(seed).unwrap();
+    let again = tl.teacher_weights().encode(WeightCodec::F32).unwrap();
     assert!(
-        out.join("checkpoints/teacher-0000.safetensors").is_file(),
-        "pretrained teacher saved"
+        round0 == again,
+        "round-0 teacher differs from a fresh pretraining"
     );
 }

@@ -6,7 +6,8 @@
 
 use crate::CoordinatorError;
 use coevo_models::distill::{
-    distill, ensemble_logits, fuse, guard_update, logits, Ensemble, GuardOutcome, KdConfig, Soft,
+    distill, fuse_guarded, guard_update, logits, member_accuracies, quality_weights,
+    weighted_ensemble_logits, Ensemble, GuardOutcome, KdConfig, Soft,
 };
 use coevo_models::train::{evaluate, train, Evaluation, TrainConfig};
 use coevo_models::{DataShape, Dataset, NetKind, Student, Teacher, Weights};
@@ -45,10 +46,15 @@ pub struct CoevolutionConfig {
     pub distill: KdConfig,
     /// Largest validation drop accepted from distillation.
     pub distill_epsilon: f64,
-    /// Upward ensemble distillation, students → teacher.
+    /// Upward ensemble distillation, students → teacher. `fuse.epochs` is a maximum: fusion
+    /// stops at the first epoch that does not improve validation accuracy and keeps the best.
     pub fuse: KdConfig,
-    /// Largest validation drop accepted from fusion before it is rolled back.
+    /// Largest drop below the **best teacher so far** (validation accuracy) a fusion may cause
+    /// and still be kept; 0 = a fusion is kept only if it at least matches the best teacher.
     pub fuse_epsilon: f64,
+    /// Weight the fusion ensemble's members by their validation accuracy (members below half
+    /// the best member left out) instead of uniformly (see `distill::quality_weights`).
+    pub fuse_weighted: bool,
     /// Client students (global + Δk) in the fusion ensemble besides the merged student,
     /// sampled per round. Each costs a student forward pass over the pool, so with a large
     /// fleet "all of them" would dominate the round; `0` = the merged student alone.
@@ -62,11 +68,17 @@ impl Default for CoevolutionConfig {
             pretrain_lr: 0.02,
             distill: KdConfig::default(),
             distill_epsilon: 0.0,
+            // Fusion keeps half its weight on the labelled cross-entropy and skips targets the
+            // ensemble is unsure of: with 43 classes and weak members, α = 0.7 on every target
+            // pulled the teacher's logits flat (issue #12).
             fuse: KdConfig {
                 epochs: 1,
+                alpha: 0.5,
+                min_confidence: 0.5,
                 ..KdConfig::default()
             },
-            fuse_epsilon: 0.02,
+            fuse_epsilon: 0.0,
+            fuse_weighted: true,
             ensemble_clients: 8,
         }
     }
@@ -105,6 +117,15 @@ pub struct TeacherLoop {
     /// Labelled and unlabelled images together: the distillation transfer set.
     transfer: tch::Tensor,
     cfg: CoevolutionConfig,
+    /// The teacher's logits on `transfer`, valid until the teacher changes (a rolled-back
+    /// fusion leaves it as it was, so the next distillation reuses them).
+    transfer_logits: Option<tch::Tensor>,
+    /// The teacher's validation accuracy, valid until it changes.
+    val_accuracy: Option<f64>,
+    /// The best validation accuracy any kept teacher had: the fusion guard's yardstick.
+    best_val: Option<f64>,
+    /// The last test evaluation (and the test set's size), valid until the teacher changes.
+    test_eval: Option<(usize, Evaluation)>,
 }
 
 impl TeacherLoop {
@@ -136,14 +157,43 @@ impl TeacherLoop {
             data,
             transfer,
             cfg,
+            transfer_logits: None,
+            val_accuracy: None,
+            best_val: None,
+            test_eval: None,
         })
     }
 
-    /// Trains the teacher on the labelled set: where it starts (the lower bound).
+    /// Forgets everything computed from the current teacher weights.
+    fn teacher_changed(&mut self) {
+        self.transfer_logits = None;
+        self.val_accuracy = None;
+        self.test_eval = None;
+    }
+
+    /// Trains the teacher on the labelled set: where it starts, and the benches' lower bound.
+    ///
+    /// A pure function of (labelled set, config, `seed`): the initial weights are drawn right
+    /// here from libtorch's generator seeded with `seed`, and training re-seeds it, so however
+    /// much randomness the caller used before (the coordinator builds its student first, the
+    /// bench does not), the pretrained teacher is byte-identical — the lower bound *is* the
+    /// co-evolved teacher's round-0 checkpoint.
     pub fn pretrain(&mut self, seed: u64) -> Result<Evaluation, CoordinatorError> {
+        tch::manual_seed(seed as i64);
+        let init = {
+            let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+            let _fresh = Teacher::new(&vs.root(), &self.shape);
+            Weights::from_var_store(&vs)
+        };
+        init.load_into(&mut self.teacher_vs)?;
+        tch::manual_seed(seed.wrapping_add(1) as i64);
         let cfg = self.cfg.teacher_training(self.cfg.pretrain_epochs, seed);
         train(&self.teacher, &self.teacher_vs, &self.data.labelled, &cfg)?;
-        Ok(evaluate(&self.teacher, &self.data.validation, 512))
+        self.teacher_changed();
+        let eval = evaluate(&self.teacher, &self.data.validation, 512);
+        self.val_accuracy = Some(eval.accuracy);
+        self.best_val = Some(eval.accuracy);
+        Ok(eval)
     }
 
     pub fn teacher_weights(&self) -> Weights {
@@ -151,7 +201,20 @@ impl TeacherLoop {
     }
 
     pub fn load_teacher(&mut self, w: &Weights) -> Result<(), CoordinatorError> {
-        Ok(w.load_into(&mut self.teacher_vs)?)
+        w.load_into(&mut self.teacher_vs)?;
+        self.teacher_changed();
+        // A resumed teacher was kept by the guard, so it was the best at the time.
+        let acc = evaluate(&self.teacher, &self.data.validation, 512).accuracy;
+        self.val_accuracy = Some(acc);
+        self.best_val = Some(self.best_val.map_or(acc, |b| b.max(acc)));
+        Ok(())
+    }
+
+    /// The teacher's validation accuracy (computed once per teacher version).
+    fn teacher_val(&mut self) -> f64 {
+        *self
+            .val_accuracy
+            .get_or_insert_with(|| evaluate(&self.teacher, &self.data.validation, 512).accuracy)
     }
 
     /// Student ← KD(teacher), warm-started from `global`; returns the student to publish
@@ -161,7 +224,10 @@ impl TeacherLoop {
         global: &Weights,
     ) -> Result<(Weights, GuardOutcome), CoordinatorError> {
         global.load_into(&mut self.student_vs)?;
-        let teacher_logits = logits(&self.teacher, &self.transfer, 256)?;
+        let teacher_logits = match self.transfer_logits.take() {
+            Some(l) => l,
+            None => logits(&self.teacher, &self.transfer, 256)?,
+        };
         let (outcome, _) = guard_update(
             &self.student,
             &mut self.student_vs,
@@ -179,11 +245,15 @@ impl TeacherLoop {
                 )
             },
         )?;
+        self.transfer_logits = Some(teacher_logits);
         Ok((Weights::from_var_store(&self.student_vs), outcome))
     }
 
     /// Teacher learns from the ensemble of `members` (merged student and client students) on
-    /// the unlabelled pool, plus cross-entropy on the labelled set; rolled back past ε.
+    /// the unlabelled pool, plus cross-entropy on the labelled set. Members are weighted by
+    /// their validation accuracy (`fuse_weighted`), low-confidence targets are skipped
+    /// (`fuse.min_confidence`), the best of up to `fuse.epochs` epochs is kept, and only if it
+    /// is within `fuse_epsilon` of the best teacher so far on the held-out validation set.
     /// `round` varies batch order and augmentation from round to round.
     pub fn fuse_from(
         &mut self,
@@ -193,6 +263,17 @@ impl TeacherLoop {
         let cfg = KdConfig {
             seed: self.cfg.fuse.seed.wrapping_add(round),
             ..self.cfg.fuse.clone()
+        };
+        let before = self.teacher_val();
+        let best = self.best_val.unwrap_or(before).max(before);
+        let weights = if self.cfg.fuse_weighted {
+            quality_weights(&member_accuracies(
+                &self.shape,
+                members,
+                &self.data.validation,
+            )?)
+        } else {
+            vec![1.0; members.len()]
         };
         let pool = if self.data.unlabelled.is_empty() {
             &self.data.labelled.images
@@ -204,35 +285,45 @@ impl TeacherLoop {
         let (ensemble, once);
         let online;
         let soft = if cfg.augment {
-            ensemble = Ensemble::new(NetKind::Student, &self.shape, members)?;
+            ensemble = Ensemble::weighted(NetKind::Student, &self.shape, members, &weights)?;
             online = |x: &tch::Tensor| ensemble.logits(x);
             Soft::Model(&online)
         } else {
-            once = ensemble_logits(&self.shape, members, pool, 256)?;
+            once = weighted_ensemble_logits(&self.shape, members, &weights, pool, 256)?;
             Soft::Logits(&once)
         };
-        let (outcome, _) = guard_update(
+        let (outcome, _) = fuse_guarded(
             &self.teacher,
             &mut self.teacher_vs,
             &self.data.validation,
+            pool,
+            soft,
+            Some(&self.data.labelled),
+            &cfg,
             self.cfg.fuse_epsilon,
-            None,
-            |vs| {
-                fuse(
-                    &self.teacher,
-                    vs,
-                    pool,
-                    soft,
-                    Some(&self.data.labelled),
-                    &cfg,
-                )
-            },
+            Some(before),
+            Some(best),
         )?;
+        if outcome.accepted() {
+            self.teacher_changed();
+            self.val_accuracy = Some(outcome.kept());
+            self.best_val = Some(best.max(outcome.kept()));
+        }
         Ok(outcome)
     }
 
-    pub fn evaluate_teacher(&self, test: &Dataset) -> Evaluation {
-        evaluate(&self.teacher, test, 512)
+    /// The teacher's accuracy on `test`; reused while the teacher is unchanged (a rolled-back
+    /// fusion), so a round without a new teacher costs no teacher pass over the test set.
+    /// The cache is keyed by the test set's size: the coordinator and the benches use one.
+    pub fn evaluate_teacher(&mut self, test: &Dataset) -> Evaluation {
+        if let Some((n, e)) = &self.test_eval {
+            if *n == test.len() {
+                return e.clone();
+            }
+        }
+        let e = evaluate(&self.teacher, test, 512);
+        self.test_eval = Some((test.len(), e.clone()));
+        e
     }
 }
 
@@ -282,16 +373,29 @@ fn split_by_clients(
         out.sort_unstable();
         Ok(out)
     };
-    let mut labelled = collect(&cfg.labelled_clients)?;
     let unlabelled = collect(&cfg.unlabelled_clients)?;
-    let validation = if cfg.validation_clients.is_empty() {
-        labelled.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
-        let n_val = ((labelled.len() as f64) * cfg.validation_holdout).round() as usize;
-        let val: Vec<usize> = labelled.drain(..n_val.min(labelled.len())).collect();
-        labelled.sort_unstable();
-        val
+    // Validation is whole writers the teacher never trains on: frames of one camera are
+    // near-copies of each other, so holding out some of a labelled camera's frames measures
+    // memory, not generalisation (issue #12: 0.88 on such a set, 0.56 on test). Without explicit
+    // `validation_clients`, `validation_holdout` of the labelled writers (at least one when
+    // there are two or more) are held out whole.
+    let (labelled, validation) = if cfg.validation_clients.is_empty() {
+        let mut ids = cfg.labelled_clients.clone();
+        ids.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+        let n = ids.len();
+        let mut n_val = ((n as f64) * cfg.validation_holdout).round() as usize;
+        if n >= 2 && cfg.validation_holdout > 0.0 {
+            n_val = n_val.clamp(1, n - 1);
+        } else {
+            n_val = 0;
+        }
+        let (val_ids, lab_ids) = ids.split_at(n_val);
+        (collect(lab_ids)?, collect(val_ids)?)
     } else {
-        collect(&cfg.validation_clients)?
+        (
+            collect(&cfg.labelled_clients)?,
+            collect(&cfg.validation_clients)?,
+        )
     };
     let server: std::collections::HashSet<&str> = cfg
         .labelled_clients
@@ -373,19 +477,25 @@ mod tests {
             ..ServerDataConfig::default()
         };
         let (s, rest) = split_server_data(&d, &cfg, 7).unwrap();
-        // 20 labelled samples, a quarter held out for validation.
-        assert_eq!(s.validation.len(), 5);
-        assert_eq!(s.labelled.len(), 15);
+        // Two labelled writers, a quarter held out rounds to one whole writer for validation.
+        assert_eq!(s.validation.len(), 10);
+        assert_eq!(s.labelled.len(), 10);
         assert_eq!(s.unlabelled.len(), 10);
         let w = d.clients.as_ref().unwrap();
         assert_eq!(rest.len(), 30);
         assert!(rest
             .iter()
             .all(|&i| ["w3", "w4", "w5"].contains(&w[i].as_str())));
-        for set in [&s.labelled, &s.validation] {
-            let c = set.clients.as_ref().unwrap();
-            assert!(c.iter().all(|x| x == "w0" || x == "w1"));
-        }
+        let writers = |set: &Dataset| {
+            let mut c = set.clients.clone().unwrap();
+            c.sort();
+            c.dedup();
+            c
+        };
+        let (lw, vw) = (writers(&s.labelled), writers(&s.validation));
+        assert_eq!((lw.len(), vw.len()), (1, 1));
+        assert_ne!(lw, vw, "validation writers are never trained on");
+        assert!(["w0", "w1"].contains(&lw[0].as_str()) && ["w0", "w1"].contains(&vw[0].as_str()));
         // Explicit validation writers instead of a holdout.
         let cfg = ServerDataConfig {
             validation_clients: ids(&["w5"]),

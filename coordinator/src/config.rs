@@ -64,10 +64,11 @@ pub struct ServerDataConfig {
     /// Writers whose images form the unlabelled pool (labels never read).
     pub unlabelled_clients: Vec<String>,
     /// Writers held out for validation. When empty in id mode, `validation_holdout` of the
-    /// labelled writers' samples are held out instead, so no writer is lost to the clients.
+    /// labelled writers are held out whole instead (never frames of a trained-on writer), so no
+    /// writer is lost to the clients.
     pub validation_clients: Vec<String>,
-    /// Share of the labelled writers' samples held out for validation when
-    /// `validation_clients` is empty.
+    /// Share of the labelled writers held out whole for validation when `validation_clients`
+    /// is empty (at least one writer when there are two or more).
     pub validation_holdout: f64,
 }
 

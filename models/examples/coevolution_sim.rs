@@ -6,7 +6,8 @@
 //!     [--clients-per-round 10] [--local-epochs 2] [--local-batch 16] [--local-lr 0.05]
 //!     [--modes fedavg,coevolve] [--threads 1]
 //!     [--fuse-epochs 1] [--fuse-temp 3] [--fuse-alpha 0.7] [--fuse-lr 0.02] [--fuse-augment]
-//!     [--ensemble clients|merged] [--fuse-eps 0.02]
+//!     [--ensemble clients|merged] [--fuse-eps 0] [--fuse-guard best|old] [--fuse-conf 0]
+//!     [--weighted] [--server-labelled 10] [--server-unlabelled 20] [--val-writers 10]
 //!     [--distill-epochs 2] [--distill-temp 3] [--distill-alpha 0.7] [--distill-lr 0.02]
 //!     [--distill-eps 0] [--lower-epochs 40] [--upper-epochs 6] [--no-upper] [--cache DIR]
 //!     [--speed]
@@ -16,11 +17,13 @@
 //! contend with other processes (measured: teacher training 359 samples/s with 1 thread vs 86
 //! with 2 under load). `--speed` only prints training throughput and exits.
 //!
-//! Split (by writer, shuffled with `--seed`): server labelled = 10 writers (of which 20 % of
-//! the samples, drawn with the seed, are held out as the **validation** set used by both guards;
-//! the rest is "the labelled set", which is all the lower bound and the coevolve teacher's CE
-//! ever see — so the lower bound is not handicapped relative to coevolve), server unlabelled pool = 20 other writers (labels never
-//! read), clients = the remaining writers, one client per writer; test = all of `t10k`.
+//! Split (by writer, shuffled with `--seed`): server labelled = `--server-labelled` writers
+//! (all their samples: "the labelled set", which is all the lower bound and the coevolve
+//! teacher's CE ever see); validation = `--val-writers` (10) other whole writers nobody trains
+//! on, used by both guards (`--val-writers 0` = the pre-#12 20 % of the labelled writers' own
+//! samples, which leaks on near-duplicate camera frames); server unlabelled pool =
+//! `--server-unlabelled` other writers (labels never read); clients = the remaining writers, one
+//! client per writer; test = all of the test split.
 //!
 //! - lower bound: teacher trained on the labelled set only (this is also the coevolve teacher's
 //!   starting point: the data centre starts with what it has);
@@ -85,7 +88,7 @@ struct Split {
     test: Dataset,
 }
 
-fn split(dir: &Path, seed: u64, n_lab: usize, n_pool: usize) -> Res<Split> {
+fn split(dir: &Path, seed: u64, n_lab: usize, n_pool: usize, n_val: usize) -> Res<Split> {
     let d = data::load_dir(dir)?;
     let labels = d.train.labels_vec();
     let parts = partition(
@@ -106,15 +109,25 @@ fn split(dir: &Path, seed: u64, n_lab: usize, n_pool: usize) -> Res<Split> {
         v
     };
     let mut lab_idx = take(&writers[..n_lab]);
-    lab_idx.shuffle(&mut rng);
-    let n_val = lab_idx.len() / 5;
-    let val = d.train.subset(&lab_idx[..n_val]);
-    let labelled = d.train.subset(&lab_idx[n_val..]);
-    let pool = d
-        .train
-        .subset(&take(&writers[n_lab..n_lab + n_pool]))
-        .images;
-    let clients = writers[n_lab + n_pool..]
+    // Validation: whole writers nobody trains on (n_val > 0), or the old 20 % of the labelled
+    // writers' own samples (n_val = 0), which on near-duplicate frames leaks.
+    let (val, labelled, rest) = if n_val > 0 {
+        (
+            d.train.subset(&take(&writers[n_lab..n_lab + n_val])),
+            d.train.subset(&lab_idx),
+            n_lab + n_val,
+        )
+    } else {
+        lab_idx.shuffle(&mut rng);
+        let n = lab_idx.len() / 5;
+        (
+            d.train.subset(&lab_idx[..n]),
+            d.train.subset(&lab_idx[n..]),
+            n_lab,
+        )
+    };
+    let pool = d.train.subset(&take(&writers[rest..rest + n_pool])).images;
+    let clients = writers[rest + n_pool..]
         .iter()
         .map(|&w| d.train.subset(&parts[w].1))
         .collect();
@@ -222,10 +235,15 @@ fn student_acc(shape: &DataShape, w: &Weights, test: &Dataset) -> Result<f64, Mo
 
 fn short(g: &GuardOutcome) -> String {
     match g {
-        GuardOutcome::Accepted { before, after } => format!("acc {:+.3}", after - before),
-        GuardOutcome::RolledBack { before, after, .. } => {
-            format!("ROLLBACK {:+.3}", after - before)
+        GuardOutcome::Accepted { before, after, .. } => {
+            format!("acc {before:.3}->{after:.3}")
         }
+        GuardOutcome::RolledBack {
+            before,
+            after,
+            best,
+            reason,
+        } => format!("ROLLBACK {before:.3}->{after:.3} (best {best:.3}: {reason})"),
     }
 }
 
@@ -259,6 +277,7 @@ fn main() -> Res<()> {
         weight_decay: 5e-4,
         augment: a.0.contains_key("fuse-augment"),
         seed,
+        min_confidence: a.get("fuse-conf", 0.0),
     };
     let distill_cfg = KdConfig {
         temperature: a.get("distill-temp", 3.0),
@@ -270,8 +289,13 @@ fn main() -> Res<()> {
         weight_decay: 0.0,
         augment: false,
         seed,
+        min_confidence: 0.0,
     };
-    let fuse_eps: f64 = a.get("fuse-eps", 0.02);
+    let fuse_eps: f64 = a.get("fuse-eps", 0.0);
+    // "old": one guarded fusion of all epochs against the previous teacher (the algorithm
+    // before issue #12); "best": early-stopped epochs, guarded against the best teacher so far.
+    let fuse_mode = a.s("fuse-guard", "best");
+    let weighted = a.0.contains_key("weighted");
     let distill_eps: f64 = a.get("distill-eps", 0.0);
     let ensemble_mode = a.s("ensemble", "clients");
 
@@ -281,6 +305,7 @@ fn main() -> Res<()> {
         seed,
         a.get("server-labelled", 10),
         a.get("server-unlabelled", 20),
+        a.get("val-writers", 10),
     )?;
     let shape = sp.train_all.shape;
     println!(
@@ -334,7 +359,15 @@ fn main() -> Res<()> {
         return Ok(());
     }
     let tb = Instant::now();
-    let lower_w = cached_teacher(&cache, "lower", &shape, &sp.labelled, lower_epochs, seed)?;
+    let lower_name = format!("lower-v{}", a.get::<usize>("val-writers", 10));
+    let lower_w = cached_teacher(
+        &cache,
+        &lower_name,
+        &shape,
+        &sp.labelled,
+        lower_epochs,
+        seed,
+    )?;
     let lower = teacher_acc(&shape, &lower_w, &sp.test)?;
     let upper = if a.0.contains_key("no-upper") {
         f64::NAN
@@ -383,6 +416,7 @@ fn main() -> Res<()> {
         // recomputed only then (saves a teacher pass over server data and test set per rollback).
         let mut t_logits = distill::logits(&teacher, &sp.server_images, 500)?;
         let mut t_val: Option<f64> = None;
+        let mut t_best: Option<f64> = None;
         let mut phase = [0.0f64; 4];
         for r in 0..rounds {
             let tp = Instant::now();
@@ -421,36 +455,45 @@ fn main() -> Res<()> {
                 seed: seed + r as u64,
                 ..fuse_cfg.clone()
             };
-            let (f_out, _) = if fuse_cfg.augment {
-                let ens = Ensemble::new(NetKind::Student, &shape, &members)?;
-                let f = |x: &Tensor| ens.logits(x);
-                distill::guard_update(&teacher, &mut tvs, &sp.val, fuse_eps, t_val, |vs| {
-                    distill::fuse(
-                        &teacher,
-                        vs,
-                        &sp.pool,
-                        Soft::Model(&f),
-                        Some(&sp.labelled),
-                        &fcfg,
-                    )
-                })?
+            let weights = if weighted {
+                distill::quality_weights(&distill::member_accuracies(&shape, &members, &sp.val)?)
             } else {
-                let ens = distill::ensemble_logits(&shape, &members, &sp.pool, 1000)?;
-                distill::guard_update(&teacher, &mut tvs, &sp.val, fuse_eps, t_val, |vs| {
-                    distill::fuse(
-                        &teacher,
-                        vs,
-                        &sp.pool,
-                        Soft::Logits(&ens),
-                        Some(&sp.labelled),
-                        &fcfg,
-                    )
-                })?
+                vec![1.0; members.len()]
             };
-            t_val = Some(match &f_out {
-                GuardOutcome::Accepted { after, .. } => *after,
-                GuardOutcome::RolledBack { before, .. } => *before,
-            });
+            let ens_online;
+            let ens_fixed;
+            let f;
+            let soft = if fuse_cfg.augment {
+                ens_online = Ensemble::weighted(NetKind::Student, &shape, &members, &weights)?;
+                f = |x: &Tensor| ens_online.logits(x);
+                Soft::Model(&f)
+            } else {
+                ens_fixed =
+                    distill::weighted_ensemble_logits(&shape, &members, &weights, &sp.pool, 1000)?;
+                Soft::Logits(&ens_fixed)
+            };
+            let f_out = if fuse_mode == "old" {
+                distill::guard_update(&teacher, &mut tvs, &sp.val, fuse_eps, t_val, |vs| {
+                    distill::fuse(&teacher, vs, &sp.pool, soft, Some(&sp.labelled), &fcfg)
+                })?
+                .0
+            } else {
+                distill::fuse_guarded(
+                    &teacher,
+                    &mut tvs,
+                    &sp.val,
+                    &sp.pool,
+                    soft,
+                    Some(&sp.labelled),
+                    &fcfg,
+                    fuse_eps,
+                    t_val,
+                    t_best,
+                )?
+                .0
+            };
+            t_val = Some(f_out.kept());
+            t_best = Some(t_best.map_or(f_out.kept(), |b: f64| b.max(f_out.kept())));
             phase[2] += tp.elapsed().as_secs_f64();
             let tp = Instant::now();
             if f_out.accepted() {

@@ -10,6 +10,7 @@
 //! - [`error`]: [`ModelError`], the single error type.
 //! - [`data`]: [`Dataset`] / [`DataSplit`] loading from IDX directories or image folders, plus a
 //!   tiny synthetic dataset for unit tests.
+//! - [`camera`]: a camera-like RGB image-folder dataset generated from a grey one (issue #12).
 //! - [`local`]: a camera's own frames read within a memory budget ([`local::LocalSet`]).
 //! - [`partition`]: [`partition::PartitionSpec`] and the natural / IID / Dirichlet / shards
 //!   partitioners that split a training set across clients.
@@ -20,6 +21,7 @@
 //! - [`weights`]: [`Weights`] (named `f32` tensors), arithmetic used by aggregation, and the
 //!   bounded [`WeightCodec`] encoders/decoders.
 
+pub mod camera;
 pub mod data;
 #[cfg(feature = "teacher")]
 pub mod distill;

@@ -41,7 +41,8 @@ pub struct CoevolutionArgs {
     /// co-evolved teacher's starting point).
     #[arg(long, default_value_t = 40)]
     pub pretrain_epochs: usize,
-    /// Passes of upward fusion over the unlabelled pool per round.
+    /// Most passes of upward fusion over the unlabelled pool per round (early-stopped on the
+    /// held-out validation writers; the best epoch is kept).
     #[arg(long, default_value_t = 3)]
     pub fuse_epochs: usize,
     /// Fuse on randomly shifted/rotated/scaled views of the pool, the ensemble labelling each
@@ -55,6 +56,17 @@ pub struct CoevolutionArgs {
     /// measured in BENCHMARKS.md.
     #[arg(long, default_value_t = 0)]
     pub ensemble_clients: usize,
+    /// Weight of the KD term in fusion (1 − α goes to cross-entropy on the labelled set).
+    #[arg(long, default_value_t = 0.5)]
+    pub fuse_alpha: f64,
+    /// Pool rows whose ensemble target's top-class probability is below this are left out of
+    /// fusion's KD term (0 keeps all).
+    #[arg(long, default_value_t = 0.5)]
+    pub fuse_min_confidence: f64,
+    /// Weight fusion-ensemble members by their accuracy on the held-out validation writers
+    /// (members below half the best left out); `false` = uniform, as before issue #12.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub fuse_weighted: bool,
     /// Which parts to run; with `--reuse`, the others are taken from an earlier bench.
     #[arg(long, value_delimiter = ',', default_value = "bounds,fedavg,coevolve")]
     pub only: Vec<Part>,
@@ -91,7 +103,12 @@ pub struct Summary {
     pub split: String,
     pub seed: u64,
     pub rounds: u64,
+    /// Test accuracy of the co-evolved teacher's round-0 checkpoint (its pretraining on the
+    /// labelled set), read back from `coevolve/checkpoints/` when that part ran.
     pub lower_bound: Option<f64>,
+    /// Whether the bounds part's pretrained teacher and the coevolve run's round-0 teacher
+    /// checkpoint are byte-identical (they must be: same code path, same seed).
+    pub lower_is_round0_checkpoint: Option<bool>,
     pub upper_bound: Option<f64>,
     pub fedavg_student: Option<f64>,
     pub coevolve_teacher: Option<f64>,
@@ -111,14 +128,23 @@ pub struct Goals {
     pub student_not_worse_than_fedavg: Option<bool>,
 }
 
+/// One line per guarded step: the decision, before → after, and why (the yardstick compared).
 fn guard_text(g: &Option<GuardOutcome>) -> Option<String> {
-    g.as_ref().map(|g| match g {
-        GuardOutcome::Accepted { before, after } => {
-            format!("accepted {:+.4}", after - before)
-        }
-        GuardOutcome::RolledBack { before, after, .. } => {
-            format!("rolled back {:+.4}", after - before)
-        }
+    g.as_ref().map(|g| {
+        let verdict = if g.accepted() {
+            "accepted"
+        } else {
+            "rolled back"
+        };
+        let (before, after) = match g {
+            GuardOutcome::Accepted { before, after, .. }
+            | GuardOutcome::RolledBack { before, after, .. } => (before, after),
+        };
+        format!(
+            "{verdict} {:+.4} ({before:.4} -> {after:.4}): {}",
+            after - before,
+            g.reason()
+        )
     })
 }
 
@@ -146,9 +172,12 @@ pub fn run(rt: &tokio::runtime::Runtime, args: &CoevolutionArgs) -> Result<()> {
     let coevolution = CoevolutionConfig {
         pretrain_epochs: args.pretrain_epochs,
         ensemble_clients: args.ensemble_clients,
+        fuse_weighted: args.fuse_weighted,
         fuse: coevo_models::distill::KdConfig {
             epochs: args.fuse_epochs,
             augment: args.fuse_augment,
+            alpha: args.fuse_alpha,
+            min_confidence: args.fuse_min_confidence,
             ..CoevolutionConfig::default().fuse
         },
         ..CoevolutionConfig::default()
@@ -161,6 +190,7 @@ pub fn run(rt: &tokio::runtime::Runtime, args: &CoevolutionArgs) -> Result<()> {
         settings: serde_json::json!({
             "server_labelled_writers": args.split.server_labelled,
             "server_unlabelled_writers": args.split.server_unlabelled,
+            "server_validation_writers": args.split.server_validation,
             "client_writers": split.clients.len(),
             "local_epochs": args.local.local_epochs,
             "lr": args.local.lr,
@@ -193,6 +223,11 @@ pub fn run(rt: &tokio::runtime::Runtime, args: &CoevolutionArgs) -> Result<()> {
         tch::manual_seed(args.split.seed as i64);
         tl.pretrain(args.split.seed)?;
         let lower = tl.evaluate_teacher(&split.test).accuracy;
+        std::fs::write(
+            args.out.join("lower-teacher.safetensors"),
+            tl.teacher_weights()
+                .encode(coevo_models::WeightCodec::F32)?,
+        )?;
         println!("[bounds] lower_bound {lower:.4}");
         println!(
             "[bounds] upper: teacher on all training data ({} samples × {} epochs)",
@@ -239,10 +274,16 @@ pub fn run(rt: &tokio::runtime::Runtime, args: &CoevolutionArgs) -> Result<()> {
                     p.coevolve_teacher = r.teacher.test_accuracy;
                     if let Some(c) = &r.coevolution {
                         p.distillation = guard_text(&c.distillation);
-                        p.fusion = guard_text(&c.fusion);
+                        // Fusion runs only on a round whose merged student was kept; say so
+                        // rather than leave the curve silent.
+                        p.fusion = guard_text(&c.fusion)
+                            .or_else(|| Some(format!("not run: round {}", r.outcome)));
                     }
                 }
             }
+        }
+        if mode == Mode::Coevolve {
+            check_round0(&mut summary, &args.out, &split)?;
         }
         let last = reports.iter().rev().find(|r| r.round == args.rounds);
         match mode {
@@ -262,6 +303,22 @@ pub fn run(rt: &tokio::runtime::Runtime, args: &CoevolutionArgs) -> Result<()> {
     write_json(&summary_path, &summary)?;
     print_table(&summary);
     println!("summary in {}", summary_path.display());
+    Ok(())
+}
+
+/// The lower bound is the co-evolved teacher's round-0 checkpoint: evaluates that checkpoint
+/// on the test split and records whether the bounds part pretrained byte-identical weights.
+fn check_round0(summary: &mut Summary, out: &Path, split: &BenchSplit) -> Result<()> {
+    let path = out.join("coevolve/checkpoints/teacher-0000.safetensors");
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    if let Ok(lower) = std::fs::read(out.join("lower-teacher.safetensors")) {
+        summary.lower_is_round0_checkpoint = Some(lower == bytes);
+    }
+    let w = coevo_models::Weights::decode(&bytes, coevo_models::WeightCodec::F32, 1 << 30)?;
+    let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let teacher = Teacher::new(&vs.root(), &split.shape);
+    w.load_into(&mut vs)?;
+    summary.lower_bound = Some(evaluate(&teacher, &split.test, 512).accuracy);
     Ok(())
 }
 

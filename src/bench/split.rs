@@ -19,10 +19,15 @@ pub struct SplitArgs {
     /// with train-clients.csv): writers are the unit of the split.
     #[arg(long, default_value = "../shared/data/femnist")]
     pub data: PathBuf,
-    /// Writers whose labelled samples the server owns (20 % of those samples are held out as
-    /// the validation set both guards use).
+    /// Writers whose labelled samples the server owns. Unless `--server-validation` is given,
+    /// 20 % of these writers (2 of 10) are held out whole as the validation set both guards
+    /// use: never frames of a writer the teacher trains on, which would be near-copies.
     #[arg(long, default_value_t = 10)]
     pub server_labelled: usize,
+    /// Extra writers (drawn after the server's, before the clients) held out whole as the
+    /// guards' validation set; 0 = hold out 20 % of the labelled writers instead.
+    #[arg(long, default_value_t = 0)]
+    pub server_validation: usize,
     /// Writers whose images form the server's unlabelled pool (labels never read).
     #[arg(long, default_value_t = 20)]
     pub server_unlabelled: usize,
@@ -59,7 +64,7 @@ impl BenchSplit {
             );
         };
         let mut writers = distinct_clients(writer_of);
-        let server = args.server_labelled + args.server_unlabelled;
+        let server = args.server_labelled + args.server_unlabelled + args.server_validation;
         let want = if args.clients == 0 {
             writers.len().saturating_sub(server)
         } else {
@@ -67,19 +72,22 @@ impl BenchSplit {
         };
         if args.server_labelled == 0 || server + want > writers.len() || want == 0 {
             bail!(
-                "{} has {} writers; the split asks for {} labelled + {} unlabelled + {} clients \
-                 (at least 1 labelled and 1 client)",
+                "{} has {} writers; the split asks for {} labelled + {} unlabelled + {} validation \
+                 + {} clients (at least 1 labelled and 1 client)",
                 args.data.display(),
                 writers.len(),
                 args.server_labelled,
                 args.server_unlabelled,
+                args.server_validation,
                 want
             );
         }
         writers.shuffle(&mut rand::rngs::StdRng::seed_from_u64(args.seed));
+        let unlabelled_end = args.server_labelled + args.server_unlabelled;
         let roles = ServerDataConfig {
             labelled_clients: writers[..args.server_labelled].to_vec(),
-            unlabelled_clients: writers[args.server_labelled..server].to_vec(),
+            unlabelled_clients: writers[args.server_labelled..unlabelled_end].to_vec(),
+            validation_clients: writers[unlabelled_end..server].to_vec(),
             validation_holdout: 0.2,
             ..ServerDataConfig::default()
         };
