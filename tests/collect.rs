@@ -9,6 +9,8 @@
 //! - re-sent accepted deltas are re-receipted, not rejected; a coordinator killed mid-round and
 //!   restarted names an acknowledged delta whose file was deleted; retries of the previous
 //!   round after a restart get their receipt again (journalled) or are counted as late;
+//! - a coordinator whose workers are full stops reading and sheds what it cannot hold; the
+//!   cameras re-send and nothing is lost or blamed;
 //! - an output directory with rounds but no `state.json` is refused.
 
 mod common;
@@ -519,4 +521,76 @@ async fn an_out_dir_with_rounds_but_no_state_is_refused() {
     assert!(e.contains("restore") && e.contains("start fresh"), "{e}");
     assert!(!out.join("state.json").exists(), "nothing written");
     assert!(!out.join("checkpoints").exists(), "nothing written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_that_is_behind_sheds_and_cameras_that_resend_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = fleet(dir.path(), 6);
+    let broker = start_broker(&fleet);
+    let addr = broker.addr;
+    let out = dir.path().join("out");
+    let mut cfg = coordinator_config(&fleet, addr, out.clone(), 1);
+    cfg.guard.enabled = false;
+    cfg.round.timeout_s = 60;
+    // One upload verified at a time and nothing held unread beyond one publish: a burst of
+    // uploads must be shed, not queued.
+    cfg.transfer.max_verifying = 1;
+    cfg.transfer.incoming_bytes = 1;
+    let data = synthetic(60, 60, SHAPE, 5);
+    let layout = layout();
+    let mut cams = Vec::new();
+    for i in 0..6 {
+        cams.push(Cam::connect(&fleet, i, addr).await);
+    }
+    let (coord, mut events) = spawn_coordinator(cfg, &fleet, &data.test);
+    let mut uploads = Vec::new();
+    for (i, cam) in cams.iter_mut().enumerate() {
+        let m = cam.manifest(1).await;
+        uploads.push(cam.upload(&m, 1, &layout, 0.01 * (i + 1) as f32));
+    }
+    // Everyone at once, three times over (as if their receipts were late). Counted in
+    // publishes (chunks), the unit the session sheds.
+    let mut sends = 0u64;
+    for _ in 0..3 {
+        for (cam, u) in cams.iter().zip(&uploads) {
+            cam.send(u).await;
+            sends += u.messages.len() as u64;
+        }
+    }
+    // Like an edge: wait a little for the receipt, re-send if none came.
+    for (cam, u) in cams.iter_mut().zip(&uploads) {
+        let outcome = loop {
+            match tokio::time::timeout(Duration::from_secs(3), cam.receipt(u)).await {
+                Ok(o) => break o,
+                Err(_) => {
+                    cam.send(u).await;
+                    sends += u.messages.len() as u64;
+                }
+            }
+        };
+        assert_eq!(outcome, ReceiptOutcome::Accepted, "{}", cam.id);
+    }
+    let r = finished(&mut events, 1, &mut Vec::new()).await;
+    let _ = coord.await;
+    assert_eq!(r.outcome, "completed");
+    assert_eq!(r.accepted, 6);
+    assert!(r.rejected.is_empty(), "nobody blamed: {:?}", r.rejected);
+    assert!(r.lost.is_empty());
+    assert_eq!(r.collect.max_verifying, 1, "{:?}", r.collect);
+    // Each accepted upload was read whole; what was shed is at most the rest.
+    let read_at_least: u64 = uploads.iter().map(|u| u.messages.len() as u64).sum();
+    assert!(
+        r.collect.shed + read_at_least <= sends,
+        "{sends} publishes sent: {:?} resent {} busy {}",
+        r.collect,
+        r.resent,
+        r.reassembly.refused_busy
+    );
+    // The copies were either shed, or read and answered as re-sends (or refused as busy).
+    assert!(
+        r.collect.shed + r.resent + r.reassembly.refused_busy > 0,
+        "18 uploads at once were neither shed nor answered as re-sends: {:?}",
+        r.collect
+    );
 }

@@ -34,7 +34,7 @@ async fn first_outcome(
                 Some(Incoming::Connected { .. }) => return Ok(()),
                 Some(Incoming::Disconnected(reason)) => return Err(reason),
                 Some(Incoming::AuthRefused { error, .. }) => return Err(error.to_string()),
-                Some(Incoming::Publish(_)) => {}
+                Some(Incoming::Publish(_) | Incoming::Shed(_)) => {}
                 None => return Err("session closed".into()),
             }
         }

@@ -242,6 +242,16 @@ pub struct TransferConfig {
     /// Bytes all incomplete uploads together may hold: the coordinator's reassembly memory
     /// bound. A chunk past it is refused without blame (its client re-sends).
     pub reassembly_bytes: u64,
+    /// Complete uploads waiting for or in verification at once. Past it the collect loop stops
+    /// reading from the broker until the workers catch up, so what a fast broker delivers
+    /// waits in `incoming_bytes` rather than in memory that grows with the fleet.
+    pub max_verifying: u32,
+    /// Payload bytes the coordinator's MQTT session holds unread. A publish past it is
+    /// acknowledged and dropped ("shed", counted in the report's `collect.shed`); its client
+    /// re-sends after its receipt timeout. Brokers do not all bound what they push at a slow
+    /// subscriber (Mosquitto pushed 1,500+ unacknowledged deltas at once), so this is the
+    /// coordinator's own bound.
+    pub incoming_bytes: u64,
 }
 
 impl TransferConfig {
@@ -262,6 +272,8 @@ impl Default for TransferConfig {
             stale_transfer_s: 120,
             uploads_per_client: 1,
             reassembly_bytes: 1 << 30,
+            max_verifying: 256,
+            incoming_bytes: 64 << 20,
         }
     }
 }

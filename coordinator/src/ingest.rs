@@ -215,6 +215,7 @@ impl Ingest {
     /// Queues `up` for verification; returns at once.
     pub fn submit(&mut self, ticket: u64, up: Upload) {
         self.in_flight += 1;
+        self.stats.max_verifying = self.stats.max_verifying.max(self.in_flight as u64);
         let (spec, store, slots, tx) = (
             self.spec.clone(),
             self.store.clone(),

@@ -127,6 +127,14 @@ pub struct CollectReport {
     pub fsyncs: u64,
     /// Wall time spent in group commits (directory + journal fsyncs), ms.
     pub commit_ms: u64,
+    /// Most complete uploads waiting for or in verification at once (bounded by
+    /// `transfer.max_verifying`).
+    #[serde(default)]
+    pub max_verifying: u64,
+    /// Publishes the coordinator's MQTT session dropped unread during the round because it
+    /// held `transfer.incoming_bytes` (their clients re-send; not blamed, not rejected).
+    #[serde(default)]
+    pub shed: u64,
 }
 
 /// How many messages one client had rejected for one reason in a round.

@@ -242,6 +242,7 @@ impl Coordinator {
         // envelope decoder instead, with a reason.
         settings.max_packet_bytes =
             (cfg.transfer.chunk_size as usize + 64 * 1024).max(MAX_INCOMING_PACKET);
+        settings.max_incoming_bytes = Some(cfg.transfer.incoming_bytes.max(1) as usize);
         let mut session = Session::start(&settings, vec![Topic::all_deltas_filter(&cfg.fleet)]);
         wait_connected(&mut session, &cfg).await?;
 
@@ -492,7 +493,7 @@ async fn wait_connected(
                 // Retrying with the same credentials cannot help: say so at once.
                 Incoming::AuthRefused { error, .. } => return Err(error),
                 // Not ours to handle yet; the client re-sends until it has a receipt.
-                Incoming::Publish(p) => {
+                Incoming::Publish(p) | Incoming::Shed(p) => {
                     let _ = session.ack(&p).await;
                 }
             }

@@ -425,6 +425,8 @@ impl Agent {
             }
             // Handled in `next_event`, which may end the agent.
             Incoming::AuthRefused { .. } => return Event::Other,
+            // Only sessions with an incoming bound shed; the agent's has none.
+            Incoming::Shed(_) => return Event::Other,
             Incoming::Publish(p) => p,
         };
         let topic = match Topic::parse(&self.opts.fleet, &p.topic) {

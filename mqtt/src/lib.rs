@@ -22,7 +22,7 @@ use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use std::path::Path;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -170,6 +170,15 @@ pub struct Settings {
     /// Acknowledge incoming QoS 1 messages only when the owner calls [`Session::ack`] (the
     /// coordinator acks a delta once it is on disk, so the broker re-delivers it otherwise).
     pub manual_acks: bool,
+    /// Payload bytes of received publishes the session may hold for its owner (`None`: no
+    /// bound). Past it a publish is *shed*: handed over without its payload as
+    /// [`Incoming::Shed`] (so an owner with manual acks still acknowledges it in order) and
+    /// counted ([`Session::shed`]). The event loop must keep polling whatever the owner
+    /// does (keep-alives, its own publishes), so the bound cannot be a blocking channel;
+    /// shedding is only for owners whose senders re-send until answered — the coordinator,
+    /// whose edges re-send a delta until they hold its receipt. A publish is never shed while
+    /// nothing is held, so one larger than the bound still gets through.
+    pub max_incoming_bytes: Option<usize>,
 }
 
 impl Settings {
@@ -187,6 +196,7 @@ impl Settings {
             max_backoff: Duration::from_secs(5),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             manual_acks: false,
+            max_incoming_bytes: None,
         }
     }
 }
@@ -235,6 +245,10 @@ pub enum Incoming {
         consecutive: u32,
     },
     Publish(Publish),
+    /// A publish dropped unread, its payload removed, because the owner held
+    /// [`Settings::max_incoming_bytes`]. With manual acks the owner acknowledges it like any
+    /// other, in arrival order (rumqttd drops a connection that acknowledges out of order).
+    Shed(Publish),
 }
 
 /// A live MQTT session.
@@ -245,6 +259,10 @@ pub struct Session {
     poller: tokio::task::JoinHandle<()>,
     /// QoS 1 publishes sent and not yet acknowledged by the broker.
     unacked: Arc<AtomicI64>,
+    /// Payload bytes of publishes received and not yet taken by the owner.
+    held: Arc<AtomicUsize>,
+    /// Publishes dropped because `held` was at [`Settings::max_incoming_bytes`].
+    shed: Arc<AtomicU64>,
 }
 
 impl Session {
@@ -289,6 +307,11 @@ impl Session {
         let with_credentials = settings.password.is_some();
         let unacked = Arc::new(AtomicI64::new(0));
         let poll_unacked = unacked.clone();
+        let held = Arc::new(AtomicUsize::new(0));
+        let poll_held = held.clone();
+        let shed = Arc::new(AtomicU64::new(0));
+        let poll_shed = shed.clone();
+        let max_incoming = settings.max_incoming_bytes;
         let poller = tokio::spawn(async move {
             let mut backoff = MIN_BACKOFF.min(max_backoff);
             // Whether the current connection got its CONNACK, and refusals in a row.
@@ -318,6 +341,22 @@ impl Session {
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let len = p.payload.len();
+                        let now = poll_held.load(Ordering::SeqCst);
+                        if max_incoming.is_some_and(|max| now > 0 && now.saturating_add(len) > max)
+                        {
+                            let n = poll_shed.fetch_add(1, Ordering::SeqCst) + 1;
+                            if n.is_power_of_two() {
+                                tracing::warn!(client = %id, held = now, shed = n, topic = %p.topic, "owner is behind: shedding incoming publishes (their senders re-send)");
+                            }
+                            let mut p = p;
+                            p.payload = Default::default();
+                            if tx.send(Incoming::Shed(p)).is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        poll_held.fetch_add(len, Ordering::SeqCst);
                         if tx.send(Incoming::Publish(p)).is_err() {
                             return;
                         }
@@ -369,7 +408,26 @@ impl Session {
             incoming,
             poller,
             unacked,
+            held,
+            shed,
         }
+    }
+
+    /// Publishes dropped so far because the owner held [`Settings::max_incoming_bytes`].
+    pub fn shed(&self) -> u64 {
+        self.shed.load(Ordering::SeqCst)
+    }
+
+    /// Payload bytes received and not yet taken by the owner.
+    pub fn held_bytes(&self) -> usize {
+        self.held.load(Ordering::SeqCst)
+    }
+
+    fn taken(&self, ev: Option<Incoming>) -> Option<Incoming> {
+        if let Some(Incoming::Publish(p)) = &ev {
+            self.held.fetch_sub(p.payload.len(), Ordering::SeqCst);
+        }
+        ev
     }
 
     /// Adds a filter: subscribed now and after every reconnection.
@@ -416,12 +474,14 @@ impl Session {
 
     /// Next event; `None` once the session is closed.
     pub async fn recv(&mut self) -> Option<Incoming> {
-        self.incoming.recv().await
+        let ev = self.incoming.recv().await;
+        self.taken(ev)
     }
 
     /// Next event if one is ready now.
     pub fn try_recv(&mut self) -> Option<Incoming> {
-        self.incoming.try_recv().ok()
+        let ev = self.incoming.try_recv().ok();
+        self.taken(ev)
     }
 
     /// The underlying client, for callers that need a raw operation (e.g. manual acks).

@@ -559,6 +559,8 @@ impl Client {
                 self.connected = false;
                 Ok(Ev::Other)
             }
+            // Only sessions with an incoming bound shed; these have none.
+            Incoming::Shed(_) => Ok(Ev::Other),
             Incoming::Publish(p) => {
                 if p.payload.is_empty() {
                     return Ok(Ev::Other);

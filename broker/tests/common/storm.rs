@@ -51,7 +51,7 @@ pub async fn storm(
                         Some(Incoming::Connected { .. }) => return Some(start.elapsed()),
                         Some(Incoming::Disconnected(reason)) => failed.push(reason),
                         Some(Incoming::AuthRefused { error, .. }) => failed.push(error.to_string()),
-                        Some(Incoming::Publish(_)) => {}
+                        Some(Incoming::Publish(_) | Incoming::Shed(_)) => {}
                         None => return None,
                     }
                 }

@@ -134,6 +134,8 @@ impl Coordinator {
             per_client,
         };
         let ctx = spec.ctx();
+        let max_verifying = cfg.transfer.max_verifying.max(1) as usize;
+        let shed_before = session.shed();
         let timeout = Duration::from_secs(cfg.round.timeout_s);
         let mut deadline = tokio::time::Instant::now() + timeout;
         let mut extensions = 0u32;
@@ -144,8 +146,11 @@ impl Coordinator {
                 break "completed";
             }
             let busy = pipe.ingest.in_flight() > 0;
+            // Backpressure: with the workers full, what the broker delivers waits in the
+            // session (bounded by `incoming_bytes`), not in a queue that grows with the fleet.
+            let room = pipe.ingest.in_flight() < max_verifying;
             let wake = tokio::select! {
-                ev = session.recv() => Wake::Mqtt(ev),
+                ev = session.recv(), if room => Wake::Mqtt(ev),
                 done = pipe.ingest.recv(), if busy => Wake::Verified(done),
                 _ = sweep.tick() => Wake::Sweep,
                 _ = tokio::time::sleep_until(deadline) => Wake::Deadline,
@@ -209,6 +214,11 @@ impl Coordinator {
                 Wake::Mqtt(Some(Incoming::AuthRefused { error, consecutive })) => {
                     tracing::error!(%error, consecutive, "cannot reconnect; retrying")
                 }
+                Wake::Mqtt(Some(Incoming::Shed(p))) => {
+                    // Dropped unread by the session (we were behind); its client re-sends.
+                    pipe.acks.push_back((p, None));
+                    flush_acks(session, &mut pipe).await?;
+                }
                 Wake::Mqtt(Some(Incoming::Publish(p))) => {
                     let wait = match self.on_chunk(&p, &mut st, &mut book, session, &ctx).await? {
                         Some((client, upload_round, header, payload)) => {
@@ -244,7 +254,10 @@ impl Coordinator {
                 peak_client_bytes: peaks.owner_bytes as u64,
                 refused_busy: book.refused_busy,
             },
-            collect: pipe.ingest.stats.clone(),
+            collect: CollectReport {
+                shed: session.shed() - shed_before,
+                ..pipe.ingest.stats.clone()
+            },
             book,
         })
     }
