@@ -28,8 +28,12 @@ enum Command {
     /// Run the embedded MQTT broker (rumqttd) with password auth.
     Broker {
         /// Broker config (see broker/broker.sample.toml).
-        #[arg(long, short)]
-        config: PathBuf,
+        #[arg(long, short, required_unless_present = "front_process")]
+        config: Option<PathBuf>,
+        /// Internal: serve as one of the broker's front processes (`front_processes` in the
+        /// config); started by `coevo broker`, which sends the settings on stdin.
+        #[arg(long, hide = true, conflicts_with = "config")]
+        front_process: bool,
     },
     /// Run the coordinator: rounds of publish, collect, verify, aggregate, report.
     Coordinator {
@@ -270,8 +274,23 @@ fn main() -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     match cli.command {
-        Command::Broker { config } => {
+        Command::Broker {
+            front_process: true,
+            ..
+        } => {
+            // stdout is the broker process's readiness pipe: logs go to stderr (shared with it).
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,rumqttd=error".into());
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .init();
+            coevo_broker::run_front_process()?;
+            Ok(())
+        }
+        Command::Broker { config, .. } => {
             init_tracing("info,rumqttd=error");
+            let config = config.context("--config is required")?;
             let cfg = coevo_broker::BrokerConfig::from_toml_file(&config)?;
             let handle = coevo_broker::start(cfg)?;
             println!("coevo broker listening on {}", handle.addr);

@@ -8,10 +8,11 @@ use std::process::Command;
 
 const CLIENTS: u64 = 20;
 
-fn run_bench(out: &Path, broker: &str) -> serde_json::Value {
+fn run_bench(out: &Path, broker: &str, extra: &[&str]) -> serde_json::Value {
     let status = Command::new(env!("CARGO_BIN_EXE_coevo"))
         .args(["bench", "fleet", "--clients", &CLIENTS.to_string()])
         .args(["--broker", broker, "--round-timeout-s", "120"])
+        .args(extra)
         .arg("--out")
         .arg(out)
         .status()
@@ -71,8 +72,27 @@ fn check(s: &serde_json::Value, broker: &str) {
 #[test]
 fn twenty_clients_embedded_broker() {
     let dir = tempfile::tempdir().unwrap();
-    let s = run_bench(dir.path(), "embedded");
+    let s = run_bench(dir.path(), "embedded", &[]);
     check(&s, "embedded");
+    assert_eq!(s["front_processes"], 0);
+}
+
+/// The embedded broker with its front end in two child processes sharing the port (how 10,000
+/// cameras fit under a 20,000 open-file limit): the same round, the same guarantees.
+#[test]
+fn twenty_clients_embedded_broker_with_front_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = run_bench(dir.path(), "embedded", &["--front-processes", "2"]);
+    check(&s, "embedded");
+    assert_eq!(s["front_processes"], 2);
+    // Both front processes served clients (the kernel spreads connections over them).
+    let log = std::fs::read_to_string(dir.path().join(format!("n-{CLIENTS}/broker.log")))
+        .expect("broker.log");
+    assert_eq!(
+        log.matches("broker front process serving").count(),
+        2,
+        "two front processes started:\n{log}"
+    );
 }
 
 #[test]
@@ -83,6 +103,6 @@ fn twenty_clients_mosquitto() {
         panic!("mosquitto is not installed: run scripts/setup");
     }
     let dir = tempfile::tempdir().unwrap();
-    let s = run_bench(dir.path(), "mosquitto");
+    let s = run_bench(dir.path(), "mosquitto", &[]);
     check(&s, "mosquitto");
 }

@@ -71,6 +71,20 @@ pub struct BrokerConfig {
     /// `[acl]`: topic ACLs enforced on every client's SUBSCRIBE and PUBLISH (see
     /// [`crate::acl`]); the same rules `coevo fleet export-mosquitto` writes for Mosquitto.
     pub acl: AclConfig,
+    /// Run the front end (authentication, ACLs, TLS) in this many child processes instead of
+    /// in the broker process; 0 (the default) keeps it in-process. The children share
+    /// `listen` (SO_REUSEPORT: the kernel spreads connections over them) and pipe to rumqttd
+    /// here. Each client then holds 2 descriptors in one child and 1 here instead of 3 in one
+    /// process, so a fleet of N cameras needs about N/K + N descriptors per process rather
+    /// than 3N: with a 20,000 hard `RLIMIT_NOFILE` (and no privilege to raise it), 10,000
+    /// cameras need `front_processes = 2`. The children also spread the front end over more
+    /// cores. `max_connections` and `max_pending_connects` apply per front process. Children
+    /// exit when the broker process does. At most 64.
+    pub front_processes: usize,
+    /// Program run for each front process (`PROGRAM broker --front-process`); default: the
+    /// running executable (the `coevo` binary). Set it when embedding the broker in another
+    /// program, e.g. a test binary.
+    pub front_program: Option<PathBuf>,
 }
 
 /// The broker's TLS identity: a PEM certificate chain and its private key, e.g. `broker.pem`
@@ -102,9 +116,14 @@ impl Default for BrokerConfig {
             credentials: None,
             tls: None,
             acl: AclConfig::default(),
+            front_processes: 0,
+            front_program: None,
         }
     }
 }
+
+/// Upper bound on [`BrokerConfig::front_processes`].
+const MAX_FRONT_PROCESSES: usize = 64;
 
 /// Smallest segment rumqttd accepts; below it the router thread panics.
 const MIN_SEGMENT_SIZE: usize = 1024;
@@ -177,6 +196,12 @@ impl BrokerConfig {
         }
         if self.max_segment_count == 0 {
             return fail("max_segment_count must be at least 1".into());
+        }
+        if self.front_processes > MAX_FRONT_PROCESSES {
+            return fail(format!(
+                "front_processes must be at most {MAX_FRONT_PROCESSES}, got {}",
+                self.front_processes
+            ));
         }
         self.acl.validate()
     }

@@ -32,7 +32,10 @@ pub mod credentials;
 
 mod auth;
 mod front;
+mod split;
 mod tls;
+
+pub use split::run_front_process;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -176,56 +179,30 @@ impl BrokerHandle {
 /// (e.g. port in use), or a broker thread that dies or never starts listening.
 pub fn start(config: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
     config.validate()?;
-    // Each client holds three descriptors here (its socket, the front end's socket to
-    // rumqttd, rumqttd's end of it); Debian's default soft limit of 1,024 stops at ~340.
-    let wanted = (config.max_connections as u64)
-        .saturating_mul(FDS_PER_CONNECTION)
-        .saturating_add(FD_HEADROOM);
-    // Past the descriptor limit `accept` fails and clients time out in the backlog; capped
-    // here, the front end answers them CONNACK 3 instead and they back off.
-    let connection_capacity = match raise_fd_limit(wanted) {
-        Ok(limit) if limit < wanted => {
-            let capacity = usize::try_from(
-                limit.saturating_sub(FD_HEADROOM + OVER_LIMIT_FDS) / FDS_PER_CONNECTION,
-            )
-            .unwrap_or(usize::MAX)
-            .max(1);
-            tracing::warn!(
-                limit,
-                wanted,
-                max_connections = config.max_connections,
-                capacity,
-                "open-file limit below what max_connections needs ({FDS_PER_CONNECTION} per connection): serving at most {capacity} connections; raise the hard limit (`ulimit -Hn`, LimitNOFILE= in a systemd unit) to serve more",
-            );
-            capacity
-        }
-        Ok(_) => config.max_connections,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read or raise the open-file limit");
-            config.max_connections
-        }
-    }
-    .min(config.max_connections);
+    // Split: the front end runs in child processes; here each client holds only rumqttd's
+    // end of its pipe.
+    let split = config.front_processes > 0;
+    let connection_capacity = fd_capacity(&config, if split { 1 } else { FDS_PER_CONNECTION });
     let acceptor = config.tls.as_ref().map(tls::acceptor).transpose()?;
 
-    let verifier = match &config.credentials {
-        Some(path) => {
-            let creds = Credentials::load(path)?;
-            if creds.clients.is_empty() {
-                tracing::warn!(path = %path.display(), "credential file lists no clients: every connection will be refused");
-            }
-            Some(auth::Verifier::start(creds).map_err(|e| {
-                BrokerError::Start(format!("cannot spawn auth worker threads: {e}"))
-            })?)
-        }
-        None => None,
-    };
+    // Split: the front processes load and watch the credentials.
+    let verifier = if split { None } else { load_verifier(&config)? };
 
     // rumqttd reports a failed bind only in its own log and then its thread ends. So bind the
     // public listener here: this resolves port 0 and turns "address in use" into a typed
     // error. The listener stays ours (the front end); rumqttd gets a loopback port.
-    let public = bind_listener(config.listen)
-        .map_err(|e| BrokerError::Start(format!("cannot listen on {}: {e}", config.listen)))?;
+    // Split: the port is only reserved here (bound, not listening, so no client queues on a
+    // socket nobody accepts from); the front processes listen on it.
+    let public =
+        if split {
+            Public::Reserved(bind_socket(config.listen, true).map_err(|e| {
+                BrokerError::Start(format!("cannot reserve {}: {e}", config.listen))
+            })?)
+        } else {
+            Public::Listening(bind_listener(config.listen, false).map_err(|e| {
+                BrokerError::Start(format!("cannot listen on {}: {e}", config.listen))
+            })?)
+        };
     let addr = public.local_addr()?;
     let rumqttd_addrs = (0..ROUTER_LISTENERS)
         .map(|_| free_local_addr())
@@ -302,28 +279,20 @@ pub fn start(config: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
     for addr in &rumqttd_addrs {
         wait_until_listening(*addr, &thread)?;
     }
-    let auth_enabled = verifier.is_some();
+    let auth_enabled = verifier.is_some() || (split && config.credentials.is_some());
     let tls_enabled = acceptor.is_some();
-    let front = Arc::new(front::Front {
-        acl: Acl::any_fleet(&config.acl),
-        verifier: verifier.clone(),
-        secret,
-        backends: rumqttd_addrs,
-        next_backend: std::sync::atomic::AtomicU64::new(0),
-        connect_timeout: Duration::from_millis(u64::from(config.connection_timeout_ms)),
-        max_packet: config.max_payload_bytes,
-        counters: front::Counters::default(),
-        generation: tokio::sync::watch::Sender::new(0),
-        log_limit: front::RateLimit::new(config.max_connections.saturating_mul(2)),
-        admission: tokio::sync::Semaphore::new(config.max_pending_connects),
-    });
-    let front_thread = front::spawn(public, acceptor, Arc::clone(&front), connection_capacity)?;
-    let watched = config.credentials.clone().zip(verifier);
-    let weak = Arc::downgrade(&front);
-    std::thread::Builder::new()
-        .name("coevo-broker-watch".to_owned())
-        .spawn(move || watch(watched, weak))
-        .map_err(|e| BrokerError::Start(format!("cannot spawn the credential watcher: {e}")))?;
+    let front = Arc::new(new_front(&config, verifier.clone(), secret, rumqttd_addrs));
+    let front_thread = match public {
+        Public::Reserved(reserved) => {
+            let children = split::spawn_fronts(&config, addr, &front.backends, &front.secret)?;
+            drop(reserved);
+            split::supervise(children)?
+        }
+        Public::Listening(public) => {
+            front::spawn(public, acceptor, Arc::clone(&front), connection_capacity)?
+        }
+    };
+    spawn_watcher(&config, verifier, &front)?;
 
     if auth_enabled {
         tracing::info!(
@@ -366,6 +335,97 @@ pub fn start(config: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         front,
         connection_capacity,
     })
+}
+
+/// The front end's shared state for `config`, piping to rumqttd at `backends` with `secret`.
+fn new_front(
+    config: &BrokerConfig,
+    verifier: Option<Arc<auth::Verifier>>,
+    secret: String,
+    backends: Vec<SocketAddr>,
+) -> front::Front {
+    front::Front {
+        acl: Acl::any_fleet(&config.acl),
+        verifier,
+        secret,
+        backends,
+        next_backend: std::sync::atomic::AtomicU64::new(0),
+        connect_timeout: Duration::from_millis(u64::from(config.connection_timeout_ms)),
+        max_packet: config.max_payload_bytes,
+        counters: front::Counters::default(),
+        generation: tokio::sync::watch::Sender::new(0),
+        log_limit: front::RateLimit::new(config.max_connections.saturating_mul(2)),
+        admission: tokio::sync::Semaphore::new(config.max_pending_connects),
+    }
+}
+
+/// Loads `config.credentials` (if any) into a started password verifier.
+fn load_verifier(config: &BrokerConfig) -> Result<Option<Arc<auth::Verifier>>, BrokerError> {
+    match &config.credentials {
+        Some(path) => {
+            let creds = Credentials::load(path)?;
+            if creds.clients.is_empty() {
+                tracing::warn!(path = %path.display(), "credential file lists no clients: every connection will be refused");
+            }
+            Ok(Some(auth::Verifier::start(creds).map_err(|e| {
+                BrokerError::Start(format!("cannot spawn auth worker threads: {e}"))
+            })?))
+        }
+        None => Ok(None),
+    }
+}
+
+/// Watches the credential file (if any) and applies changes to `front`.
+fn spawn_watcher(
+    config: &BrokerConfig,
+    verifier: Option<Arc<auth::Verifier>>,
+    front: &Arc<front::Front>,
+) -> Result<(), BrokerError> {
+    let watched = config.credentials.clone().zip(verifier);
+    let weak = Arc::downgrade(front);
+    std::thread::Builder::new()
+        .name("coevo-broker-watch".to_owned())
+        .spawn(move || watch(watched, weak))
+        .map_err(|e| BrokerError::Start(format!("cannot spawn the credential watcher: {e}")))?;
+    Ok(())
+}
+
+/// Raises the open-file limit for `config.max_connections` clients holding
+/// `fds_per_connection` descriptors each in this process, and returns how many connections
+/// fit under the limit in force (warning when that is fewer than `max_connections`).
+fn fd_capacity(config: &BrokerConfig, fds_per_connection: u64) -> usize {
+    // Each client holds three descriptors in a process running both the front end and rumqttd
+    // (its socket, the front end's socket to rumqttd, rumqttd's end of it), two in a front
+    // process, one in a rumqttd-only process; Debian's default soft limit of 1,024 stops an
+    // all-in-one broker at ~340.
+    let wanted = (config.max_connections as u64)
+        .saturating_mul(fds_per_connection)
+        .saturating_add(FD_HEADROOM);
+    // Past the descriptor limit `accept` fails and clients time out in the backlog; capped
+    // here, the front end answers them CONNACK 3 instead and they back off.
+    match raise_fd_limit(wanted) {
+        Ok(limit) if limit < wanted => {
+            let capacity = usize::try_from(
+                limit.saturating_sub(FD_HEADROOM + OVER_LIMIT_FDS) / fds_per_connection,
+            )
+            .unwrap_or(usize::MAX)
+            .max(1);
+            tracing::warn!(
+                limit,
+                wanted,
+                max_connections = config.max_connections,
+                capacity,
+                "open-file limit below what max_connections needs ({fds_per_connection} per connection): serving at most {capacity} connections; raise the hard limit (`ulimit -Hn`, LimitNOFILE= in a systemd unit) or set front_processes to serve more",
+            );
+            capacity
+        }
+        Ok(_) => config.max_connections,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read or raise the open-file limit");
+            config.max_connections
+        }
+    }
+    .min(config.max_connections)
 }
 
 /// File identity used to notice a change cheaply: (modified, length, inode on Unix).
@@ -463,6 +523,41 @@ fn wait_until_listening(addr: SocketAddr, thread: &JoinHandle<()>) -> Result<(),
     }
 }
 
+/// The public address: listening (front end in this process), or only reserved for the
+/// front processes.
+enum Public {
+    Listening(TcpListener),
+    Reserved(socket2::Socket),
+}
+
+impl Public {
+    fn local_addr(&self) -> Result<SocketAddr, BrokerError> {
+        match self {
+            Public::Listening(l) => Ok(l.local_addr()?),
+            Public::Reserved(s) => s.local_addr()?.as_socket().ok_or_else(|| {
+                BrokerError::Start("reserved listen address is not an IP address".into())
+            }),
+        }
+    }
+}
+
+/// A TCP socket bound to `addr` (SO_REUSEADDR as std does; with `shared`, SO_REUSEPORT too),
+/// not yet listening.
+fn bind_socket(addr: SocketAddr, shared: bool) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    #[cfg(unix)]
+    socket.set_reuse_address(true)?;
+    #[cfg(unix)]
+    if shared {
+        socket.set_reuse_port(true)?;
+    }
+    #[cfg(not(unix))]
+    let _ = shared;
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
 /// Accept backlog of the public listener. std's `TcpListener::bind` uses 128, which a connect
 /// storm overflows at once (measured: ~8,000 dropped handshakes while 2,000 clients connect),
 /// and every dropped handshake costs its client a 1, 3 or 7 s SYN retransmit. The kernel caps
@@ -471,12 +566,10 @@ const LISTEN_BACKLOG: i32 = 8192;
 
 /// Binds `addr` like `TcpListener::bind` (SO_REUSEADDR, as std does on Unix) with a
 /// [`LISTEN_BACKLOG`]-deep accept queue.
-fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    #[cfg(unix)]
-    socket.set_reuse_address(true)?;
-    socket.bind(&addr.into())?;
+/// `shared`: SO_REUSEPORT, so front processes can each bind `addr` and the kernel spreads
+/// connections over them.
+fn bind_listener(addr: SocketAddr, shared: bool) -> std::io::Result<TcpListener> {
+    let socket = bind_socket(addr, shared)?;
     socket.listen(LISTEN_BACKLOG)?;
     Ok(socket.into())
 }

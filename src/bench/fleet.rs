@@ -81,6 +81,11 @@ pub struct FleetArgs {
     pub sweep: Vec<usize>,
     #[arg(long, value_enum, default_value_t = BrokerKind::Embedded)]
     pub broker: BrokerKind,
+    /// Embedded broker only: run its front end in this many child processes
+    /// (`front_processes` in the broker config; 0 = in the broker process). Needed past
+    /// ~6,600 clients where the hard open-file limit is 20,000.
+    #[arg(long, default_value_t = 0)]
+    pub front_processes: usize,
     /// Parameters of the student (≈; the image size is chosen to fit). Default: the
     /// Fashion-MNIST student, 114,314.
     #[arg(long)]
@@ -113,6 +118,8 @@ pub struct FleetArgs {
 pub struct RunSummary {
     pub clients: usize,
     pub broker: BrokerKind,
+    /// The embedded broker's front processes (0: front end in the broker process).
+    pub front_processes: usize,
     /// Parameters of the coordinator's student.
     pub params: usize,
     /// Input images of the synthetic dataset the student is sized for (channels×H×W).
@@ -349,7 +356,16 @@ fn proc_status_kb(pid: &str, field: &str) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-/// Samples the peak RSS of child processes every 100 ms until dropped: a process's VmHWM is
+/// Resident kB of `pid`'s child processes now (0 when it has none or they are unknown).
+fn children_rss_kb(pid: &str) -> u64 {
+    let list =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    list.split_whitespace()
+        .filter_map(|c| proc_status_kb(c, "VmRSS"))
+        .sum()
+}
+
+/// Samples the peak RSS of child processes (with their own children) every 100 ms until dropped: a process's VmHWM is
 /// gone with it, so the highest value seen while it ran is kept.
 struct RssMonitor {
     peaks: Arc<Vec<(u32, AtomicU64)>>,
@@ -369,6 +385,12 @@ impl RssMonitor {
                 let kb = proc_status_kb(&pid, "VmHWM").or_else(|| proc_status_kb(&pid, "VmRSS"));
                 if let Some(kb) = kb {
                     peak.fetch_max(kb, Ordering::Relaxed);
+                }
+                // A broker with front processes: the whole tree, sampled together.
+                let children = children_rss_kb(&pid);
+                if children > 0 {
+                    let now = proc_status_kb(&pid, "VmRSS").unwrap_or(0) + children;
+                    peak.fetch_max(now, Ordering::Relaxed);
                 }
             }
             if s.load(Ordering::Relaxed) {
@@ -412,12 +434,13 @@ fn start_broker(
     dir: &Path,
     addr: SocketAddr,
     clients: usize,
+    front_processes: usize,
 ) -> Result<Proc> {
     let exe = std::env::current_exe().context("locating the coevo binary")?;
     let proc = match kind {
         BrokerKind::Embedded => {
             let cfg = format!(
-                "listen = \"{addr}\"\ncredentials = \"{}\"\n# the fleet, the coordinator and room for reconnects\nmax_connections = {}\n",
+                "listen = \"{addr}\"\ncredentials = \"{}\"\n# the fleet, the coordinator and room for reconnects\nmax_connections = {}\nfront_processes = {front_processes}\n",
                 fleet.credentials_path.display(),
                 clients + 64
             );
@@ -426,7 +449,8 @@ fn start_broker(
             let mut cmd = Command::new(exe);
             cmd.arg("broker").arg("--config").arg(&path);
             if std::env::var_os("RUST_LOG").is_none() {
-                cmd.env("RUST_LOG", "warn,rumqttd=error");
+                // Quiet, but say when each front process is up.
+                cmd.env("RUST_LOG", "warn,rumqttd=error,coevo_broker::split=info");
             }
             Proc::spawn("broker", cmd, dir.join("broker.log"))?
         }
@@ -848,7 +872,7 @@ async fn run_one(a: &FleetArgs, n: usize, dir: &Path) -> Result<RunSummary> {
     })?;
     let provision_s = t_prov.elapsed().as_secs_f64();
     let addr = coevo_broker::free_local_addr()?;
-    let broker = start_broker(a.broker, &fleet, dir, addr, n)?;
+    let broker = start_broker(a.broker, &fleet, dir, addr, n, a.front_processes)?;
 
     // The fleet connects first (the storm), then the coordinator opens the round.
     let t0 = Instant::now();
@@ -1059,6 +1083,7 @@ async fn run_one(a: &FleetArgs, n: usize, dir: &Path) -> Result<RunSummary> {
     Ok(RunSummary {
         clients: n,
         broker: a.broker,
+        front_processes: a.front_processes,
         params,
         image: format!("{}x{}x{}", shape.channels, shape.height, shape.width),
         uplink: a.uplink.to_string(),

@@ -1,0 +1,188 @@
+//! The embedded broker with its front end in child processes (`front_processes`): the same
+//! authentication and topic ACLs as in-process, over real sockets, and front processes that
+//! never outlive the broker process.
+
+mod common;
+
+use coevo_mqtt::{Incoming, Session, Settings};
+use coevo_protocol::Topic;
+use common::*;
+use std::time::{Duration, Instant};
+
+/// The outcome of one connection attempt: `Ok` on CONNACK, `Err` with why otherwise.
+async fn try_connect(addr: std::net::SocketAddr, id: &str, pw: &str) -> Result<Session, String> {
+    let mut s = Settings::new(addr.ip().to_string(), addr.port(), id);
+    s.password = Some(pw.to_owned());
+    let mut session = Session::start(&s, vec![]);
+    let outcome = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match session.recv().await {
+                Some(Incoming::Connected { .. }) => return Ok(()),
+                Some(Incoming::AuthRefused { error, .. }) => return Err(error.to_string()),
+                Some(Incoming::Disconnected(e)) => return Err(e),
+                Some(_) => {}
+                None => return Err("session ended".into()),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| Err("no answer in 20 s".into()));
+    outcome.map(|()| session)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn front_processes_enforce_passwords_and_topic_acls() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = fleet(dir.path(), 2);
+    let broker = start_broker_with(
+        &fleet,
+        coevo_broker::BrokerConfig {
+            front_processes: 2,
+            front_program: Some(env!("CARGO_BIN_EXE_coevo").into()),
+            ..Default::default()
+        },
+    );
+    assert!(broker.is_running());
+    let (id0, _, pw0) = fleet.clients[0].clone();
+    let (id1, _, _) = fleet.clients[1].clone();
+
+    // A wrong password and an unknown client are refused, several times over (whichever
+    // front process the kernel picks).
+    for _ in 0..4 {
+        let e = try_connect(broker.addr, &id0, "not-the-password")
+            .await
+            .err()
+            .expect("a wrong password is refused");
+        assert!(e.contains("refused"), "{e}");
+        assert!(try_connect(broker.addr, "cam-intruder", &pw0)
+            .await
+            .is_err());
+    }
+
+    // The right password connects, and the camera's own topics work end to end through
+    // rumqttd: what it publishes on its status topic comes back to a subscriber of it.
+    let mut watcher = try_connect(broker.addr, "coordinator", &fleet.coordinator_password)
+        .await
+        .expect("the coordinator connects");
+    let status = Topic::Status {
+        client: id0.clone(),
+    }
+    .path(FLEET);
+    watcher.subscribe(&status).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cam = try_connect(broker.addr, &id0, &pw0)
+        .await
+        .expect("the right password connects");
+    cam.publish(status.clone(), b"online".to_vec(), false)
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(Incoming::Publish(p)) = watcher.recv().await {
+                return p;
+            }
+        }
+    })
+    .await
+    .expect("the status publish is routed");
+    assert_eq!(got.topic, status);
+
+    // Publishing on another camera's topic closes the connection (ACL), as in-process.
+    let foreign = Topic::Status { client: id1 }.path(FLEET);
+    let mut cam = cam;
+    cam.publish(foreign, b"spoof".to_vec(), false)
+        .await
+        .unwrap();
+    let dropped = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match cam.recv().await {
+                Some(Incoming::Disconnected(_)) | None => return true,
+                Some(_) => {}
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    assert!(
+        dropped,
+        "a publish outside the camera's topics closes its connection"
+    );
+    assert!(
+        broker.is_running(),
+        "the broker and its front processes stay up"
+    );
+}
+
+/// PIDs of `pid`'s child processes.
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|c| c.parse().ok())
+        .collect()
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie (exited, not yet reaped by init) has no memory left: count it as gone.
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map(|s| {
+            !s.lines()
+                .any(|l| l.starts_with("State:") && l.contains('Z'))
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn front_processes_exit_when_the_broker_process_is_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = fleet(dir.path(), 1);
+    let addr = coevo_broker::free_local_addr().unwrap();
+    let config = dir.path().join("broker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"{addr}\"\ncredentials = \"{}\"\nfront_processes = 2\n",
+            fleet.credentials_path.display()
+        ),
+    )
+    .unwrap();
+    let mut broker = std::process::Command::new(env!("CARGO_BIN_EXE_coevo"))
+        .args(["broker", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let fronts = loop {
+        let c = children(broker.id());
+        if c.len() == 2 && std::net::TcpStream::connect(addr).is_ok() {
+            break c;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "two front processes listening on {addr}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // SIGKILL: no chance to clean up. The children see their stdin close and exit.
+    broker.kill().unwrap();
+    broker.wait().unwrap();
+    let t0 = Instant::now();
+    while fronts.iter().any(|&p| alive(p)) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "front processes {fronts:?} outlived the broker process"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let listeners = std::process::Command::new("ss")
+        .args(["-ltnp"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "nothing listens on {addr} any more:\n{listeners}"
+    );
+}
