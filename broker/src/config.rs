@@ -71,6 +71,19 @@ pub struct BrokerConfig {
     /// `[acl]`: topic ACLs enforced on every client's SUBSCRIBE and PUBLISH (see
     /// [`crate::acl`]); the same rules `coevo fleet export-mosquitto` writes for Mosquitto.
     pub acl: AclConfig,
+    /// `[metrics]`: Prometheus `/metrics` (connections, refusals by reason, ACL denials,
+    /// traffic; see [`crate::metrics`]).
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]` in the broker config.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve Prometheus metrics on `http://LISTEN/metrics`, e.g. `"127.0.0.1:9465"`. Unset: no
+    /// listener (the default). The endpoint has no authentication: bind it to loopback or a
+    /// private scrape network. Port 0 picks a free port ([`crate::BrokerHandle::metrics_addr`]).
+    pub listen: Option<SocketAddr>,
 }
 
 /// The broker's TLS identity: a PEM certificate chain and its private key, e.g. `broker.pem`
@@ -102,6 +115,7 @@ impl Default for BrokerConfig {
             credentials: None,
             tls: None,
             acl: AclConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
