@@ -50,7 +50,12 @@ fn status_json(out: &Path) -> serde_json::Value {
 /// One MQTT connection as `id`/`password`: CONNECT, then `subscribe` if given, until the broker
 /// answers or closes. Returns whether the CONNECT was accepted. Never reconnects, so each call
 /// is exactly one attempt the broker counts.
-async fn one_connection(addr: SocketAddr, id: &str, password: &str, subscribe: Option<&str>) -> bool {
+async fn one_connection(
+    addr: SocketAddr,
+    id: &str,
+    password: &str,
+    subscribe: Option<&str>,
+) -> bool {
     let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
     opts.set_credentials(id, password)
         .set_keep_alive(Duration::from_secs(30));
@@ -116,8 +121,12 @@ async fn metrics_and_status_follow_a_real_round() {
         listen: Some("127.0.0.1:0".parse().unwrap()),
         status_interval_ms: 200,
     };
-    let mut coordinator =
-        Coordinator::new(cfg, fleet.coordinator_key.clone(), data.test.shallow_clone()).unwrap();
+    let mut coordinator = Coordinator::new(
+        cfg,
+        fleet.coordinator_key.clone(),
+        data.test.shallow_clone(),
+    )
+    .unwrap();
     // Started here so it outlives `run`: the final numbers are scraped after the round.
     let server = coordinator
         .start_metrics_server()
@@ -184,11 +193,19 @@ async fn metrics_and_status_follow_a_real_round() {
     let s = scrape_samples(coord_metrics);
     assert_eq!(value(&s, "coevo_round", &[]), 1.0);
     assert_eq!(value(&s, "coevo_round_phase", &[("phase", "collect")]), 1.0);
-    assert_eq!(s.sum("coevo_round_phase"), 1.0, "exactly one phase at a time");
+    assert_eq!(
+        s.sum("coevo_round_phase"),
+        1.0,
+        "exactly one phase at a time"
+    );
     assert_eq!(value(&s, "coevo_clients_registered", &[]), 3.0);
     assert_eq!(value(&s, "coevo_deltas_accepted_total", &[]), 2.0);
     assert_eq!(
-        value(&s, "coevo_deltas_rejected_total", &[("reason", "malformed")]),
+        value(
+            &s,
+            "coevo_deltas_rejected_total",
+            &[("reason", "malformed")]
+        ),
         1.0
     );
     assert!(value(&s, "coevo_round_deadline_timestamp_seconds", &[]) > 0.0);
@@ -209,7 +226,10 @@ async fn metrics_and_status_follow_a_real_round() {
         if v["accepted"] == 2 && v["rejected"] == 1 && v["connected"] == 2 {
             break v;
         }
-        assert!(t0.elapsed() < Duration::from_secs(10), "status.json lags: {v}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "status.json lags: {v}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(live["state"], "running");
@@ -218,7 +238,10 @@ async fn metrics_and_status_follow_a_real_round() {
     assert_eq!(live["registered"], 3);
     // cam-2's chunk never made a complete upload.
     assert_eq!(live["uploaded"], 2);
-    assert!(live["time_left_ms"].as_u64().is_some_and(|ms| ms > 0), "{live}");
+    assert!(
+        live["time_left_ms"].as_u64().is_some_and(|ms| ms > 0),
+        "{live}"
+    );
 
     // The broker: provoke one refusal of each kind while the fleet is connected.
     assert!(!one_connection(addr, &fleet.clients[0].0, "wrong password", None).await);
@@ -231,7 +254,11 @@ async fn metrics_and_status_follow_a_real_round() {
     assert_eq!(refused("unknown-client"), 1.0);
     assert_eq!(refused("busy"), 0.0);
     assert_eq!(
-        value(&b, "coevo_broker_acl_denials_total", &[("packet", "subscribe")]),
+        value(
+            &b,
+            "coevo_broker_acl_denials_total",
+            &[("packet", "subscribe")]
+        ),
         1.0
     );
     assert_eq!(broker.stats().acl_refused_subscribe, 1);
@@ -254,7 +281,10 @@ async fn metrics_and_status_follow_a_real_round() {
     assert_eq!(report.outcome, "completed");
     let s = scrape_samples(coord_metrics);
     assert_eq!(value(&s, "coevo_round", &[]), report.round as f64);
-    assert_eq!(value(&s, "coevo_last_closed_round", &[]), report.round as f64);
+    assert_eq!(
+        value(&s, "coevo_last_closed_round", &[]),
+        report.round as f64
+    );
     assert_eq!(
         value(&s, "coevo_deltas_accepted_total", &[]),
         report.accepted as f64
@@ -283,7 +313,10 @@ async fn metrics_and_status_follow_a_real_round() {
         value(&s, "coevo_teacher_test_accuracy_ratio", &[]).is_nan(),
         "fedavg has no teacher"
     );
-    assert_eq!(value(&s, "coevo_rounds_total", &[("outcome", "completed")]), 1.0);
+    assert_eq!(
+        value(&s, "coevo_rounds_total", &[("outcome", "completed")]),
+        1.0
+    );
     assert_eq!(value(&s, "coevo_rollbacks_total", &[]), 0.0);
     assert_eq!(
         value(&s, "coevo_round_duration_seconds", &[]),
@@ -338,4 +371,119 @@ fn status_refuses_a_stale_or_missing_file() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("not running any more"), "{err}");
     assert!(err.contains("round 4"), "{err}");
+}
+
+/// `coevo_…` metric names in `text` (PromQL expressions, YAML).
+fn metric_names_in(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("coevo_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.insert(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// Names declared (`# TYPE`) in an exposition.
+fn declared(text: &str) -> std::collections::BTreeSet<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// deploy/: the Grafana dashboard is an importable dashboard whose every query, like every
+/// alert rule, uses metrics the coordinator and the broker really export; Prometheus scrapes
+/// both at the ports the sample configs suggest.
+#[test]
+fn deploy_files_use_metrics_that_exist() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut exported =
+        declared(&coevo_coordinator::metrics::CoordinatorMetrics::new("city", 5, 1000).render());
+    let broker = coevo_broker::start(coevo_broker::BrokerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics: coevo_broker::MetricsConfig {
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+        },
+        ..Default::default()
+    })
+    .expect("broker starts");
+    let addr = broker.metrics_addr().expect("metrics configured");
+    exported.extend(declared(
+        &scrape(&format!("http://{addr}/metrics"), SCRAPE_TIMEOUT).unwrap(),
+    ));
+    assert!(exported.contains("coevo_round") && exported.contains("coevo_broker_connections_open"));
+
+    let text = std::fs::read_to_string(root.join("deploy/grafana-dashboard.json")).unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&text).expect("dashboard is JSON");
+    assert_eq!(
+        dash["__inputs"][0]["pluginId"], "prometheus",
+        "importable with a data source"
+    );
+    assert!(dash["uid"].is_string() && dash["schemaVersion"].as_u64() >= Some(30));
+    let panels = dash["panels"].as_array().expect("panels");
+    let mut titles = String::new();
+    let mut queried = std::collections::BTreeSet::new();
+    for p in panels {
+        assert!(p["gridPos"]["w"].as_u64().is_some_and(|w| w > 0), "{p}");
+        let targets = p["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "panel without a query: {}", p["title"]);
+        for t in targets {
+            queried.extend(metric_names_in(t["expr"].as_str().expect("expr")));
+        }
+        titles.push_str(&p["title"].as_str().unwrap_or("").to_lowercase());
+        titles.push('|');
+    }
+    for topic in [
+        "round",
+        "accuracy",
+        "accepted",
+        "bytes",
+        "clients",
+        "refusals",
+        "rollbacks",
+    ] {
+        assert!(titles.contains(topic), "no panel about {topic}: {titles}");
+    }
+    let alerts = std::fs::read_to_string(root.join("deploy/alerts.yml")).unwrap();
+    let used: Vec<String> = queried
+        .into_iter()
+        .chain(metric_names_in(&alerts))
+        .collect();
+    for name in &used {
+        assert!(
+            exported.contains(name),
+            "{name} is queried in deploy/ but exported by nobody; exported: {exported:?}"
+        );
+    }
+    for needed in [
+        "coevo_rollbacks_total",
+        "coevo_deltas_rejected_total",
+        "coevo_broker_connects_refused_total",
+        "coevo_student_test_accuracy_ratio",
+    ] {
+        assert!(used.iter().any(|u| u == needed), "{needed} is not used");
+    }
+
+    let prom = std::fs::read_to_string(root.join("deploy/prometheus.yml")).unwrap();
+    let coordinator_sample =
+        std::fs::read_to_string(root.join("coordinator/coordinator.sample.toml")).unwrap();
+    let broker_sample = std::fs::read_to_string(root.join("broker/broker.sample.toml")).unwrap();
+    for (job, port, sample) in [
+        ("coevo-coordinator", "9464", &coordinator_sample),
+        ("coevo-broker", "9465", &broker_sample),
+    ] {
+        assert!(prom.contains(&format!("job_name: {job}")), "{job}");
+        assert!(prom.contains(&format!("127.0.0.1:{port}")), "{job} target");
+        assert!(
+            sample.contains(&format!("listen = \"127.0.0.1:{port}\"")),
+            "{job} sample"
+        );
+    }
+    assert!(prom.contains("- alerts.yml"));
 }
