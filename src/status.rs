@@ -129,7 +129,12 @@ pub fn closed_line(s: &LiveStatus) -> Option<String> {
 /// `coevo status`: one snapshot (`once`), or refreshing until the round in progress (or the
 /// next one, between rounds) closes or the coordinator stops. `json`: JSON (one document with
 /// `once`, else one line per refresh).
-pub fn run(dir: &Path, once: bool, json: bool, stale_after: Option<Duration>) -> anyhow::Result<()> {
+pub fn run(
+    dir: &Path,
+    once: bool,
+    json: bool,
+    stale_after: Option<Duration>,
+) -> anyhow::Result<()> {
     let first = read_live(dir, stale_after)?;
     if once || !first.status.is_active() {
         if json {
@@ -148,7 +153,10 @@ pub fn run(dir: &Path, once: bool, json: bool, stale_after: Option<Duration>) ->
     let closed = |v: &StatusView| {
         !v.status.is_active()
             || v.status.round > target
-            || v.status.last_round.as_ref().is_some_and(|r| r.round >= target)
+            || v.status
+                .last_round
+                .as_ref()
+                .is_some_and(|r| r.round >= target)
     };
     let bar = ProgressBar::with_draw_target(
         Some(first.status.registered as u64),

@@ -448,10 +448,7 @@ where
     };
     drop(permit);
     let _open = OpenConnection::new(&front.counters);
-    front
-        .counters
-        .bytes_out
-        .fetch_add(4, Ordering::Relaxed);
+    front.counters.bytes_out.fetch_add(4, Ordering::Relaxed);
 
     let up = async {
         let end = forward(front, &id, &mut rx, &mut up_tx).await;

@@ -182,7 +182,9 @@ impl BrokerHandle {
     /// Where Prometheus metrics are served (`http://ADDR/metrics`), when `[metrics] listen`
     /// is set: the bound address, so port 0 tells which port was picked.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.metrics.as_ref().map(coevo_telemetry::MetricsServer::addr)
+        self.metrics
+            .as_ref()
+            .map(coevo_telemetry::MetricsServer::addr)
     }
 }
 

@@ -24,13 +24,16 @@ use coevo_telemetry::{Counter, Gauge, MetricsServer, Registry};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+/// Reads one refusal count out of the front end's counters.
+type Field = fn(&crate::BrokerStats) -> u64;
+
 /// The broker's registry and the handles the front end's counters are copied into.
 struct BrokerMetrics {
     registry: Registry,
     open: Gauge,
     capacity: Gauge,
     accepted: Counter,
-    refused: [(Counter, fn(&crate::BrokerStats) -> u64); 5],
+    refused: [(Counter, Field); 5],
     over_limit: Counter,
     acl_publish: Counter,
     acl_subscribe: Counter,
@@ -186,7 +189,10 @@ mod tests {
         assert_eq!(refused("invalid-client-id"), Some(5.0));
         assert_eq!(refused("busy"), Some(6.0));
         assert_eq!(s.value("coevo_broker_connections_open", &[]), Some(3.0));
-        assert_eq!(s.value("coevo_broker_connection_capacity", &[]), Some(100.0));
+        assert_eq!(
+            s.value("coevo_broker_connection_capacity", &[]),
+            Some(100.0)
+        );
         assert_eq!(
             s.value("coevo_broker_acl_denials_total", &[("packet", "subscribe")]),
             Some(9.0)

@@ -231,7 +231,12 @@ impl CoordinatorMetrics {
         };
         // Known before any round, so dashboards show the usual reasons at 0 rather than no
         // data; rarer codes appear on first use.
-        for code in ["bad-signature", "unknown-client", "wrong-round", "malformed"] {
+        for code in [
+            "bad-signature",
+            "unknown-client",
+            "wrong-round",
+            "malformed",
+        ] {
             m.rejected_counter(code);
         }
         m.rounds_configured.set(rounds as f64);
@@ -420,10 +425,10 @@ impl CoordinatorMetrics {
             .set(r.teacher.test_accuracy.unwrap_or(f64::NAN));
         self.round_seconds.set(r.duration_ms as f64 / 1000.0);
         let p = &r.phase_ms;
-        for (g, ms) in self
-            .phase_seconds
-            .iter()
-            .zip([p.publish, p.collect, p.aggregate, p.evaluate])
+        for (g, ms) in
+            self.phase_seconds
+                .iter()
+                .zip([p.publish, p.collect, p.aggregate, p.evaluate])
         {
             g.set(ms as f64 / 1000.0);
         }
@@ -473,13 +478,19 @@ mod tests {
         m.rejected("bad-signature");
         let s = parse(&m.render()).unwrap();
         assert_eq!(s.value("coevo_round", &[]), Some(2.0));
-        assert_eq!(s.value("coevo_round_phase", &[("phase", "collect")]), Some(1.0));
+        assert_eq!(
+            s.value("coevo_round_phase", &[("phase", "collect")]),
+            Some(1.0)
+        );
         assert_eq!(s.sum("coevo_round_phase"), 1.0);
         assert_eq!(s.value("coevo_clients_connected", &[]), Some(2.0));
         assert_eq!(s.value("coevo_clients_uploaded", &[]), Some(2.0));
         assert_eq!(s.value("coevo_deltas_accepted_total", &[]), Some(1.0));
         assert_eq!(
-            s.value("coevo_deltas_rejected_total", &[("reason", "bad-signature")]),
+            s.value(
+                "coevo_deltas_rejected_total",
+                &[("reason", "bad-signature")]
+            ),
             Some(2.0)
         );
         assert_eq!(s.sum("coevo_deltas_rejected_total"), 3.0);
@@ -491,7 +502,13 @@ mod tests {
         );
         let st = m.snapshot();
         assert_eq!(
-            (st.round, st.connected, st.uploaded, st.accepted, st.rejected),
+            (
+                st.round,
+                st.connected,
+                st.uploaded,
+                st.accepted,
+                st.rejected
+            ),
             (2, 2, 2, 1, 3)
         );
         assert_eq!(st.deadline_unix_ms, Some(60_000));

@@ -171,10 +171,11 @@ impl Coordinator {
             return Ok(None);
         };
         let metrics = self.metrics.clone();
-        let server =
-            coevo_telemetry::MetricsServer::start(listen, "coordinator", Arc::new(move || {
-                metrics.render()
-            }))?;
+        let server = coevo_telemetry::MetricsServer::start(
+            listen,
+            "coordinator",
+            Arc::new(move || metrics.render()),
+        )?;
         Ok(Some(server))
     }
 

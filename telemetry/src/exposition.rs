@@ -151,7 +151,11 @@ mod tests {
         let s = parse(text).unwrap();
         assert_eq!(s.value("a_total", &[]), Some(3.0));
         assert_eq!(s.value("b", &[("x", "1"), ("y", "q\"\\\n")]), Some(0.5));
-        assert_eq!(s.value("b", &[("x", "1")]), None, "labels must match exactly");
+        assert_eq!(
+            s.value("b", &[("x", "1")]),
+            None,
+            "labels must match exactly"
+        );
         assert_eq!(s.value("c", &[]), Some(f64::INFINITY));
         assert!(s.value("d", &[]).is_some_and(f64::is_nan));
         assert_eq!(s.sum("a_total"), 3.0);

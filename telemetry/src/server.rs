@@ -32,10 +32,12 @@ impl MetricsServer {
             addr: listen,
             source,
         })?;
-        let addr = listener.local_addr().map_err(|source| TelemetryError::Bind {
-            addr: listen,
-            source,
-        })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| TelemetryError::Bind {
+                addr: listen,
+                source,
+            })?;
         listener
             .set_nonblocking(true)
             .map_err(|e| TelemetryError::Start(e.to_string()))?;
@@ -127,7 +129,9 @@ pub fn scrape(url: &str, timeout: Duration) -> Result<String, TelemetryError> {
         reason,
     };
     if url.starts_with("https://") {
-        return Err(fail("https is not supported: scrape the endpoint over http".into()));
+        return Err(fail(
+            "https is not supported: scrape the endpoint over http".into(),
+        ));
     }
     let rest = url.strip_prefix("http://").unwrap_or(url);
     let (host, path) = match rest.find('/') {
@@ -189,7 +193,10 @@ mod tests {
         drop(server);
         let t0 = std::time::Instant::now();
         while scrape(&addr.to_string(), Duration::from_millis(200)).is_ok() {
-            assert!(t0.elapsed() < Duration::from_secs(5), "still serving after drop");
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "still serving after drop"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -19,8 +19,8 @@ use coevo_mqtt::{Incoming, Publish, Session};
 use coevo_protocol::chunk::Reassembler;
 use coevo_protocol::envelope::{self, Kind};
 use coevo_protocol::{
-    digest, DeltaChunk, Digest, Receipt, ReceiptOutcome, RejectReason, Signed, Status,
-    StatusState, Topic,
+    digest, DeltaChunk, Digest, Receipt, ReceiptOutcome, RejectReason, Signed, Status, StatusState,
+    Topic,
 };
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -573,10 +573,9 @@ impl Coordinator {
             return;
         }
         match envelope::decode::<Status>(payload, Kind::Status, STATUS_LIMIT) {
-            Ok(s) if s.client == client => {
-                self.metrics
-                    .client_status(client, s.state == StatusState::Online)
-            }
+            Ok(s) if s.client == client => self
+                .metrics
+                .client_status(client, s.state == StatusState::Online),
             // A cleared retained status (empty payload) or garbage: not online.
             _ => self.metrics.client_status(client, false),
         }
