@@ -135,14 +135,35 @@ pub fn run(
     json: bool,
     stale_after: Option<Duration>,
 ) -> anyhow::Result<()> {
+    match follow(dir, once, json, stale_after) {
+        // The reader went away (`coevo status --json | head -1`): done, not an error.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            Ok(())
+        }
+        r => r,
+    }
+}
+
+/// Writes a line to stdout, reporting a closed pipe as an error instead of panicking.
+fn say(line: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")?;
+    out.flush()
+}
+
+fn follow(dir: &Path, once: bool, json: bool, stale_after: Option<Duration>) -> anyhow::Result<()> {
     let first = read_live(dir, stale_after)?;
     if once || !first.status.is_active() {
         if json {
-            println!("{}", serde_json::to_string_pretty(&first)?);
+            say(&serde_json::to_string_pretty(&first)?)?;
         } else {
-            println!("{}", summary(&first));
+            say(&summary(&first))?;
             if let Some(l) = closed_line(&first.status) {
-                println!("last: {l}");
+                say(&format!("last: {l}"))?;
             }
         }
         return Ok(());
@@ -174,14 +195,14 @@ pub fn run(
     let mut printed = String::new();
     loop {
         if json {
-            println!("{}", serde_json::to_string(&view)?);
+            say(&serde_json::to_string(&view)?)?;
         } else {
             bar.set_length(view.status.registered as u64);
             bar.set_position(view.status.accepted as u64);
             let line = summary(&view);
             // Not a terminal (a log, a pipe): a line per change, no bar.
             if bar.is_hidden() && line != printed {
-                println!("{line}");
+                say(&line)?;
             }
             bar.set_message(line.clone());
             printed = line;
@@ -194,9 +215,9 @@ pub fn run(
     }
     bar.finish_and_clear();
     if !json {
-        match closed_line(&view.status).filter(|_| view.status.last_round.is_some()) {
-            Some(l) => println!("{l}"),
-            None => println!("{}", summary(&view)),
+        match closed_line(&view.status) {
+            Some(l) => say(&l)?,
+            None => say(&summary(&view))?,
         }
     }
     Ok(())

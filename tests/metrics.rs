@@ -243,6 +243,14 @@ async fn metrics_and_status_follow_a_real_round() {
         "{live}"
     );
 
+    // The live view follows the round until it closes, then exits by itself.
+    let mut follow = std::process::Command::new(env!("CARGO_BIN_EXE_coevo"))
+        .args(["status", "--json"])
+        .arg(&out)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("coevo status runs");
+
     // The broker: provoke one refusal of each kind while the fleet is connected.
     assert!(!one_connection(addr, &fleet.clients[0].0, "wrong password", None).await);
     assert!(!one_connection(addr, "cam-999", "whatever", None).await);
@@ -264,8 +272,9 @@ async fn metrics_and_status_follow_a_real_round() {
     assert_eq!(broker.stats().acl_refused_subscribe, 1);
     // coordinator, two agents, cam-2's garbage client, the ACL offender.
     assert!(value(&b, "coevo_broker_connections_accepted_total", &[]) >= 5.0);
-    // Open now: at least the coordinator, the agents and cam-2's client.
-    assert!(value(&b, "coevo_broker_connections_open", &[]) >= 4.0);
+    // Open now: at least the coordinator and the agents (cam-2's garbage client was taken
+    // over by its ACL-offending namesake, which the broker then closed).
+    assert!(value(&b, "coevo_broker_connections_open", &[]) >= 3.0);
     assert!(value(&b, "coevo_broker_publishes_received_total", &[]) > 0.0);
     assert!(value(&b, "coevo_broker_received_bytes_total", &[]) > 0.0);
     assert!(value(&b, "coevo_broker_sent_bytes_total", &[]) > 0.0);
@@ -323,6 +332,26 @@ async fn metrics_and_status_follow_a_real_round() {
         report.duration_ms as f64 / 1000.0
     );
     assert_eq!(value(&s, "coevo_round_phase", &[("phase", "idle")]), 1.0);
+
+    // `coevo status` (no --once) saw the round close and ended on its own.
+    let t0 = std::time::Instant::now();
+    while follow.try_wait().unwrap().is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "coevo status kept running"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let followed = follow.wait_with_output().unwrap();
+    assert!(followed.status.success());
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&followed.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON document a line"))
+        .collect();
+    assert!(lines.len() >= 2, "refreshed while the round ran: {lines:?}");
+    assert_eq!(lines[0]["phase"], "collect");
+    let last = lines.last().unwrap();
+    assert_eq!(last["last_round"]["round"], 1, "{last}");
 
     let end = status_json(&out);
     assert_eq!(end["state"], "finished");
