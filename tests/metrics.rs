@@ -516,3 +516,84 @@ fn deploy_files_use_metrics_that_exist() {
     }
     assert!(prom.contains("- alerts.yml"));
 }
+
+/// What scraping and the status file cost (BENCHMARKS.md): 2,000 sequential scrapes of each
+/// endpoint over HTTP and 1,000 status-file writes, with latency percentiles and sizes.
+/// `cargo test --test metrics -- --ignored --nocapture measure_scrape_cost`
+#[test]
+#[ignore]
+fn measure_scrape_cost() {
+    use coevo_coordinator::metrics::CoordinatorMetrics;
+    let pct = |mut v: Vec<f64>, p: f64| {
+        v.sort_by(f64::total_cmp);
+        v[((v.len() - 1) as f64 * p).round() as usize]
+    };
+    let measure = |name: &str, addr: SocketAddr| {
+        let url = format!("http://{addr}/metrics");
+        let body = scrape(&url, SCRAPE_TIMEOUT).unwrap();
+        let mut us = Vec::new();
+        for _ in 0..2000 {
+            let t = std::time::Instant::now();
+            let text = scrape(&url, SCRAPE_TIMEOUT).unwrap();
+            us.push(t.elapsed().as_secs_f64() * 1e6);
+            assert!(!text.is_empty());
+        }
+        println!(
+            "{name}: {} samples, {} bytes; scrape p50 {:.0} µs, p99 {:.0} µs",
+            parse(&body).unwrap().0.len(),
+            body.len(),
+            pct(us.clone(), 0.5),
+            pct(us, 0.99)
+        );
+    };
+    // A coordinator mid-round with every rejection reason seen.
+    let m = std::sync::Arc::new(CoordinatorMetrics::new("city", 100, 1000));
+    for code in [
+        "unknown-client",
+        "bad-signature",
+        "wrong-fleet",
+        "wrong-round",
+        "wrong-base",
+        "client-mismatch",
+        "digest-mismatch",
+        "length-mismatch",
+        "oversized",
+        "malformed",
+        "non-finite",
+        "shape-mismatch",
+        "conflicting-upload",
+        "round-closed",
+    ] {
+        m.rejected(code);
+    }
+    let render = {
+        let m = m.clone();
+        std::sync::Arc::new(move || m.render())
+    };
+    let server =
+        coevo_telemetry::MetricsServer::start("127.0.0.1:0".parse().unwrap(), "bench", render)
+            .unwrap();
+    measure("coordinator", server.addr());
+    let broker = coevo_broker::start(coevo_broker::BrokerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics: coevo_broker::MetricsConfig {
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+        },
+        ..Default::default()
+    })
+    .unwrap();
+    measure("broker", broker.metrics_addr().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let mut us = Vec::new();
+    for _ in 0..1000 {
+        let t = std::time::Instant::now();
+        coevo_coordinator::status::write_status(dir.path(), &m.snapshot()).unwrap();
+        us.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let size = std::fs::metadata(dir.path().join("status.json")).unwrap().len();
+    println!(
+        "status.json: {size} bytes; write p50 {:.0} µs, p99 {:.0} µs",
+        pct(us.clone(), 0.5),
+        pct(us, 0.99)
+    );
+}
