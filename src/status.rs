@@ -81,23 +81,10 @@ pub fn read_live(dir: &Path, stale_after: Option<Duration>) -> Result<StatusView
     })
 }
 
-/// One line: round, phase and the counts, e.g. `round 3/5 · collect · connected 9/10 ·
-/// uploaded 7 · accepted 6 · rejected 1 · 42 s left`.
-pub fn summary(v: &StatusView) -> String {
+/// Where the coordinator is, e.g. `city round 3/5 · collect · 42 s left`.
+pub fn headline(v: &StatusView) -> String {
     let s = &v.status;
-    let mut line = format!(
-        "{} round {}/{} · {} · connected {}/{} · uploaded {} · accepted {} (quorum {}) · rejected {}",
-        s.fleet,
-        s.round,
-        s.rounds,
-        s.phase,
-        s.connected,
-        s.registered,
-        s.uploaded,
-        s.accepted,
-        s.quorum,
-        s.rejected
-    );
+    let mut line = format!("{} round {}/{} · {}", s.fleet, s.round, s.rounds, s.phase);
     if let Some(ms) = v.time_left_ms {
         line.push_str(&format!(" · {} s left", ms.div_ceil(1000)));
     }
@@ -108,6 +95,26 @@ pub fn summary(v: &StatusView) -> String {
         }
     }
     line
+}
+
+/// The round's counts, e.g. `connected 9/10 · uploaded 7 · accepted 6 (quorum 6) · rejected 1`
+/// (without `accepted` next to a bar that shows it).
+pub fn counts(v: &StatusView, with_accepted: bool) -> String {
+    let s = &v.status;
+    let quorum = if with_accepted {
+        format!("accepted {} (quorum {})", s.accepted, s.quorum)
+    } else {
+        format!("quorum {}", s.quorum)
+    };
+    format!(
+        "connected {}/{} · uploaded {} · {quorum} · rejected {}",
+        s.connected, s.registered, s.uploaded, s.rejected
+    )
+}
+
+/// Everything on one line (snapshots and logs).
+pub fn summary(v: &StatusView) -> String {
+    format!("{} · {}", headline(v), counts(v, true))
 }
 
 /// What the last closed round did, e.g. `round 2 completed: 10/10 accepted, student 0.812`.
@@ -188,7 +195,8 @@ fn follow(dir: &Path, once: bool, json: bool, stale_after: Option<Duration>) -> 
         },
     );
     bar.set_style(
-        ProgressStyle::with_template("{bar:30.green/white} {pos}/{len} accepted · {msg}")
+        // Three short lines rather than one long one: an 80-column terminal must not wrap it.
+        ProgressStyle::with_template("{prefix}\n{bar:30.green/white} {pos}/{len} accepted\n{msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let mut view = first;
@@ -204,7 +212,8 @@ fn follow(dir: &Path, once: bool, json: bool, stale_after: Option<Duration>) -> 
             if bar.is_hidden() && line != printed {
                 say(&line)?;
             }
-            bar.set_message(line.clone());
+            bar.set_prefix(headline(&view));
+            bar.set_message(counts(&view, false));
             printed = line;
         }
         if closed(&view) {

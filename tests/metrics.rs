@@ -590,7 +590,9 @@ fn measure_scrape_cost() {
         coevo_coordinator::status::write_status(dir.path(), &m.snapshot()).unwrap();
         us.push(t.elapsed().as_secs_f64() * 1e6);
     }
-    let size = std::fs::metadata(dir.path().join("status.json")).unwrap().len();
+    let size = std::fs::metadata(dir.path().join("status.json"))
+        .unwrap()
+        .len();
     println!(
         "status.json: {size} bytes; write p50 {:.0} µs, p99 {:.0} µs",
         pct(us.clone(), 0.5),
