@@ -17,7 +17,7 @@ pub enum StatusError {
     Missing { path: PathBuf },
     #[error("{}: {reason}", path.display())]
     Unreadable { path: PathBuf, reason: String },
-    #[error("{} was last written {age_s} s ago by a coordinator that said it was {state} (round {round}, {phase}): it is not running any more (killed or crashed); start it again to resume round {round}", path.display())]
+    #[error("{} was last written {age_s} s ago by a coordinator that said it was {state} (round {round}, {phase}): it is not running any more (killed or crashed); start it again: it resumes from its last completed round", path.display())]
     Stale {
         path: PathBuf,
         age_s: u64,
