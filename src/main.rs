@@ -650,6 +650,13 @@ fn demo(rt: &tokio::runtime::Runtime, opts: &coevo::demo::DemoOptions) -> Result
         opts.data.display(),
         out.display()
     );
+    println!(
+        "live view from another terminal: coevo status {}{}",
+        out.display(),
+        opts.metrics
+            .map(|m| format!("; Prometheus metrics on http://{m}/metrics"))
+            .unwrap_or_default()
+    );
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("  round {msg} [{bar:30}] {pos}/{len} deltas  {elapsed}")
