@@ -515,6 +515,52 @@ fn deploy_files_use_metrics_that_exist() {
         );
     }
     assert!(prom.contains("- alerts.yml"));
+
+    // Prometheus' own checker, where installed (Debian `prometheus`): the scrape config and
+    // its rules load, and both expositions pass its lint (naming, units, HELP).
+    let Some(promtool) = ["/usr/bin/promtool", "/usr/local/bin/promtool"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+    else {
+        eprintln!("promtool not installed: skipping Prometheus' own checks of deploy/");
+        return;
+    };
+    let ok = |out: std::process::Output, what: &str| {
+        assert!(
+            out.status.success(),
+            "promtool {what}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ok(
+        std::process::Command::new(promtool)
+            .args(["check", "config"])
+            .arg(root.join("deploy/prometheus.yml"))
+            .output()
+            .unwrap(),
+        "check config",
+    );
+    for text in [
+        coevo_coordinator::metrics::CoordinatorMetrics::new("city", 5, 1000).render(),
+        scrape(&format!("http://{addr}/metrics"), SCRAPE_TIMEOUT).unwrap(),
+    ] {
+        use std::io::Write;
+        let mut child = std::process::Command::new(promtool)
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        ok(child.wait_with_output().unwrap(), "check metrics");
+    }
 }
 
 /// What scraping and the status file cost (BENCHMARKS.md): 2,000 sequential scrapes of each
