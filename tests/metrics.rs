@@ -458,12 +458,15 @@ fn deploy_files_use_metrics_that_exist() {
     let panels = dash["panels"].as_array().expect("panels");
     let mut titles = String::new();
     let mut queried = std::collections::BTreeSet::new();
+    let mut exprs = Vec::new();
     for p in panels {
         assert!(p["gridPos"]["w"].as_u64().is_some_and(|w| w > 0), "{p}");
         let targets = p["targets"].as_array().expect("targets");
         assert!(!targets.is_empty(), "panel without a query: {}", p["title"]);
         for t in targets {
-            queried.extend(metric_names_in(t["expr"].as_str().expect("expr")));
+            let expr = t["expr"].as_str().expect("expr");
+            queried.extend(metric_names_in(expr));
+            exprs.push(expr.to_string());
         }
         titles.push_str(&p["title"].as_str().unwrap_or("").to_lowercase());
         titles.push('|');
@@ -540,6 +543,17 @@ fn deploy_files_use_metrics_that_exist() {
             .output()
             .unwrap(),
         "check config",
+    );
+    // Every dashboard query is valid PromQL once Grafana has filled in its variables: checked
+    // by loading them as recording rules (YAML takes JSON strings as they are).
+    let rules = dir_with_rules(&exprs);
+    ok(
+        std::process::Command::new(promtool)
+            .args(["check", "rules"])
+            .arg(rules.path().join("dashboard-rules.yml"))
+            .output()
+            .unwrap(),
+        "check rules (the dashboard's queries)",
     );
     for text in [
         coevo_coordinator::metrics::CoordinatorMetrics::new("city", 5, 1000).render(),
@@ -644,4 +658,20 @@ fn measure_scrape_cost() {
         pct(us.clone(), 0.5),
         pct(us, 0.99)
     );
+}
+
+/// A temporary folder holding `dashboard-rules.yml`: each Grafana query as a recording rule,
+/// with Grafana's variables replaced the way Grafana fills them in.
+fn dir_with_rules(exprs: &[String]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let mut yaml = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, e) in exprs.iter().enumerate() {
+        let e = e.replace("$__rate_interval", "1m").replace("$fleet", ".*");
+        yaml.push_str(&format!(
+            "      - record: coevo:dashboard_query_{i}\n        expr: {}\n",
+            serde_json::to_string(&e).unwrap()
+        ));
+    }
+    std::fs::write(dir.path().join("dashboard-rules.yml"), yaml).unwrap();
+    dir
 }
