@@ -458,12 +458,13 @@ where
     let down = async {
         let mut up_rx = up_rx;
         // `copy_buf`, counting as it goes (a long-lived connection's bytes show while it is
-        // open, not when it closes).
+        // open, not when it closes). Flushed after each write, as `copy_buf` flushes whenever
+        // rumqttd has nothing more: TLS may hold records back until then.
         loop {
             let n = match up_rx.fill_buf().await {
                 Ok([]) | Err(_) => break,
                 Ok(chunk) => {
-                    if tx.write_all(chunk).await.is_err() {
+                    if tx.write_all(chunk).await.is_err() || tx.flush().await.is_err() {
                         break;
                     }
                     chunk.len()
