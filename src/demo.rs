@@ -53,6 +53,10 @@ pub struct DemoOptions {
     /// Round deadline in seconds (rounds close earlier once every client is in).
     #[arg(long, default_value_t = 600)]
     pub round_timeout: u64,
+    /// Serve the coordinator's Prometheus metrics here, e.g. 127.0.0.1:9464 (what
+    /// deploy/prometheus.yml scrapes). `coevo status OUT` works either way.
+    #[arg(long)]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl DemoOptions {
@@ -129,6 +133,7 @@ pub async fn run(
         run,
         |cfg| {
             cfg.rounds = opts.rounds;
+            cfg.metrics.listen = opts.metrics;
             cfg.round = coevo_coordinator::config::RoundPolicy {
                 quorum,
                 timeout_s: opts.round_timeout,

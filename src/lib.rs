@@ -6,6 +6,7 @@
 //! - [`fleet_import`]: bulk provisioning (`coevo fleet import`, `fleet add ID...`), O(N).
 //! - [`demo`]: embedded broker + coordinator + N edge agents over real MQTT on 127.0.0.1.
 //! - [`mosquitto`]: export a fleet's passwords and per-client ACLs for Mosquitto.
+//! - [`status`]: `coevo status`, the live round of a running coordinator (its `status.json`).
 //! - [`table`]: the round table printed by `coevo report`.
 //! - [`tls`]: a fleet CA and the broker's TLS certificate (`coevo keys tls`).
 
@@ -14,5 +15,6 @@ pub mod demo;
 pub mod fleet_import;
 pub mod mosquitto;
 pub mod provision;
+pub mod status;
 pub mod table;
 pub mod tls;

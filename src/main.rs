@@ -57,6 +57,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show the live state of the coordinator writing OUT: round, phase, registered,
+    /// connected, uploaded, accepted, rejected and time left, with a progress bar, until the
+    /// round closes. Reads OUT/status.json (rewritten every second by a running coordinator),
+    /// so it works behind any broker; a file no longer rewritten is reported as a dead
+    /// coordinator (non-zero exit).
+    Status {
+        /// The coordinator's `out` directory (or its status.json).
+        out: PathBuf,
+        /// Print one snapshot and exit.
+        #[arg(long)]
+        once: bool,
+        /// JSON: one document with --once, else one line per second until the round closes.
+        #[arg(long)]
+        json: bool,
+        /// Call a running coordinator dead when its file is older than this (seconds; default
+        /// 5 or 3 of its intervals, whichever is longer).
+        #[arg(long)]
+        stale_after: Option<u64>,
+    },
     /// Run broker, coordinator and N edge clients on this machine (real MQTT over 127.0.0.1).
     Demo(coevo::demo::DemoOptions),
     /// Measure the product's claims through the real broker and edge agents (writes
@@ -294,6 +313,9 @@ fn main() -> Result<()> {
             let cfg = coevo_broker::BrokerConfig::from_toml_file(&config)?;
             let handle = coevo_broker::start(cfg)?;
             println!("coevo broker listening on {}", handle.addr);
+            if let Some(m) = handle.metrics_addr() {
+                println!("Prometheus metrics on http://{m}/metrics");
+            }
             rt.block_on(tokio::signal::ctrl_c())?;
             Ok(())
         }
@@ -354,6 +376,17 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Models { data } => models(&data),
+        Command::Status {
+            out,
+            once,
+            json,
+            stale_after,
+        } => coevo::status::run(
+            &out,
+            once,
+            json,
+            stale_after.map(std::time::Duration::from_secs),
+        ),
         Command::Bench(cmd) => {
             init_tracing("warn,rumqttd=off");
             cmd.run(&rt)
@@ -635,6 +668,13 @@ fn demo(rt: &tokio::runtime::Runtime, opts: &coevo::demo::DemoOptions) -> Result
         opts.split,
         opts.data.display(),
         out.display()
+    );
+    println!(
+        "live view from another terminal: coevo status {}{}",
+        out.display(),
+        opts.metrics
+            .map(|m| format!("; Prometheus metrics on http://{m}/metrics"))
+            .unwrap_or_default()
     );
     let bar = ProgressBar::new(0);
     bar.set_style(

@@ -85,6 +85,19 @@ pub struct BrokerConfig {
     /// running executable (the `coevo` binary). Set it when embedding the broker in another
     /// program, e.g. a test binary.
     pub front_program: Option<PathBuf>,
+    /// `[metrics]`: Prometheus `/metrics` (connections, refusals by reason, ACL denials,
+    /// traffic; see [`crate::metrics`]).
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]` in the broker config.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve Prometheus metrics on `http://LISTEN/metrics`, e.g. `"127.0.0.1:9465"`. Unset: no
+    /// listener (the default). The endpoint has no authentication: bind it to loopback or a
+    /// private scrape network. Port 0 picks a free port ([`crate::BrokerHandle::metrics_addr`]).
+    pub listen: Option<SocketAddr>,
 }
 
 /// The broker's TLS identity: a PEM certificate chain and its private key, e.g. `broker.pem`
@@ -118,6 +131,7 @@ impl Default for BrokerConfig {
             acl: AclConfig::default(),
             front_processes: 0,
             front_program: None,
+            metrics: MetricsConfig::default(),
         }
     }
 }

@@ -87,6 +87,18 @@ pub(crate) struct Counters {
     pub(crate) protocol_violations: AtomicU64,
     pub(crate) connects_busy: AtomicU64,
     pub(crate) connections_over_limit: AtomicU64,
+    /// Parts of `auth_refused`, by reason.
+    pub(crate) auth_invalid_id: AtomicU64,
+    pub(crate) auth_unknown_client: AtomicU64,
+    pub(crate) auth_bad_password: AtomicU64,
+    /// Client connections past their CONNECT, piped to rumqttd right now.
+    pub(crate) connections_open: AtomicU64,
+    /// PUBLISH packets clients sent that passed the ACL.
+    pub(crate) publishes_in: AtomicU64,
+    /// MQTT bytes from clients forwarded to rumqttd (after CONNECT).
+    pub(crate) bytes_in: AtomicU64,
+    /// MQTT bytes from rumqttd forwarded to clients (CONNACK included).
+    pub(crate) bytes_out: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -108,7 +120,30 @@ impl Counters {
             protocol_violations: get(&self.protocol_violations),
             connects_busy: get(&self.connects_busy),
             connections_over_limit: get(&self.connections_over_limit),
+            auth_invalid_id: get(&self.auth_invalid_id),
+            auth_unknown_client: get(&self.auth_unknown_client),
+            auth_bad_password: get(&self.auth_bad_password),
+            connections_open: get(&self.connections_open),
+            publishes_in: get(&self.publishes_in),
+            bytes_in: get(&self.bytes_in),
+            bytes_out: get(&self.bytes_out),
         }
+    }
+}
+
+/// Counts a client connection as open for as long as it lives.
+struct OpenConnection<'a>(&'a Counters);
+
+impl<'a> OpenConnection<'a> {
+    fn new(c: &'a Counters) -> Self {
+        bump(&c.connections_open);
+        OpenConnection(c)
+    }
+}
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.connections_open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -412,6 +447,8 @@ where
         }
     };
     drop(permit);
+    let _open = OpenConnection::new(&front.counters);
+    front.counters.bytes_out.fetch_add(4, Ordering::Relaxed);
 
     let up = async {
         let end = forward(front, &id, &mut rx, &mut up_tx).await;
@@ -420,7 +457,25 @@ where
     };
     let down = async {
         let mut up_rx = up_rx;
-        let _ = tokio::io::copy_buf(&mut up_rx, &mut tx).await;
+        // `copy_buf`, counting as it goes (a long-lived connection's bytes show while it is
+        // open, not when it closes). Flushed after each write, as `copy_buf` flushes whenever
+        // rumqttd has nothing more: TLS may hold records back until then.
+        loop {
+            let n = match up_rx.fill_buf().await {
+                Ok([]) | Err(_) => break,
+                Ok(chunk) => {
+                    if tx.write_all(chunk).await.is_err() || tx.flush().await.is_err() {
+                        break;
+                    }
+                    chunk.len()
+                }
+            };
+            up_rx.consume(n);
+            front
+                .counters
+                .bytes_out
+                .fetch_add(n as u64, Ordering::Relaxed);
+        }
         // Sends TLS close_notify after everything rumqttd wrote.
         let _ = tx.shutdown().await;
     };
@@ -462,6 +517,7 @@ async fn admit(front: &Front, c: &Connect, peer: SocketAddr) -> Result<Option<St
     let quiet = |what: &str| front.log_limit.allow(&format!("{what}\0{id}"));
     if front.acl.role(id) == crate::acl::Role::Invalid {
         bump(&front.counters.auth_refused);
+        bump(&front.counters.auth_invalid_id);
         if quiet("invalid") {
             tracing::warn!(client_id = id, %peer, "MQTT connect refused: client id is not a valid topic level");
         }
@@ -496,9 +552,15 @@ async fn admit(front: &Front, c: &Connect, peer: SocketAddr) -> Result<Option<St
                 }
             };
             // A reload may have replaced this client's hash while the check ran.
+            let known = hash.is_some();
             let hash = hash.filter(|h| ok && verifier.is_current(id, h));
             let Some(hash) = hash else {
                 bump(&front.counters.auth_refused);
+                bump(if known {
+                    &front.counters.auth_bad_password
+                } else {
+                    &front.counters.auth_unknown_client
+                });
                 if quiet("auth") {
                     tracing::warn!(client_id = id, %peer, "MQTT connect refused: unknown client or wrong password");
                 }
@@ -756,6 +818,11 @@ where
     buf.clear();
     put_header(buf, first, len);
     let header_len = buf.len();
+    // Counted as it is read: a refused packet's bytes were received too.
+    front
+        .counters
+        .bytes_in
+        .fetch_add((header_len + len) as u64, Ordering::Relaxed);
     match first >> 4 {
         CONNECT => return Err(End::Protocol("second CONNECT".into())),
         PUBLISH => {
@@ -775,6 +842,7 @@ where
             if !front.acl.may_publish(id, topic) {
                 return Err(End::PublishRefused(topic.to_owned()));
             }
+            bump(&front.counters.publishes_in);
             let rest = len - 2 - topic_len;
             if rest <= SMALL_PACKET {
                 read_append(rx, buf, rest).await?;

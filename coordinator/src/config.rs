@@ -38,6 +38,8 @@ pub struct CoordinatorConfig {
     pub server_data: ServerDataConfig,
     /// The check of every merged model before it is published (rollback on a collapse).
     pub guard: crate::guard::GuardConfig,
+    /// `[metrics]`: Prometheus `/metrics` listener (opt-in) and the `status.json` interval.
+    pub metrics: crate::metrics::MetricsConfig,
 }
 
 /// The aggregation rule when the config names none: norm clipping at 2 × the round's median
@@ -113,6 +115,7 @@ impl Default for CoordinatorConfig {
             coevolution: crate::coevolve::CoevolutionConfig::default(),
             server_data: ServerDataConfig::default(),
             guard: crate::guard::GuardConfig::default(),
+            metrics: crate::metrics::MetricsConfig::default(),
         }
     }
 }
@@ -393,6 +396,7 @@ mod tests {
         assert_eq!(sample.mode, d.mode);
         assert_eq!(sample.aggregation, d.aggregation);
         assert_eq!(sample.guard, d.guard);
+        assert_eq!(sample.metrics, d.metrics);
     }
 
     #[test]

@@ -12,6 +12,8 @@
 //! - [`guard`]: the check of a merged model before it is published (rollback, outliers).
 //! - [`store`]: durable state (accepted deltas written before they are acknowledged).
 //! - [`report`]: the round report, a stable JSON interface for analysts.
+//! - [`metrics`]: Prometheus metrics and the live status the round stages keep up to date.
+//! - [`status`]: `out/status.json`, the live state `coevo status` reads.
 //! - [`server`]: the round loop, the only part doing I/O.
 
 pub mod coevolve;
@@ -19,9 +21,11 @@ pub mod collect;
 pub mod config;
 pub mod guard;
 pub mod ingest;
+pub mod metrics;
 pub mod registry;
 pub mod report;
 pub mod server;
+pub mod status;
 pub mod store;
 pub mod strategy;
 pub mod verify;
@@ -47,4 +51,6 @@ pub enum CoordinatorError {
     Mqtt(#[from] coevo_mqtt::MqttError),
     #[error("key: {0}")]
     Key(#[from] coevo_protocol::CryptoError),
+    #[error("metrics: {0}")]
+    Metrics(#[from] coevo_telemetry::TelemetryError),
 }

@@ -11,6 +11,7 @@ use crate::collect::RejectionTally;
 use crate::config::CoordinatorConfig;
 use crate::guard::{GuardEvaluator, SharedGuardEvaluator};
 use crate::ingest::{AcceptedMeta, RoundSpec};
+use crate::metrics::{phase, CoordinatorMetrics};
 use crate::registry::FleetRegistry;
 use crate::report::{PhaseTimings, RejectionCount, RoundReport};
 use crate::store::{write_atomic, Store};
@@ -92,9 +93,13 @@ pub struct Coordinator {
     /// The server's held-out validation set, kept (shallowly) for the guard.
     guard_data: Mutex<Option<Dataset>>,
     events: Option<mpsc::UnboundedSender<RoundEvent>>,
+    /// Metrics and live status, updated by every stage (see `crate::metrics`).
+    metrics: Arc<CoordinatorMetrics>,
+    /// Whether `[metrics] listen` was already started by [`Coordinator::start_metrics_server`].
+    metrics_served: bool,
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -109,7 +114,14 @@ impl Coordinator {
         test: Dataset,
     ) -> Result<Self, CoordinatorError> {
         cfg.validate()?;
+        let metrics = Arc::new(CoordinatorMetrics::new(
+            &cfg.fleet,
+            cfg.rounds,
+            cfg.metrics.status_interval_ms,
+        ));
         Ok(Coordinator {
+            metrics,
+            metrics_served: false,
             cfg,
             key,
             test: Mutex::new(Some(test)),
@@ -141,6 +153,32 @@ impl Coordinator {
         self
     }
 
+    /// The metrics and live status this coordinator keeps (also what `/metrics` serves).
+    pub fn metrics(&self) -> Arc<CoordinatorMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Starts the `[metrics] listen` endpoint now (`None` when it is not configured) and hands
+    /// it to the caller, who decides how long it serves: dropping it stops it. Without this
+    /// call [`Self::run`] starts it and stops it when it returns; call this first to keep
+    /// serving the final numbers after the last round (tests, a process embedding the
+    /// coordinator).
+    pub fn start_metrics_server(
+        &mut self,
+    ) -> Result<Option<coevo_telemetry::MetricsServer>, CoordinatorError> {
+        self.metrics_served = true;
+        let Some(listen) = self.cfg.metrics.listen else {
+            return Ok(None);
+        };
+        let metrics = self.metrics.clone();
+        let server = coevo_telemetry::MetricsServer::start(
+            listen,
+            "coordinator",
+            Arc::new(move || metrics.render()),
+        )?;
+        Ok(Some(server))
+    }
+
     fn emit(&self, ev: RoundEvent) {
         if let Some(tx) = &self.events {
             let _ = tx.send(ev);
@@ -154,10 +192,33 @@ impl Coordinator {
         shutdown: impl Future<Output = ()>,
     ) -> Result<Vec<RoundReport>, CoordinatorError> {
         let out = self.cfg.out.clone();
-        tokio::select! {
-            r = self.run_rounds() => r?,
-            _ = shutdown => tracing::info!("coordinator shutting down"),
+        let _server = if self.metrics_served {
+            None
+        } else {
+            self.start_metrics_server()?
+        };
+        let status = crate::status::spawn_writer(
+            self.metrics.clone(),
+            out.clone(),
+            self.cfg.metrics.status_interval_ms,
+        );
+        let result = tokio::select! {
+            r = self.run_rounds() => r.map(|()| crate::status::state::FINISHED),
+            _ = shutdown => {
+                tracing::info!("coordinator shutting down");
+                Ok(crate::status::state::STOPPED)
+            }
+        };
+        match &result {
+            Ok(s) => self.metrics.set_state(s, None),
+            Err(e) => self
+                .metrics
+                .set_state(crate::status::state::FAILED, Some(e.to_string())),
         }
+        if let Some(writer) = status {
+            writer.finish().await;
+        }
+        result?;
         crate::report::load_reports(&out)
     }
 
@@ -243,12 +304,20 @@ impl Coordinator {
         settings.max_packet_bytes =
             (cfg.transfer.chunk_size as usize + 64 * 1024).max(MAX_INCOMING_PACKET);
         settings.max_incoming_bytes = Some(cfg.transfer.incoming_bytes.max(1) as usize);
-        let mut session = Session::start(&settings, vec![Topic::all_deltas_filter(&cfg.fleet)]);
+        // Client statuses (retained, last will offline) count the connected clients, on any
+        // broker; only registered ones count, and they are never trusted for anything else.
+        let filters = vec![
+            Topic::all_deltas_filter(&cfg.fleet),
+            Topic::all_status_filter(&cfg.fleet),
+        ];
+        let mut session = Session::start(&settings, filters);
         wait_connected(&mut session, &cfg).await?;
 
         let mut previous_model: Option<(Digest, u32)> = None;
         for round in state.completed_round + 1..=cfg.rounds {
             let registry = FleetRegistry::load(&cfg.registry)?;
+            self.metrics
+                .round_started(round, &registry, cfg.round.quorum);
             let ctx = RoundInputs {
                 round,
                 arch: arch.clone(),
@@ -295,13 +364,23 @@ impl Coordinator {
             fusion: None,
         });
 
+        if teacher.is_some() {
+            self.metrics.set_phase(phase::DISTILL);
+        }
         self.distill_stage(round, teacher, store, global, &mut coevolution)
             .await?;
 
+        self.metrics.set_phase(phase::PUBLISH);
         let mut published = self
             .publish_stage(inputs, session, global, previous_model)
             .await?;
         phases.publish = t0.elapsed().as_millis() as u64;
+        self.metrics.set_phase(phase::COLLECT);
+        self.metrics.published(
+            published.model_bytes,
+            inputs.registry.len(),
+            published.manifest.deadline_unix_ms,
+        );
         self.emit(RoundEvent::Started {
             round,
             registered: inputs.registry.len(),
@@ -325,6 +404,7 @@ impl Coordinator {
         phases.collect = t_collect.elapsed().as_millis() as u64;
 
         let t_agg = Instant::now();
+        self.metrics.set_phase(phase::AGGREGATE);
         let aggregated = self
             .aggregate_stage(inputs, store, global, &published, &collected)
             .await?;
@@ -332,6 +412,9 @@ impl Coordinator {
             // Nothing merged: a skipped round leaves the model exactly as it was, not rounded
             // through the downlink codec.
             *global = std::mem::take(&mut published.undecoded);
+        }
+        if teacher.is_some() {
+            self.metrics.set_phase(phase::FUSE);
         }
         self.fuse_stage(
             round,
@@ -345,6 +428,7 @@ impl Coordinator {
         phases.aggregate = t_agg.elapsed().as_millis() as u64;
 
         let model = (published.model_digest, published.chunks);
+        self.metrics.set_phase(phase::EVALUATE);
         let report = self
             .report_stage(
                 inputs,
@@ -363,6 +447,7 @@ impl Coordinator {
                 },
             )
             .await?;
+        self.metrics.round_finished(&report);
         Ok((report, model))
     }
 }

@@ -19,11 +19,15 @@ use coevo_mqtt::{Incoming, Publish, Session};
 use coevo_protocol::chunk::Reassembler;
 use coevo_protocol::envelope::{self, Kind};
 use coevo_protocol::{
-    digest, DeltaChunk, Digest, Receipt, ReceiptOutcome, RejectReason, Signed, Topic,
+    digest, DeltaChunk, Digest, Receipt, ReceiptOutcome, RejectReason, Signed, Status, StatusState,
+    Topic,
 };
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Largest client status message decoded (an id, a state, a round and an error line).
+const STATUS_LIMIT: usize = 4096;
 
 /// The collect phase's reassembly state, bounded per client (see `collect::admit`).
 pub(super) struct CollectState {
@@ -96,6 +100,7 @@ impl Coordinator {
             )?
         };
         for r in recovered {
+            self.metrics.accepted(&r.client, r.meta.bytes);
             book.accepted.insert(r.client, r.meta);
         }
         for l in &lost {
@@ -190,6 +195,8 @@ impl Coordinator {
                         // signed and published; the model goes again too, which also replaces
                         // any retained chunk a broker lost or let someone overwrite.
                         published.extend(cfg.round.timeout_s * 1000, &cfg.client_id, &self.key);
+                        self.metrics
+                            .set_deadline(published.manifest.deadline_unix_ms);
                         published.republish(session, &cfg.fleet).await?;
                         continue;
                     }
@@ -272,6 +279,7 @@ impl Coordinator {
         pipe: &mut Pipeline,
         up: Upload,
     ) -> Result<Option<u64>, CoordinatorError> {
+        self.metrics.upload(&up.client);
         if book.accepted.contains_key(&up.client) {
             self.on_upload_after_accept(ctx, session, book, up).await?;
             return Ok(None);
@@ -361,6 +369,7 @@ impl Coordinator {
         pipe.ingest.commit(batch).await?;
         for (ticket, client, meta) in accepted {
             let payload_digest = meta.header.payload_digest;
+            self.metrics.accepted(&client, meta.bytes);
             book.accepted.insert(client.clone(), meta);
             self.receipt(
                 session,
@@ -469,6 +478,10 @@ impl Coordinator {
                 round,
                 index,
             }) => (client, round, index),
+            Ok(Topic::Status { client }) => {
+                self.on_status(ctx, &client, &p.payload);
+                return Ok(None);
+            }
             Ok(_) => return Ok(None),
             Err(e) => {
                 tracing::debug!(topic = %p.topic, error = %e, "ignoring message");
@@ -563,6 +576,21 @@ impl Coordinator {
                     .await?;
                 Ok(None)
             }
+        }
+    }
+
+    /// A client's retained online/offline status: counted for registered clients whose status
+    /// names themselves, for the connected-clients figure only (it is unsigned).
+    fn on_status(&self, ctx: &RoundContext<'_>, client: &str, payload: &[u8]) {
+        if ctx.registry.key(client).is_none() {
+            return;
+        }
+        match envelope::decode::<Status>(payload, Kind::Status, STATUS_LIMIT) {
+            Ok(s) if s.client == client => self
+                .metrics
+                .client_status(client, s.state == StatusState::Online),
+            // A cleared retained status (empty payload) or garbage: not online.
+            _ => self.metrics.client_status(client, false),
         }
     }
 
@@ -746,6 +774,7 @@ impl Coordinator {
         signed: bool,
     ) -> Result<(), CoordinatorError> {
         let text = reason.to_string();
+        self.metrics.rejected(reason.code());
         let first = book.tally.record(client, registered, &text, signed);
         if first {
             tracing::warn!(client, round, reason = %text, signed, "delta rejected (more like it this round are only counted)");
