@@ -38,6 +38,8 @@ pub struct CoordinatorConfig {
     pub server_data: ServerDataConfig,
     /// The check of every merged model before it is published (rollback on a collapse).
     pub guard: crate::guard::GuardConfig,
+    /// Alert thresholds (logged at ERROR, stored in the round report and the HTML report).
+    pub alerts: crate::alerts::AlertConfig,
 }
 
 /// The aggregation rule when the config names none: norm clipping at 2 × the round's median
@@ -113,6 +115,7 @@ impl Default for CoordinatorConfig {
             coevolution: crate::coevolve::CoevolutionConfig::default(),
             server_data: ServerDataConfig::default(),
             guard: crate::guard::GuardConfig::default(),
+            alerts: crate::alerts::AlertConfig::default(),
         }
     }
 }
@@ -294,6 +297,7 @@ impl CoordinatorConfig {
 
     pub fn validate(&self) -> Result<(), CoordinatorError> {
         let bad = |m: String| Err(CoordinatorError::Config(m));
+        self.alerts.validate()?;
         coevo_protocol::topic::validate_id(&self.fleet)
             .map_err(|e| CoordinatorError::Config(format!("fleet: {e}")))?;
         coevo_protocol::topic::validate_id(&self.client_id)

@@ -12,12 +12,17 @@
 //! - [`guard`]: the check of a merged model before it is published (rollback, outliers).
 //! - [`store`]: durable state (accepted deltas written before they are acknowledged).
 //! - [`report`]: the round report, a stable JSON interface for analysts.
+//! - [`export`], [`html`]: per-client CSV rows and the offline HTML report.
+//! - [`alerts`]: alerts over the report history (collapse, rollback, skip, …).
 //! - [`server`]: the round loop, the only part doing I/O.
 
+pub mod alerts;
 pub mod coevolve;
 pub mod collect;
 pub mod config;
+pub mod export;
 pub mod guard;
+pub mod html;
 pub mod ingest;
 pub mod registry;
 pub mod report;

@@ -1,6 +1,7 @@
 //! The round loop: the only part of the coordinator that does I/O (MQTT, disk, the clock).
 
 mod aggregate;
+mod analyst;
 mod collect;
 mod evolve;
 mod publish;
@@ -92,6 +93,9 @@ pub struct Coordinator {
     /// The server's held-out validation set, kept (shallowly) for the guard.
     guard_data: Mutex<Option<Dataset>>,
     events: Option<mpsc::UnboundedSender<RoundEvent>>,
+    /// The report history behind alerts and `OUT/report.html` (`server/analyst.rs`), read
+    /// from disk at the first round so a restarted coordinator keeps its alerts' memory.
+    history: Mutex<Option<crate::html::History>>,
 }
 
 fn now_ms() -> u64 {
@@ -117,6 +121,7 @@ impl Coordinator {
             reference_data: Mutex::new(None),
             guard_data: Mutex::new(None),
             events: None,
+            history: Mutex::new(None),
         })
     }
 
