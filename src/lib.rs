@@ -7,6 +7,7 @@
 //! - [`demo`]: embedded broker + coordinator + N edge agents over real MQTT on 127.0.0.1.
 //! - [`mosquitto`]: export a fleet's passwords and per-client ACLs for Mosquitto.
 //! - [`table`]: the round table printed by `coevo report`.
+//! - [`report_cmd`]: `coevo report` (table, JSON, `--html`, `--csv`, alerts).
 //! - [`tls`]: a fleet CA and the broker's TLS certificate (`coevo keys tls`).
 
 pub mod bench;
@@ -14,5 +15,6 @@ pub mod demo;
 pub mod fleet_import;
 pub mod mosquitto;
 pub mod provision;
+pub mod report_cmd;
 pub mod table;
 pub mod tls;

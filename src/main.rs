@@ -45,14 +45,9 @@ enum Command {
     /// Manage the fleet registry and broker credentials.
     #[command(subcommand)]
     Fleet(FleetCmd),
-    /// Print the round reports of a run as a table.
-    Report {
-        /// A coordinator output directory (or its reports/ folder).
-        dir: PathBuf,
-        /// Print the reports as JSON lines instead.
-        #[arg(long)]
-        json: bool,
-    },
+    /// Print the round reports of a run as a table with its alerts, or write them as an
+    /// offline HTML report (--html) or per-client CSV (--csv).
+    Report(coevo::report_cmd::ReportArgs),
     /// Run broker, coordinator and N edge clients on this machine (real MQTT over 127.0.0.1).
     Demo(coevo::demo::DemoOptions),
     /// Measure the product's claims through the real broker and edge agents (writes
@@ -320,20 +315,7 @@ fn main() -> Result<()> {
         }
         Command::Keys(cmd) => keys(cmd),
         Command::Fleet(cmd) => fleet(cmd),
-        Command::Report { dir, json } => {
-            let reports = coevo_coordinator::report::load_reports(&dir)?;
-            if reports.is_empty() {
-                bail!("no round-NNNN.json reports under {}", dir.display());
-            }
-            if json {
-                for r in &reports {
-                    println!("{}", serde_json::to_string(r)?);
-                }
-            } else {
-                print!("{}", coevo::table::render(&reports));
-            }
-            Ok(())
-        }
+        Command::Report(args) => coevo::report_cmd::run(&args),
         Command::Models { data } => models(&data),
         Command::Bench(cmd) => {
             init_tracing("warn,rumqttd=off");
