@@ -153,6 +153,11 @@ fn code(reason: &str) -> &str {
     reason.split(':').next().unwrap_or(reason).trim()
 }
 
+/// (round, test accuracy) of a baseline run.
+type RoundAccuracy = (u64, Option<f64>);
+/// One class's values, one per heatmap column.
+type HeatRow = Vec<Option<f64>>;
+
 /// Everything the HTML report is made from, kept small (see the module doc).
 pub struct History {
     pub title: String,
@@ -161,7 +166,8 @@ pub struct History {
     clients: HashMap<String, ClientTotals>,
     alert_state: AlertState,
     alerts: Vec<Alert>,
-    baseline: Option<(String, Vec<(u64, Option<f64>)>)>,
+    /// A label and its student accuracy per round (the bench's FedAvg run).
+    baseline: Option<(String, Vec<RoundAccuracy>)>,
     bounds: (Option<f64>, Option<f64>),
 }
 
@@ -355,7 +361,7 @@ h1{font-size:1.35rem;margin:.3rem 0}
 h2{font-size:1.1rem;margin:0 0 .5rem}
 p.sub{color:var(--muted);margin:.2rem 0 .8rem;overflow-wrap:anywhere}
 section{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:12px;margin:0 0 12px;min-width:0}
-.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,330px),1fr));gap:12px}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,460px),1fr));gap:12px;margin:0 0 12px}
 .grid>section{margin:0}
 .cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(150px,1fr));gap:8px}
 .card{border:1px solid var(--line);border-radius:6px;padding:8px}
@@ -382,8 +388,8 @@ tr.gap td{color:var(--muted);text-align:center;font-style:italic}
 svg.chart{display:block;width:100%;height:auto}
 svg .grid{stroke:#eceef2;stroke-width:1}
 svg .axis{stroke:#8a93a3;stroke-width:1}
-svg text{fill:#4a5263;font-size:13px}
-svg .axis-label{font-size:13px;fill:#5b6475}
+svg text{fill:#4a5263;font-size:17px}
+svg .axis-label{font-size:17px;fill:#5b6475}
 svg .series{fill:none;stroke-width:2.5;stroke-linejoin:round}
 svg .dashed{stroke-dasharray:7 5;stroke-width:2}
 svg .marker{stroke-width:2;stroke-dasharray:3 3}
@@ -462,8 +468,10 @@ pub fn render(h: &History) -> String {
     }
     alerts_section(&mut s, h);
     figures_section(&mut s, h);
+    s.push_str(r#"<div class="grid">"#);
     accuracy_section(&mut s, h);
     heatmap_section(&mut s, h);
+    s.push_str("</div>");
     s.push_str(r#"<div class="grid">"#);
     bytes_section(&mut s, h);
     phases_section(&mut s, h);
@@ -651,11 +659,28 @@ fn accuracy_section(s: &mut String, h: &History) {
         .collect();
     s.push_str(r#"<section id="accuracy"><h2>Test accuracy per round</h2>"#);
     s.push_str(&legend(&items));
+    // Zoomed to the data (to tenths), so a one-point change is visible; a collapse still
+    // shows down to where it fell.
+    let (lo, hi) = series
+        .iter()
+        .flat_map(|s| s.points.iter().filter_map(|p| p.1))
+        .filter(|v| v.is_finite())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+            (a.min(v), b.max(v))
+        });
+    let range = if lo.is_finite() {
+        (
+            ((lo - 0.05) * 10.0).floor().max(0.0) / 10.0,
+            ((hi + 0.02) * 10.0).ceil().min(10.0) / 10.0,
+        )
+    } else {
+        (0.0, 1.0)
+    };
     s.push_str(&svg::line_chart(
         "chart-accuracy",
         "test accuracy per round",
         &series,
-        Some((0.0, 1.0)),
+        Some(range),
         &markers,
         &|v| format!("{v:.2}"),
     ));
@@ -670,7 +695,7 @@ fn accuracy_section(s: &mut String, h: &History) {
 fn heat_columns(
     h: &History,
     f: &dyn Fn(&RoundReport) -> &[f64],
-) -> Option<(Vec<String>, Vec<Vec<Option<f64>>>)> {
+) -> Option<(Vec<String>, Vec<HeatRow>)> {
     let classes = h
         .rounds
         .iter()

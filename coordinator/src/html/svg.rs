@@ -9,13 +9,13 @@
 use super::esc;
 use std::fmt::Write;
 
-/// Chart width in SVG units. Fonts are sized for it so that, scaled to a 360-px phone column,
-/// axis labels stay about 8 px.
+/// Chart width in SVG units. Fonts (17 units, in the page's CSS) are sized for it so that,
+/// scaled to a 360-px phone column, axis labels stay about 10 px.
 pub const W: f64 = 640.0;
-const LEFT: f64 = 64.0;
+const LEFT: f64 = 92.0;
 const RIGHT: f64 = 16.0;
 const TOP: f64 = 16.0;
-const BOTTOM: f64 = 44.0;
+const BOTTOM: f64 = 50.0;
 
 /// One line of a line chart.
 pub struct Series {
@@ -129,7 +129,7 @@ fn axes(
         let _ = write!(
             s,
             r#"<text class="tick" x="{x:.1}" y="{:.1}" text-anchor="middle">{t}</text>"#,
-            base + 17.0
+            base + 21.0
         );
     }
     let _ = write!(
@@ -302,7 +302,7 @@ pub fn bar_chart(
             s,
             r#"<text class="tick" x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
             f.px(t),
-            h - BOTTOM + 17.0,
+            h - BOTTOM + 21.0,
             categories.get(i).copied().unwrap_or(0)
         );
     }
@@ -368,13 +368,17 @@ pub fn ramp(v: f64) -> String {
 pub fn heatmap(id: &str, label: &str, columns: &[String], rows: &[Vec<Option<f64>>]) -> String {
     let ncol = columns.len().max(1);
     let nrow = rows.len().max(1);
-    let cell_h = if nrow > 40 { 8.0 } else { 16.0 };
-    let left = 44.0;
+    let cell_h = match nrow {
+        0..=20 => 22.0,
+        21..=40 => 12.0,
+        _ => 8.0,
+    };
+    let left = 48.0;
     let h = TOP + nrow as f64 * cell_h + BOTTOM;
     let cw = (W - left - RIGHT) / ncol as f64;
     let mut s = String::new();
     open(&mut s, id, h, label);
-    let label_every = if nrow > 40 { 5 } else { 1 };
+    let label_every = if nrow > 20 { 5 } else { 1 };
     for (ri, row) in rows.iter().enumerate() {
         let y = TOP + ri as f64 * cell_h;
         if ri % label_every == 0 {
@@ -415,7 +419,7 @@ pub fn heatmap(id: &str, label: &str, columns: &[String], rows: &[Vec<Option<f64
             s,
             r#"<text class="tick" x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
             left + (ci as f64 + 0.5) * cw,
-            TOP + nrow as f64 * cell_h + 17.0,
+            TOP + nrow as f64 * cell_h + 21.0,
             esc(columns.get(ci).map_or("", String::as_str))
         );
     }
