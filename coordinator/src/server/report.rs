@@ -87,6 +87,12 @@ impl Coordinator {
         };
         phases.evaluate = t_eval.elapsed().as_millis() as u64;
         let book = &collected.book;
+        let trust: std::collections::HashMap<&str, f64> = aggregated
+            .aggregation
+            .trust
+            .iter()
+            .map(|(c, t)| (c.as_str(), *t))
+            .collect();
         let clients: Vec<ClientReport> = book
             .accepted
             .iter()
@@ -99,7 +105,7 @@ impl Coordinator {
                 bytes_up: a.bytes,
                 bytes_down: published.model_bytes,
                 delta_norm: a.norm,
-                trust_weight: None,
+                trust_weight: trust.get(c.as_str()).copied(),
             })
             .collect();
         let outcome = aggregated.outcome.clone();
