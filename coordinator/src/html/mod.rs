@@ -764,6 +764,22 @@ fn heatmap_section(s: &mut String, h: &History) {
 
 fn bytes_section(s: &mut String, h: &History) {
     let cats: Vec<u64> = h.rounds.iter().map(|r| r.report.round).collect();
+    // Chart in one binary unit picked by the largest value, so the axis ticks are round
+    // numbers of it (100 KiB, not 97.7 KiB).
+    let max = h
+        .rounds
+        .iter()
+        .map(|r| r.report.bytes_down.max(r.report.bytes_up))
+        .max()
+        .unwrap_or(0) as f64;
+    let (div, unit) = [
+        (1024f64.powi(3), "GiB"),
+        (1024f64.powi(2), "MiB"),
+        (1024.0, "KiB"),
+    ]
+    .into_iter()
+    .find(|(d, _)| max >= 2.0 * d)
+    .unwrap_or((1.0, "B"));
     let bars = [
         svg::Bars {
             name: "down (models)".into(),
@@ -771,13 +787,17 @@ fn bytes_section(s: &mut String, h: &History) {
             values: h
                 .rounds
                 .iter()
-                .map(|r| r.report.bytes_down as f64)
+                .map(|r| r.report.bytes_down as f64 / div)
                 .collect(),
         },
         svg::Bars {
             name: "up (deltas)".into(),
             class: "c-up",
-            values: h.rounds.iter().map(|r| r.report.bytes_up as f64).collect(),
+            values: h
+                .rounds
+                .iter()
+                .map(|r| r.report.bytes_up as f64 / div)
+                .collect(),
         },
     ];
     s.push_str(r#"<section id="bytes"><h2>Bytes per round</h2>"#);
@@ -791,7 +811,10 @@ fn bytes_section(s: &mut String, h: &History) {
         &cats,
         &bars,
         false,
-        &|v| bytes(v),
+        &|v| {
+            let digits = if v != v.round() { 1 } else { 0 };
+            format!("{v:.digits$} {unit}")
+        },
     ));
     if let Some(r) = h.rounds.last() {
         let n = r.report.accepted.max(1) as f64;
