@@ -8,6 +8,7 @@
 //! - [`mosquitto`]: export a fleet's passwords and per-client ACLs for Mosquitto.
 //! - [`status`]: `coevo status`, the live round of a running coordinator (its `status.json`).
 //! - [`table`]: the round table printed by `coevo report`.
+//! - [`report_cmd`]: `coevo report` (table, JSON, `--html`, `--csv`, alerts).
 //! - [`tls`]: a fleet CA and the broker's TLS certificate (`coevo keys tls`).
 
 pub mod bench;
@@ -16,5 +17,6 @@ pub mod fleet_import;
 pub mod mosquitto;
 pub mod provision;
 pub mod status;
+pub mod report_cmd;
 pub mod table;
 pub mod tls;

@@ -49,14 +49,9 @@ enum Command {
     /// Manage the fleet registry and broker credentials.
     #[command(subcommand)]
     Fleet(FleetCmd),
-    /// Print the round reports of a run as a table.
-    Report {
-        /// A coordinator output directory (or its reports/ folder).
-        dir: PathBuf,
-        /// Print the reports as JSON lines instead.
-        #[arg(long)]
-        json: bool,
-    },
+    /// Print the round reports of a run as a table with its alerts, or write them as an
+    /// offline HTML report (--html) or per-client CSV (--csv).
+    Report(coevo::report_cmd::ReportArgs),
     /// Show the live state of the coordinator writing OUT: round, phase, registered,
     /// connected, uploaded, accepted, rejected and time left, with a progress bar, until the
     /// round closes. Reads OUT/status.json (rewritten every second by a running coordinator),
@@ -361,20 +356,7 @@ fn main() -> Result<()> {
         }
         Command::Keys(cmd) => keys(cmd),
         Command::Fleet(cmd) => fleet(cmd),
-        Command::Report { dir, json } => {
-            let reports = coevo_coordinator::report::load_reports(&dir)?;
-            if reports.is_empty() {
-                bail!("no round-NNNN.json reports under {}", dir.display());
-            }
-            if json {
-                for r in &reports {
-                    println!("{}", serde_json::to_string(r)?);
-                }
-            } else {
-                print!("{}", coevo::table::render(&reports));
-            }
-            Ok(())
-        }
+        Command::Report(args) => coevo::report_cmd::run(&args),
         Command::Models { data } => models(&data),
         Command::Status {
             out,

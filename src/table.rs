@@ -62,3 +62,21 @@ pub fn render(reports: &[RoundReport]) -> String {
     }
     s
 }
+
+/// The alerts of a history, one line each (nothing when there are none).
+pub fn render_alerts(alerts: &[coevo_coordinator::alerts::Alert]) -> String {
+    let mut s = String::new();
+    if !alerts.is_empty() {
+        let _ = writeln!(s, "\nalerts ({}):", alerts.len());
+        for a in alerts {
+            let _ = writeln!(
+                s,
+                "  round {:>4}  {:<21}  {}",
+                a.round,
+                a.kind.tag(),
+                a.message
+            );
+        }
+    }
+    s
+}

@@ -187,6 +187,22 @@ async fn fltrust_excludes_a_sign_flip_by_the_servers_reference() {
             r.round
         );
         assert_eq!(r.accepted, CLIENTS - 1, "round {}", r.round);
+        // Every accepted delta's trust weight is reported: 0 for the sign flip, the honest
+        // ones share the whole merge.
+        let trust = |c: &str| {
+            r.clients
+                .iter()
+                .find(|x| x.client == c)
+                .and_then(|x| x.trust_weight)
+                .unwrap_or_else(|| panic!("round {}: no trust weight for {c}", r.round))
+        };
+        assert_eq!(trust(SIGN_FLIP), 0.0);
+        let total: f64 = r.clients.iter().filter_map(|x| x.trust_weight).sum();
+        assert!(
+            (total - 1.0).abs() < 1e-9,
+            "round {}: Σ trust {total}",
+            r.round
+        );
     }
     let acc = final_accuracy(&reports);
     assert!(acc > 0.5, "fltrust under attack only reached {acc}");

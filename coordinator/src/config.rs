@@ -40,6 +40,8 @@ pub struct CoordinatorConfig {
     pub guard: crate::guard::GuardConfig,
     /// `[metrics]`: Prometheus `/metrics` listener (opt-in) and the `status.json` interval.
     pub metrics: crate::metrics::MetricsConfig,
+    /// Alert thresholds (logged at ERROR, stored in the round report and the HTML report).
+    pub alerts: crate::alerts::AlertConfig,
 }
 
 /// The aggregation rule when the config names none: norm clipping at 2 × the round's median
@@ -116,6 +118,7 @@ impl Default for CoordinatorConfig {
             server_data: ServerDataConfig::default(),
             guard: crate::guard::GuardConfig::default(),
             metrics: crate::metrics::MetricsConfig::default(),
+            alerts: crate::alerts::AlertConfig::default(),
         }
     }
 }
@@ -309,6 +312,7 @@ impl CoordinatorConfig {
 
     pub fn validate(&self) -> Result<(), CoordinatorError> {
         let bad = |m: String| Err(CoordinatorError::Config(m));
+        self.alerts.validate()?;
         coevo_protocol::topic::validate_id(&self.fleet)
             .map_err(|e| CoordinatorError::Config(format!("fleet: {e}")))?;
         coevo_protocol::topic::validate_id(&self.client_id)

@@ -14,12 +14,17 @@
 //! - [`report`]: the round report, a stable JSON interface for analysts.
 //! - [`metrics`]: Prometheus metrics and the live status the round stages keep up to date.
 //! - [`status`]: `out/status.json`, the live state `coevo status` reads.
+//! - [`export`], [`html`]: per-client CSV rows and the offline HTML report.
+//! - [`alerts`]: alerts over the report history (collapse, rollback, skip, …).
 //! - [`server`]: the round loop, the only part doing I/O.
 
+pub mod alerts;
 pub mod coevolve;
 pub mod collect;
 pub mod config;
+pub mod export;
 pub mod guard;
+pub mod html;
 pub mod ingest;
 pub mod metrics;
 pub mod registry;

@@ -42,6 +42,10 @@ pub struct ClientReport {
     #[serde(default)]
     pub bytes_down: u64,
     pub delta_norm: f64,
+    /// The delta's share of the merge under a trust-weighting rule (fltrust: its cosine trust
+    /// over the round's total, 0 when excluded); absent for rules without trust scores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_weight: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -106,6 +110,10 @@ pub struct RoundReport {
     /// How collection verified and committed deltas: worker pool, group commits, fsyncs.
     #[serde(default)]
     pub collect: CollectReport,
+    /// Alerts raised for this round (rollback, collapse, skip, a client rejected round after
+    /// round, teacher below student), also logged at ERROR; see [`crate::alerts`].
+    #[serde(default)]
+    pub alerts: Vec<crate::alerts::Alert>,
 }
 
 /// The collect pipeline's work in a round (verification on a worker pool, group commit): lets

@@ -1,6 +1,7 @@
 //! The round loop: the only part of the coordinator that does I/O (MQTT, disk, the clock).
 
 mod aggregate;
+mod analyst;
 mod collect;
 mod evolve;
 mod publish;
@@ -97,6 +98,9 @@ pub struct Coordinator {
     metrics: Arc<CoordinatorMetrics>,
     /// Whether `[metrics] listen` was already started by [`Coordinator::start_metrics_server`].
     metrics_served: bool,
+    /// The report history behind alerts and `OUT/report.html` (`server/analyst.rs`), read
+    /// from disk at the first round so a restarted coordinator keeps its alerts' memory.
+    history: Mutex<Option<crate::html::History>>,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -129,6 +133,7 @@ impl Coordinator {
             reference_data: Mutex::new(None),
             guard_data: Mutex::new(None),
             events: None,
+            history: Mutex::new(None),
         })
     }
 

@@ -125,6 +125,9 @@ pub struct Aggregation {
     pub norms: Vec<(String, f64)>,
     /// Clients whose delta was scaled down before merging, in input order.
     pub clipped: Vec<String>,
+    /// Each client's trust weight, its share of the merge (fltrust: cosine trust over the
+    /// round's total; 0 = excluded), in input order; empty for rules without trust scores.
+    pub trust: Vec<(String, f64)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -516,6 +519,7 @@ impl Strategy for FedAvg {
             excluded: Vec::new(),
             norms,
             clipped: Vec::new(),
+            trust: Vec::new(),
         })
     }
 }
@@ -650,6 +654,7 @@ impl Strategy for NormClip {
             excluded: Vec::new(),
             norms,
             clipped,
+            trust: Vec::new(),
         })
     }
 }
@@ -683,6 +688,7 @@ impl TrimmedMean {
             excluded: Vec::new(),
             norms,
             clipped: Vec::new(),
+            trust: Vec::new(),
         })
     }
 }
@@ -720,6 +726,7 @@ impl Median {
             excluded: Vec::new(),
             norms,
             clipped: Vec::new(),
+            trust: Vec::new(),
         })
     }
 }
@@ -836,6 +843,7 @@ impl MultiKrum {
             excluded,
             norms,
             clipped: Vec::new(),
+            trust: Vec::new(),
         })
     }
 }
@@ -964,11 +972,17 @@ impl Strategy for FlTrust {
                 reason: "untrusted".into(),
             })
             .collect();
+        let shares = norms
+            .iter()
+            .zip(&trust)
+            .map(|((c, _), &t)| (c.clone(), if total > 0.0 { t / total } else { 0.0 }))
+            .collect();
         Ok(Aggregation {
             weights,
             excluded,
             norms,
             clipped,
+            trust: shares,
         })
     }
 }
@@ -1495,6 +1509,19 @@ mod tests {
         assert_eq!(excluded, vec!["diag", "against"]);
         assert_eq!(out.clipped, vec!["along".to_string(), "big".to_string()]);
         assert_eq!(out.norms.len(), 4);
+        // Trust weights (reported per client): each one's share of Σ trust = 1.6.
+        let trust: Vec<(&str, f64)> = out.trust.iter().map(|(c, t)| (c.as_str(), *t)).collect();
+        let want = [
+            ("along", 1.0 / 1.6),
+            ("diag", 0.0),
+            ("against", 0.0),
+            ("big", 0.6 / 1.6),
+        ];
+        assert_eq!(trust.len(), 4);
+        for ((c, t), (wc, wt)) in trust.iter().zip(want) {
+            assert_eq!(*c, wc);
+            assert!((t - wt).abs() < 1e-9, "{c}: {t}");
+        }
 
         // Nothing trusted: the model stays where it was.
         let out = FlTrust

@@ -59,6 +59,7 @@ impl Coordinator {
             excluded: Vec::new(),
             norms: Vec::new(),
             clipped: Vec::new(),
+            trust: Vec::new(),
         };
         let mut outcome = collected.outcome.to_string();
         let mut merged = false;

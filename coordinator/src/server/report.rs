@@ -87,6 +87,12 @@ impl Coordinator {
         };
         phases.evaluate = t_eval.elapsed().as_millis() as u64;
         let book = &collected.book;
+        let trust: std::collections::HashMap<&str, f64> = aggregated
+            .aggregation
+            .trust
+            .iter()
+            .map(|(c, t)| (c.as_str(), *t))
+            .collect();
         let clients: Vec<ClientReport> = book
             .accepted
             .iter()
@@ -99,10 +105,11 @@ impl Coordinator {
                 bytes_up: a.bytes,
                 bytes_down: published.model_bytes,
                 delta_norm: a.norm,
+                trust_weight: trust.get(c.as_str()).copied(),
             })
             .collect();
         let outcome = aggregated.outcome.clone();
-        let report = RoundReport {
+        let mut report = RoundReport {
             round,
             fleet: cfg.fleet.clone(),
             mode: match cfg.mode {
@@ -149,7 +156,9 @@ impl Coordinator {
             lost: collected.lost,
             reassembly: collected.reassembly,
             collect: collected.collect,
+            alerts: Vec::new(),
         };
+        report.alerts = self.round_alerts(store, &report);
         let json = serde_json::to_vec_pretty(&report)
             .map_err(|e| CoordinatorError::Io(format!("report: {e}")))?;
         write_atomic(
@@ -163,6 +172,7 @@ impl Coordinator {
         session
             .publish(Topic::Report { round }.path(&cfg.fleet), json, true)
             .await?;
+        self.refresh_html(store, &report).await;
         tracing::info!(
             round,
             accepted = report.accepted,
