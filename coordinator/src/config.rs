@@ -38,6 +38,8 @@ pub struct CoordinatorConfig {
     pub server_data: ServerDataConfig,
     /// The check of every merged model before it is published (rollback on a collapse).
     pub guard: crate::guard::GuardConfig,
+    /// TorchScript student and teacher files (issue #16); built-in CNNs when absent.
+    pub model: crate::byom::ModelFiles,
 }
 
 /// The aggregation rule when the config names none: norm clipping at 2 × the round's median
@@ -113,6 +115,7 @@ impl Default for CoordinatorConfig {
             coevolution: crate::coevolve::CoevolutionConfig::default(),
             server_data: ServerDataConfig::default(),
             guard: crate::guard::GuardConfig::default(),
+            model: crate::byom::ModelFiles::default(),
         }
     }
 }
