@@ -223,6 +223,15 @@ impl ScriptNet {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Writes the module with its current parameters (e.g. weights loaded from a checkpoint)
+    /// as a TorchScript file that [`ScriptModule::read`] and PyTorch's `torch.jit.load` read.
+    pub fn save(&self, path: &Path) -> Result<(), ModelError> {
+        self.lock()
+            .module
+            .save(path)
+            .map_err(|e| ModelError::Script(format!("saving {}: {e}", path.display())))
+    }
+
     /// The forward pass in the given mode, with libtorch's errors as errors.
     pub fn f_forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor, ModelError> {
         let mut m = self.lock();
@@ -246,5 +255,117 @@ impl ModuleT for ScriptNet {
             Ok(t) => t,
             Err(e) => panic!("TorchScript forward: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::synthetic;
+    use crate::train::{evaluate, train, TrainConfig};
+    use crate::{Arch, Weights};
+
+    const SHAPE: DataShape = DataShape {
+        channels: 1,
+        height: 28,
+        width: 28,
+        classes: 10,
+    };
+
+    fn fixture(name: &str) -> ScriptModule {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples/models")
+            .join(name);
+        ScriptModule::read(&p).expect("examples/models fixture")
+    }
+
+    fn student() -> ScriptModule {
+        fixture("student.pt")
+    }
+
+    #[test]
+    fn fixture_fits_its_data_and_refuses_other_class_counts() {
+        let m = student();
+        let info = m.check(&SHAPE).unwrap();
+        assert_eq!((info.params, info.trainable), (9610, 9034));
+        let other = DataShape {
+            classes: 62,
+            ..SHAPE
+        };
+        let err = m.check(&other).unwrap_err().to_string();
+        assert!(
+            err.contains("[2, 10]") && err.contains("62 classes"),
+            "{err}"
+        );
+        let rgb = DataShape {
+            channels: 3,
+            ..SHAPE
+        };
+        assert!(matches!(m.check(&rgb), Err(ModelError::Script(_))));
+        assert!(matches!(
+            ScriptModule::from_bytes(b"PK\x03\x04 not a module".to_vec()),
+            Err(ModelError::Script(_))
+        ));
+    }
+
+    /// BatchNorm statistics exported as non-trainable parameters: the optimiser leaves them
+    /// alone, training mode updates them, they are in `Weights`, and loading `Weights` into a
+    /// fresh copy reproduces the trained model's eval outputs exactly. (The teacher fixture:
+    /// the student's global average pooling cannot tell the synthetic data's position-coded
+    /// classes apart.)
+    #[test]
+    fn trains_and_batchnorm_statistics_travel_with_the_weights() {
+        let arch = Arch::Script(fixture("teacher.pt"));
+        let split = synthetic(256, 64, SHAPE, 3);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = arch.build(&vs.root(), &SHAPE).unwrap();
+        let names: Vec<String> = vs.variables().into_keys().collect();
+        assert!(
+            names.iter().any(|n| n.ends_with("running_var")),
+            "{names:?}"
+        );
+        let w0 = Weights::from_var_store(&vs);
+        let before = evaluate(&net, &split.test, 64);
+        let stats = train(
+            &net,
+            &vs,
+            &split.train,
+            &TrainConfig {
+                epochs: 2,
+                ..TrainConfig::default()
+            },
+        )
+        .unwrap();
+        assert!(stats.loss.is_finite());
+        let after = evaluate(&net, &split.test, 64);
+        assert!(
+            after.loss < before.loss && after.accuracy > 0.5,
+            "{before:?} → {after:?}"
+        );
+        let w1 = Weights::from_var_store(&vs);
+        let moved = |suffix: &str| {
+            w1.tensors
+                .iter()
+                .filter(|(k, _)| k.ends_with(suffix))
+                .any(|(k, t)| t != &w0.tensors[k])
+        };
+        assert!(moved("running_mean") && moved("running_var"));
+        // Eval (running statistics) and train (batch statistics) differ: the mode is honoured.
+        let x = split.test.images.narrow(0, 0, 8);
+        let eval_out = tch::no_grad(|| net.forward_t(&x, false));
+        let train_out = tch::no_grad(|| net.forward_t(&x, true));
+        assert!(!eval_out.allclose(&train_out, 1e-5, 1e-5, false));
+        // A fresh copy with the trained weights (a camera, a checkpoint) answers the same.
+        let mut fresh_vs = nn::VarStore::new(Device::Cpu);
+        let fresh = arch.build(&fresh_vs.root(), &SHAPE).unwrap();
+        w1.load_into(&mut fresh_vs).unwrap();
+        let again = tch::no_grad(|| fresh.forward_t(&x, false));
+        assert!(again.allclose(&eval_out, 1e-6, 1e-6, false));
+        // Two copies of one module are independent: a train-mode forward of the copy (which
+        // updates its running statistics) leaves the original's as they were.
+        let original = Weights::from_var_store(&vs);
+        let _ = tch::no_grad(|| fresh.forward_t(&x, true));
+        assert!(Weights::from_var_store(&vs) == original);
+        assert!(Weights::from_var_store(&fresh_vs) != w1);
     }
 }
