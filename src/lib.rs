@@ -2,6 +2,7 @@
 //! that assemble a whole fleet on one machine (`coevo demo`, end-to-end tests).
 //!
 //! # Layout
+//! - [`byom`]: `coevo models --student/--teacher`, checks of TorchScript models (issue #16).
 //! - [`provision`]: keys, fleet registry and broker credentials for a fleet, written to a folder.
 //! - [`fleet_import`]: bulk provisioning (`coevo fleet import`, `fleet add ID...`), O(N).
 //! - [`demo`]: embedded broker + coordinator + N edge agents over real MQTT on 127.0.0.1.
@@ -12,6 +13,7 @@
 //! - [`tls`]: a fleet CA and the broker's TLS certificate (`coevo keys tls`).
 
 pub mod bench;
+pub mod byom;
 pub mod demo;
 pub mod fleet_import;
 pub mod mosquitto;

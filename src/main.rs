@@ -77,11 +77,18 @@ enum Command {
     /// DIR/summary.json and per-round curves).
     #[command(subcommand)]
     Bench(coevo::bench::BenchCmd),
-    /// Print the student's and teacher's size and cost for a dataset's shape.
+    /// Print the student's and teacher's size and cost for a dataset's shape; with
+    /// --student/--teacher, check TorchScript files against it and train each one step.
     Models {
         /// Dataset directory (IDX or image folder).
         #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
         data: PathBuf,
+        /// TorchScript student (scripts/export-model.py) instead of the built-in one.
+        #[arg(long)]
+        student: Option<PathBuf>,
+        /// TorchScript teacher instead of the built-in one.
+        #[arg(long)]
+        teacher: Option<PathBuf>,
     },
 }
 
@@ -357,7 +364,14 @@ fn main() -> Result<()> {
         Command::Keys(cmd) => keys(cmd),
         Command::Fleet(cmd) => fleet(cmd),
         Command::Report(args) => coevo::report_cmd::run(&args),
-        Command::Models { data } => models(&data),
+        Command::Models {
+            data,
+            student,
+            teacher,
+        } if student.is_some() || teacher.is_some() => {
+            coevo::byom::models_command(&data, student.as_deref(), teacher.as_deref())
+        }
+        Command::Models { data, .. } => models(&data),
         Command::Status {
             out,
             once,

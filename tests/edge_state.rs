@@ -74,6 +74,7 @@ fn model() -> Model {
                 height: SHAPE.height as u32,
                 width: SHAPE.width as u32,
                 classes: SHAPE.classes as u32,
+                module: None,
             },
         },
         wire,

@@ -54,6 +54,7 @@ async fn forged_manifest_is_never_trained_on() {
                 height: 28,
                 width: 28,
                 classes: 10,
+                module: None,
             },
         },
         task: TrainTask {

@@ -6,11 +6,11 @@
 
 use crate::CoordinatorError;
 use coevo_models::distill::{
-    distill, fuse_guarded, guard_update, logits, member_accuracies, quality_weights,
-    weighted_ensemble_logits, Ensemble, GuardOutcome, KdConfig, Soft,
+    distill, fuse_guarded, guard_update, logits, member_accuracies_of, quality_weights,
+    weighted_ensemble_logits_of, Ensemble, GuardOutcome, KdConfig, Soft,
 };
 use coevo_models::train::{evaluate, train, Evaluation, TrainConfig};
-use coevo_models::{DataShape, Dataset, NetKind, Student, Teacher, Weights};
+use coevo_models::{Arch, DataShape, Dataset, Net, Weights};
 use serde::{Deserialize, Serialize};
 
 /// Which loop the coordinator runs.
@@ -110,9 +110,13 @@ pub struct CoevolutionReport {
 pub struct TeacherLoop {
     shape: DataShape,
     teacher_vs: tch::nn::VarStore,
-    teacher: Teacher,
+    teacher: Net,
     student_vs: tch::nn::VarStore,
-    student: Student,
+    student: Net,
+    /// The student's architecture (built-in or TorchScript): what the fusion ensemble builds.
+    student_arch: Arch,
+    /// The teacher's: what pretraining re-initialises from.
+    teacher_arch: Arch,
     data: ServerData,
     /// Labelled and unlabelled images together: the distillation transfer set.
     transfer: tch::Tensor,
@@ -134,15 +138,27 @@ impl TeacherLoop {
         data: ServerData,
         cfg: CoevolutionConfig,
     ) -> Result<Self, CoordinatorError> {
+        Self::with_archs(shape, data, cfg, Arch::student(), Arch::teacher())
+    }
+
+    /// [`TeacherLoop::new`] with the student and teacher architectures (e.g. TorchScript
+    /// modules, `[model]` in the coordinator config); both must fit `shape`.
+    pub fn with_archs(
+        shape: DataShape,
+        data: ServerData,
+        cfg: CoevolutionConfig,
+        student_arch: Arch,
+        teacher_arch: Arch,
+    ) -> Result<Self, CoordinatorError> {
         if data.labelled.is_empty() || data.validation.is_empty() {
             return Err(CoordinatorError::Config(
                 "coevolve mode needs a non-empty labelled and validation set".into(),
             ));
         }
         let teacher_vs = tch::nn::VarStore::new(tch::Device::Cpu);
-        let teacher = Teacher::new(&teacher_vs.root(), &shape);
+        let teacher = teacher_arch.build(&teacher_vs.root(), &shape)?;
         let student_vs = tch::nn::VarStore::new(tch::Device::Cpu);
-        let student = Student::new(&student_vs.root(), &shape);
+        let student = student_arch.build(&student_vs.root(), &shape)?;
         let transfer = if data.unlabelled.is_empty() {
             data.labelled.images.shallow_clone()
         } else {
@@ -154,6 +170,8 @@ impl TeacherLoop {
             teacher,
             student_vs,
             student,
+            student_arch,
+            teacher_arch,
             data,
             transfer,
             cfg,
@@ -182,7 +200,7 @@ impl TeacherLoop {
         tch::manual_seed(seed as i64);
         let init = {
             let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-            let _fresh = Teacher::new(&vs.root(), &self.shape);
+            let _fresh = self.teacher_arch.build(&vs.root(), &self.shape)?;
             Weights::from_var_store(&vs)
         };
         init.load_into(&mut self.teacher_vs)?;
@@ -267,7 +285,8 @@ impl TeacherLoop {
         let before = self.teacher_val();
         let best = self.best_val.unwrap_or(before).max(before);
         let weights = if self.cfg.fuse_weighted {
-            quality_weights(&member_accuracies(
+            quality_weights(&member_accuracies_of(
+                &self.student_arch,
                 &self.shape,
                 members,
                 &self.data.validation,
@@ -285,11 +304,18 @@ impl TeacherLoop {
         let (ensemble, once);
         let online;
         let soft = if cfg.augment {
-            ensemble = Ensemble::weighted(NetKind::Student, &self.shape, members, &weights)?;
+            ensemble = Ensemble::weighted(&self.student_arch, &self.shape, members, &weights)?;
             online = |x: &tch::Tensor| ensemble.logits(x);
             Soft::Model(&online)
         } else {
-            once = weighted_ensemble_logits(&self.shape, members, &weights, pool, 256)?;
+            once = weighted_ensemble_logits_of(
+                &self.student_arch,
+                &self.shape,
+                members,
+                &weights,
+                pool,
+                256,
+            )?;
             Soft::Logits(&once)
         };
         let (outcome, _) = fuse_guarded(

@@ -42,6 +42,8 @@ pub struct CoordinatorConfig {
     pub metrics: crate::metrics::MetricsConfig,
     /// Alert thresholds (logged at ERROR, stored in the round report and the HTML report).
     pub alerts: crate::alerts::AlertConfig,
+    /// TorchScript student and teacher files (issue #16); built-in CNNs when absent.
+    pub model: crate::byom::ModelFiles,
 }
 
 /// The aggregation rule when the config names none: norm clipping at 2 × the round's median
@@ -119,6 +121,7 @@ impl Default for CoordinatorConfig {
             guard: crate::guard::GuardConfig::default(),
             metrics: crate::metrics::MetricsConfig::default(),
             alerts: crate::alerts::AlertConfig::default(),
+            model: crate::byom::ModelFiles::default(),
         }
     }
 }

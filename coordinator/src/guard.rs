@@ -299,7 +299,7 @@ pub fn offenders(flagged: &[Flagged], loo: &[LeaveOneOut], before: Score) -> Vec
 /// libtorch's global generator every round) and the data it scores on.
 pub(crate) struct GuardEvaluator {
     vs: tch::nn::VarStore,
-    net: coevo_models::Student,
+    net: coevo_models::Net,
     data: coevo_models::Dataset,
     /// `server-validation` or `test` (see [`GuardReport::data`]).
     name: &'static str,
@@ -309,15 +309,20 @@ pub(crate) struct GuardEvaluator {
 pub(crate) type SharedGuardEvaluator = std::sync::Arc<std::sync::Mutex<GuardEvaluator>>;
 
 impl GuardEvaluator {
-    pub(crate) fn new(data: coevo_models::Dataset, name: &'static str) -> Self {
+    /// Builds the student architecture in use (built-in or a TorchScript module) once.
+    pub(crate) fn with_arch(
+        arch: &coevo_models::Arch,
+        data: coevo_models::Dataset,
+        name: &'static str,
+    ) -> Result<Self, CoordinatorError> {
         let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-        let net = coevo_models::Student::new(&vs.root(), &data.shape);
-        GuardEvaluator {
+        let net = arch.build(&vs.root(), &data.shape)?;
+        Ok(GuardEvaluator {
             vs,
             net,
             data,
             name,
-        }
+        })
     }
 
     fn score(&mut self, w: &coevo_models::Weights) -> Result<Score, CoordinatorError> {

@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - [`config`]: the TOML configuration.
+//! - [`byom`]: `[model]`, the user's TorchScript student and teacher (issue #16).
 //! - [`coevolve`]: the teacher loop (distil before a round, fuse after it).
 //! - [`registry`]: the fleet registry (client ids and their public keys).
 //! - [`collect`]: pure collect-phase decisions: admission of chunks, rejection tally, recovery.
@@ -19,6 +20,7 @@
 //! - [`server`]: the round loop, the only part doing I/O.
 
 pub mod alerts;
+pub mod byom;
 pub mod coevolve;
 pub mod collect;
 pub mod config;

@@ -17,7 +17,7 @@ use crate::registry::FleetRegistry;
 use crate::report::{PhaseTimings, RejectionCount, RoundReport};
 use crate::store::{write_atomic, Store};
 use crate::CoordinatorError;
-use coevo_models::{Dataset, Student, Weights};
+use coevo_models::{Dataset, Net, Weights};
 use coevo_mqtt::{Incoming, Session, Settings};
 use coevo_protocol::{Digest, ModelArch, SigningKey, Topic};
 use report::Finished;
@@ -32,6 +32,8 @@ const MAX_INCOMING_PACKET: usize = 4 << 20;
 
 /// Architecture name clients must build for the weights in a manifest.
 pub const STUDENT_ARCH: &str = "student-cnn-v1";
+/// Architecture name of a manifest whose student is the TorchScript module it names.
+pub const SCRIPT_ARCH: &str = "torchscript";
 
 /// Progress notifications, for the demo's display and for tests that wait on events.
 #[derive(Clone, Debug)]
@@ -58,7 +60,7 @@ pub enum RoundEvent {
 /// blocking thread without holding up MQTT.
 struct Evaluator {
     vs: tch::nn::VarStore,
-    net: Student,
+    net: Net,
     test: Dataset,
 }
 
@@ -101,6 +103,8 @@ pub struct Coordinator {
     /// The report history behind alerts and `OUT/report.html` (`server/analyst.rs`), read
     /// from disk at the first round so a restarted coordinator keeps its alerts' memory.
     history: Mutex<Option<crate::html::History>>,
+    /// Student and teacher architectures (`[model]`), checked against the data in `new`.
+    archs: crate::byom::Archs,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -123,7 +127,11 @@ impl Coordinator {
             cfg.rounds,
             cfg.metrics.status_interval_ms,
         ));
+        // At start-up, before anything is trained or published: a module that does not fit
+        // the dataset is a configuration error, with the shapes in the message.
+        let archs = cfg.model.load(&test.shape)?;
         Ok(Coordinator {
+            archs,
             metrics,
             metrics_served: false,
             cfg,
@@ -256,7 +264,7 @@ impl Coordinator {
         let shape = test.shape;
         tch::manual_seed(cfg.seed as i64);
         let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-        let net = Student::new(&vs.root(), &shape);
+        let net = self.archs.student.build(&vs.root(), &shape)?;
         let mut global = Weights::from_var_store(&vs);
         let f32_cap = global.num_params() * 4 + 64 * 1024;
         // The round's base model is always read back from disk, so a coordinator restarted
@@ -271,14 +279,20 @@ impl Coordinator {
         if state.completed_round > 0 {
             tracing::info!(round = state.completed_round, "resuming from checkpoint");
         }
-        let guard = self.guard_evaluator(&test);
+        let guard = self.guard_evaluator(&test)?;
         let evaluator: SharedEvaluator = Arc::new(Mutex::new(Evaluator { vs, net, test }));
+        let module = self.archs.student.module();
         let arch = ModelArch {
-            name: STUDENT_ARCH.into(),
+            name: if module.is_some() {
+                SCRIPT_ARCH.into()
+            } else {
+                STUDENT_ARCH.into()
+            },
             channels: shape.channels as u32,
             height: shape.height as u32,
             width: shape.width as u32,
             classes: shape.classes as u32,
+            module: module.map(|m| crate::byom::module_ref(m, cfg.transfer.chunk_size as usize)),
         };
 
         let teacher = match cfg.mode {
@@ -493,10 +507,14 @@ impl Coordinator {
     /// The guard's yardstick: the server's validation set when there is one, else the test
     /// split every round is evaluated on; `None` (logged once) when neither has a sample or the
     /// guard is off.
-    fn guard_evaluator(&self, test: &Dataset) -> Option<SharedGuardEvaluator> {
+    fn guard_evaluator(
+        &self,
+        test: &Dataset,
+    ) -> Result<Option<SharedGuardEvaluator>, CoordinatorError> {
         if !self.cfg.guard.enabled {
-            return None;
+            return Ok(None);
         }
+        let arch = &self.archs.student;
         let validation = self
             .guard_data
             .lock()
@@ -504,14 +522,16 @@ impl Coordinator {
             .and_then(|d| d.as_ref().map(Dataset::shallow_clone))
             .filter(|d| !d.is_empty());
         let ev = match validation {
-            Some(v) => GuardEvaluator::new(v, "server-validation"),
-            None if !test.is_empty() => GuardEvaluator::new(test.shallow_clone(), "test"),
+            Some(v) => GuardEvaluator::with_arch(arch, v, "server-validation")?,
+            None if !test.is_empty() => {
+                GuardEvaluator::with_arch(arch, test.shallow_clone(), "test")?
+            }
             None => {
                 tracing::warn!("the guard has no held-out data (no server validation set, empty test split): merged models are published unchecked");
-                return None;
+                return Ok(None);
             }
         };
-        Some(Arc::new(Mutex::new(ev)))
+        Ok(Some(Arc::new(Mutex::new(ev))))
     }
 
     /// Builds the teacher loop: resumes the teacher of the last completed round, or pretrains
@@ -532,10 +552,12 @@ impl Coordinator {
                     "coevolve mode needs server data (labelled, unlabelled, validation)".into(),
                 )
             })?;
-        let tl = Arc::new(Mutex::new(TeacherLoop::new(
+        let tl = Arc::new(Mutex::new(TeacherLoop::with_archs(
             shape,
             data,
             self.cfg.coevolution.clone(),
+            self.archs.student.clone(),
+            self.archs.teacher.clone(),
         )?));
         let path = store.teacher_path(completed);
         if path.exists() {

@@ -1,11 +1,12 @@
 //! The edge agent's round loop.
 
 use crate::attack::{stale_replay, Attack, WireUpload};
+use crate::module_fetch::{Lookup, ModuleCache};
 use crate::state::{check_fresh, now_unix_ms, IgnoreReason, Ignored, LastRound, Stale};
 use crate::EdgeError;
 use coevo_models::local::TrainData;
 use coevo_models::train::TrainConfig;
-use coevo_models::{DataShape, Student, Weights};
+use coevo_models::{Arch, DataShape, ScriptModule, Student, Weights};
 use coevo_mqtt::{ClientTls, Incoming, Session, Settings};
 use coevo_protocol::chunk::{chunk_count, split, Reassembler};
 use coevo_protocol::codec::Limits;
@@ -78,6 +79,10 @@ pub struct AgentOptions {
     /// libtorch intra-op threads for training (`[threads] train`); `None` leaves libtorch's
     /// setting alone (simulated fleets share one process and set it once).
     pub train_threads: Option<usize>,
+    /// The student's TorchScript module installed with the device (`[model] student`), if
+    /// any: used when a manifest names its digest, so the first round needs no download.
+    /// Whatever module a manifest names is fetched when not held (issue #16).
+    pub student_module: Option<ScriptModule>,
 }
 
 impl AgentOptions {
@@ -107,6 +112,7 @@ impl AgentOptions {
             max_auth_refusals: 3,
             max_residual_age_rounds: crate::state::DEFAULT_MAX_RESIDUAL_AGE_ROUNDS,
             train_threads: None,
+            student_module: None,
         }
     }
 }
@@ -169,7 +175,16 @@ enum Upload {
     Expired,
 }
 
-enum Fetched {
+/// What [`Agent::fetch_blob`] fetches: a digest-addressed byte string the signed manifest names.
+pub(crate) struct Blob {
+    pub digest: Digest,
+    pub size: u64,
+    pub chunks: u32,
+    /// Counted when the assembled bytes do not match `digest`.
+    pub mismatch: IgnoreReason,
+}
+
+pub(crate) enum Fetched {
     Model(Vec<u8>),
     Newer(Box<RoundManifest>),
     /// Not assembled and verified by the round's deadline (plus grace).
@@ -207,6 +222,8 @@ pub struct Agent {
     /// The round being worked on (for one log line per ignore reason per round).
     working_round: u64,
     ignored: Ignored,
+    /// TorchScript student modules by digest (issue #16).
+    modules: ModuleCache,
 }
 
 /// File name of the error-feedback residual in [`AgentOptions::state_dir`].
@@ -241,7 +258,9 @@ impl Agent {
         if last_round.get() > 0 {
             tracing::info!(client = %opts.client_id, round = last_round.get(), "last completed round read from state_dir; older manifests will be ignored");
         }
+        let modules = ModuleCache::new(opts.state_dir.as_deref(), opts.student_module.clone());
         Ok(Agent {
+            modules,
             opts,
             tls,
             key,
@@ -377,7 +396,27 @@ impl Agent {
                     continue;
                 }
             };
-            let (delta, metrics) = match self.train_round(&manifest, &base).await {
+            let arch = match self.student_arch(session, &mut manifest).await {
+                Ok(Ok(arch)) => arch,
+                Ok(Err(Fetched::Newer(newer))) => {
+                    pending = Some(newer);
+                    continue;
+                }
+                Ok(Err(_)) => {
+                    tracing::warn!(client = %self.opts.client_id, round, "could not fetch and verify the round's TorchScript module by its deadline; waiting for the next round");
+                    self.summary.given_up_rounds.push(round);
+                    continue;
+                }
+                // Signed by the coordinator but unusable here (does not load, or does not
+                // fit this camera's data): nothing to train this round.
+                Err(EdgeError::Model(e)) => {
+                    tracing::error!(client = %self.opts.client_id, round, error = %e, "cannot use this round's TorchScript module");
+                    self.complete(round)?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let (delta, metrics) = match self.train_round(&manifest, &base, arch).await {
                 Ok(x) => x,
                 Err(e) => {
                     tracing::error!(client = %self.opts.client_id, round, error = %e, "cannot train on this round's model");
@@ -564,14 +603,30 @@ impl Agent {
         session: &mut Session,
         m: &mut RoundManifest,
     ) -> Result<Fetched, EdgeError> {
-        let total = m.model.chunks.max(1);
-        let size = m.model.size as usize;
+        let blob = Blob {
+            digest: m.model.digest,
+            size: m.model.size,
+            chunks: m.model.chunks,
+            mismatch: IgnoreReason::ModelDigestMismatch,
+        };
+        self.fetch_blob(session, m, blob).await
+    }
+
+    /// [`Agent::fetch_model`] for any blob the manifest names by digest (the model, or the
+    /// student's TorchScript module): same topics, windows, checks and backoff.
+    pub(crate) async fn fetch_blob(
+        &mut self,
+        session: &mut Session,
+        m: &mut RoundManifest,
+        blob: Blob,
+    ) -> Result<Fetched, EdgeError> {
+        let total = blob.chunks.max(1);
+        let size = blob.size as usize;
         // Model chunks are cut at the manifest's chunk size; when the counts agree, each
         // chunk's exact length is known, so a forged one is refused before it can spoil the
         // chunks already held.
         let cut = m.chunk_size as usize;
         let exact = cut > 0 && chunk_count(size, cut) == total;
-        let model = m.model.clone();
         let fits = |c: &ModelChunk, topic_index: u32| {
             let len_ok = if exact {
                 let start = topic_index as usize * cut;
@@ -579,7 +634,7 @@ impl Agent {
             } else {
                 c.data.len() <= size
             };
-            c.digest == model.digest && c.index == topic_index && c.total == total && len_ok
+            c.digest == blob.digest && c.index == topic_index && c.total == total && len_ok
         };
         let mut reasm: Reassembler<Digest> = Reassembler::new(1, size, total);
         let mut received: BTreeSet<u32> = BTreeSet::new();
@@ -601,7 +656,7 @@ impl Agent {
                 .iter()
                 .map(|&index| {
                     Topic::ModelChunk {
-                        digest: m.model.digest,
+                        digest: blob.digest,
                         index,
                     }
                     .path(&self.opts.fleet)
@@ -649,12 +704,12 @@ impl Agent {
                         }
                         match reasm.insert(chunk.digest, topic_index, chunk.total, chunk.data) {
                             Ok(Some(bytes)) => {
-                                if bytes.len() == size && digest(&bytes) == m.model.digest {
+                                if bytes.len() == size && digest(&bytes) == blob.digest {
                                     break Some(Fetched::Model(bytes));
                                 }
                                 self.ignore(
-                                    IgnoreReason::ModelDigestMismatch,
-                                    &"model bytes do not match the signed digest; fetching again",
+                                    blob.mismatch,
+                                    &"bytes do not match the signed digest; fetching again",
                                 );
                                 received.clear();
                                 bad = true;
@@ -676,7 +731,7 @@ impl Agent {
                         }
                     }
                     Event::BadModelChunk { digest, index }
-                        if digest == m.model.digest && want.contains(&index) =>
+                        if digest == blob.digest && want.contains(&index) =>
                     {
                         bad = true;
                         until = until.min(tokio::time::Instant::now() + retry);
@@ -697,6 +752,54 @@ impl Agent {
                 FETCH_RETRY_MIN
             };
         }
+    }
+
+    /// The student architecture `m` names: the built-in CNN, or the TorchScript module whose
+    /// digest it signs — from the cache, else fetched like the model. A cached copy or a
+    /// download that does not match the digest is counted
+    /// ([`IgnoreReason::ModuleDigestMismatch`]) and fetched again; a module that matches but
+    /// does not load or fit the local data is an error (nothing to train on this round).
+    async fn student_arch(
+        &mut self,
+        session: &mut Session,
+        m: &mut RoundManifest,
+    ) -> Result<Result<Arch, Fetched>, EdgeError> {
+        let Some(r) = m.model.arch.module.clone() else {
+            return Ok(Ok(Arch::student()));
+        };
+        if r.size > MAX_MODEL_BYTES {
+            return Err(EdgeError::Model(coevo_models::ModelError::Limit(format!(
+                "TorchScript module of {} bytes is over our limit",
+                r.size
+            ))));
+        }
+        let module = match self.modules.lookup(&r) {
+            Lookup::Hit(module) => module,
+            found => {
+                if let Lookup::Tampered(detail) = found {
+                    self.ignore(IgnoreReason::ModuleDigestMismatch, &detail);
+                }
+                tracing::info!(client = %self.opts.client_id, round = m.round, module = %r.digest.short(), bytes = r.size, "fetching the round's TorchScript module");
+                let blob = Blob {
+                    digest: r.digest,
+                    size: r.size,
+                    chunks: r.chunks,
+                    mismatch: IgnoreReason::ModuleDigestMismatch,
+                };
+                match self.fetch_blob(session, m, blob).await? {
+                    Fetched::Model(bytes) => {
+                        let module = ScriptModule::from_bytes(bytes)?;
+                        self.modules.insert(module.clone())?;
+                        module
+                    }
+                    other => return Ok(Err(other)),
+                }
+            }
+        };
+        let info = module.check(&self.shape)?;
+        // The residual's bound is this model's size.
+        self.model_params = self.model_params.max(info.params);
+        Ok(Ok(Arch::Script(module)))
     }
 
     /// The residual kept in `state_dir` (or a zero one): read once, bounded by the model
@@ -772,6 +875,7 @@ impl Agent {
         &mut self,
         m: &RoundManifest,
         base: &[u8],
+        arch: Arch,
     ) -> Result<(Vec<u8>, LocalMetrics), EdgeError> {
         let shape = DataShape {
             channels: m.model.arch.channels as usize,
@@ -828,7 +932,7 @@ impl Agent {
                 }
                 let t0 = Instant::now();
                 let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
-                let net = Student::new(&vs.root(), &shape);
+                let net = arch.build(&vs.root(), &shape)?;
                 let layout = Weights::from_var_store(&vs);
                 let received = Weights::decode_model(&base, codec, &layout)?;
                 received.load_into(&mut vs)?;

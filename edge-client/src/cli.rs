@@ -50,6 +50,13 @@ pub async fn run(args: &EdgeArgs) -> Result<(), EdgeError> {
     opts.max_auth_refusals = cfg.max_auth_refusals;
     opts.max_residual_age_rounds = cfg.max_residual_age_rounds;
     opts.train_threads = Some(cfg.threads.train());
+    opts.student_module = cfg
+        .model
+        .student
+        .as_deref()
+        .map(coevo_models::ScriptModule::read)
+        .transpose()
+        .map_err(|e| EdgeError::Config(format!("[model] student: {e}")))?;
     let agent = Agent::new(opts, key, data)?;
     let summary = agent
         .run(async {

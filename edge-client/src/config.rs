@@ -45,6 +45,18 @@ pub struct EdgeConfig {
     /// Cores the agent may use (`[threads]`).
     #[serde(default)]
     pub threads: Threads,
+    /// The student's TorchScript module installed with the device (`[model]`, issue #16).
+    #[serde(default)]
+    pub model: Model,
+}
+
+/// `[model]`: optional. The manifest decides which student the fleet trains and cameras
+/// fetch it themselves; a file here only saves the first download.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Model {
+    /// TorchScript student (`scripts/export-model.py`), used when a manifest names its digest.
+    pub student: Option<PathBuf>,
 }
 
 fn default_max_residual_age_rounds() -> u64 {
@@ -172,6 +184,7 @@ impl EdgeConfig {
                 .into_iter()
                 .chain(cfg.broker.ca_cert.as_mut())
                 .chain(cfg.state_dir.as_mut())
+                .chain(cfg.model.student.as_mut())
             {
                 if p.is_relative() {
                     *p = base.join(&*p);

@@ -7,6 +7,8 @@
 //! - [`agent`]: the MQTT round loop.
 //! - [`state`]: what an edge remembers across restarts (the last round it completed) and the
 //!   freshness rule that keeps it off stale or replayed manifests; ignored-message counters.
+//! - [`module_fetch`]: the student's TorchScript module, fetched by the digest the manifest
+//!   signs and cached (issue #16).
 //! - [`cli`]: the command line shared by `coevo edge` and the lean `coevo-edge` binary.
 //! - [`attack`]: Byzantine upload behaviour for tests and benches of the coordinator's
 //!   defences (never enabled by a device's configuration).
@@ -15,6 +17,7 @@ pub mod agent;
 pub mod attack;
 pub mod cli;
 pub mod config;
+pub mod module_fetch;
 pub mod state;
 
 pub use agent::{Agent, AgentOptions, AgentSummary, DroppedResidual};

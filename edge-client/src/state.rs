@@ -269,6 +269,9 @@ pub enum IgnoreReason {
     ModelDigestMismatch,
     /// A receipt that does not decode or verify.
     UnverifiedReceipt,
+    /// A TorchScript module (fetched, or found in the cache) whose bytes do not match the
+    /// digest the signed manifest names: refused, fetched again (issue #16).
+    ModuleDigestMismatch,
 }
 
 impl IgnoreReason {
@@ -281,6 +284,7 @@ impl IgnoreReason {
             IgnoreReason::MalformedModelChunk => "malformed-model-chunk",
             IgnoreReason::ModelDigestMismatch => "model-digest-mismatch",
             IgnoreReason::UnverifiedReceipt => "unverified-receipt",
+            IgnoreReason::ModuleDigestMismatch => "module-digest-mismatch",
         }
     }
 }

@@ -23,6 +23,8 @@ use rand::{Rng, SeedableRng};
 use tch::nn::{self, ModuleT, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
+use crate::arch::Arch;
+#[cfg(test)]
 use crate::net::{NetKind, Student, Teacher};
 use crate::train::{check_data, evaluate, guarded, TrainStats};
 use crate::{DataShape, Dataset, ModelError, Weights};
@@ -237,13 +239,14 @@ impl std::fmt::Debug for Ensemble {
 }
 
 impl Ensemble {
-    /// Builds one `kind` network per member and loads its weights (names and shapes must match
-    /// the architecture built for `shape`).
+    /// Builds one network of `arch` (a [`NetKind`] or an [`Arch`]) per member and loads its
+    /// weights (names and shapes must match the architecture built for `shape`).
     pub fn new(
-        kind: NetKind,
+        arch: impl Into<Arch>,
         shape: &DataShape,
         members: &[&Weights],
     ) -> Result<Ensemble, ModelError> {
+        let arch = arch.into();
         if members.is_empty() {
             return Err(ModelError::Config(
                 "an ensemble needs at least one member".into(),
@@ -252,10 +255,7 @@ impl Ensemble {
         let mut built = Vec::with_capacity(members.len());
         for w in members {
             let mut vs = nn::VarStore::new(Device::Cpu);
-            let net: Box<dyn ModuleT> = match kind {
-                NetKind::Student => Box::new(Student::new(&vs.root(), shape)),
-                NetKind::Teacher => Box::new(Teacher::new(&vs.root(), shape)),
-            };
+            let net: Box<dyn ModuleT> = Box::new(arch.build(&vs.root(), shape)?);
             w.load_into(&mut vs)?;
             vs.freeze();
             built.push((vs, net));
@@ -270,13 +270,13 @@ impl Ensemble {
     /// Like [`Ensemble::new`], with member `k`'s logits weighted by `weights[k]` (≥ 0, not all
     /// zero; normalised here), e.g. from [`quality_weights`].
     pub fn weighted(
-        kind: NetKind,
+        arch: impl Into<Arch>,
         shape: &DataShape,
         members: &[&Weights],
         weights: &[f64],
     ) -> Result<Ensemble, ModelError> {
         let norm = normalised(weights, members.len())?;
-        let mut e = Ensemble::new(kind, shape, members)?;
+        let mut e = Ensemble::new(arch, shape, members)?;
         e.weights = norm;
         Ok(e)
     }
@@ -332,10 +332,30 @@ pub fn weighted_ensemble_logits(
     images: &Tensor,
     batch_size: usize,
 ) -> Result<Tensor, ModelError> {
+    weighted_ensemble_logits_of(
+        &Arch::student(),
+        shape,
+        members,
+        weights,
+        images,
+        batch_size,
+    )
+}
+
+/// [`weighted_ensemble_logits`] for members of any student architecture (e.g. a TorchScript
+/// module).
+pub fn weighted_ensemble_logits_of(
+    arch: &Arch,
+    shape: &DataShape,
+    members: &[&Weights],
+    weights: &[f64],
+    images: &Tensor,
+    batch_size: usize,
+) -> Result<Tensor, ModelError> {
     let weights = normalised(weights, members.len())?;
     // One scratch network reloaded per member: memory stays O(one student) however many clients.
     let mut vs = nn::VarStore::new(Device::Cpu);
-    let net = Student::new(&vs.root(), shape);
+    let net = arch.build(&vs.root(), shape)?;
     let mut sum: Option<Tensor> = None;
     for (w, &k) in members.iter().zip(&weights) {
         if k == 0.0 {
@@ -378,8 +398,18 @@ pub fn member_accuracies(
     members: &[&Weights],
     val: &Dataset,
 ) -> Result<Vec<f64>, ModelError> {
+    member_accuracies_of(&Arch::student(), shape, members, val)
+}
+
+/// [`member_accuracies`] for members of any student architecture.
+pub fn member_accuracies_of(
+    arch: &Arch,
+    shape: &DataShape,
+    members: &[&Weights],
+    val: &Dataset,
+) -> Result<Vec<f64>, ModelError> {
     let mut vs = nn::VarStore::new(Device::Cpu);
-    let net = Student::new(&vs.root(), shape);
+    let net = arch.build(&vs.root(), shape)?;
     members
         .iter()
         .map(|w| {

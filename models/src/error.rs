@@ -34,4 +34,7 @@ pub enum ModelError {
     /// A training/evaluation configuration value is invalid (e.g. batch size 0).
     #[error("invalid config: {0}")]
     Config(String),
+    /// A TorchScript module cannot be read, loaded or does not fit the data (issue #16).
+    #[error("TorchScript module: {0}")]
+    Script(String),
 }

@@ -15,12 +15,16 @@
 //! - [`partition`]: [`partition::PartitionSpec`] and the natural / IID / Dirichlet / shards
 //!   partitioners that split a training set across clients.
 //! - [`net`]: the [`Student`] and [`Teacher`] CNNs, built from a [`DataShape`], and their costs.
+//! - [`script`]: a user's TorchScript module standing in for either (issue #16), and
+//!   [`arch`]: [`Arch`] (built-in or TorchScript) and the [`Net`] it builds, which every
+//!   training, distillation and evaluation path takes.
 //! - `distill` (feature `teacher`, on by default; the edge builds without it): knowledge distillation both ways (teacher → student KD, student ensemble →
 //!   teacher fusion) and the validation guard that accepts or rolls back an update.
 //! - [`train`]: SGD (optionally FedProx) training and evaluation loops.
 //! - [`weights`]: [`Weights`] (named `f32` tensors), arithmetic used by aggregation, and the
 //!   bounded [`WeightCodec`] encoders/decoders.
 
+pub mod arch;
 pub mod camera;
 pub mod data;
 #[cfg(feature = "teacher")]
@@ -29,12 +33,15 @@ pub mod error;
 pub mod local;
 pub mod net;
 pub mod partition;
+pub mod script;
 pub mod train;
 pub mod weights;
 
+pub use arch::{Arch, Net};
 pub use data::{DataShape, DataSplit, Dataset};
 pub use error::ModelError;
 #[cfg(feature = "teacher")]
 pub use net::Teacher;
 pub use net::{NetKind, Student};
+pub use script::ScriptModule;
 pub use weights::{ParamTensor, WeightCodec, Weights};

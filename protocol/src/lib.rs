@@ -31,14 +31,15 @@ pub use codec::{
 pub use crypto::{digest, CryptoError, Digest, PublicKey, SigningKey};
 pub use envelope::{DecodeError, Kind, Signed};
 pub use message::{
-    DeltaChunk, DeltaHeader, LocalMetrics, ModelArch, ModelChunk, ModelRef, Receipt,
+    DeltaChunk, DeltaHeader, LocalMetrics, ModelArch, ModelChunk, ModelRef, ModuleRef, Receipt,
     ReceiptOutcome, RejectReason, RoundManifest, Status, StatusState, TrainTask,
 };
 pub use topic::{Topic, TopicError};
 
 /// Version byte at the front of every message; a receiver refuses any other version outright
 /// rather than guessing at a layout it does not know.
-pub const PROTOCOL_VERSION: u8 = 2;
+/// 3: the manifest's `ModelArch` names an optional TorchScript module (issue #16).
+pub const PROTOCOL_VERSION: u8 = 3;
 
 /// Default chunk size for models and deltas: small enough to pass brokers with a 1 MiB packet
 /// limit with room for the envelope.

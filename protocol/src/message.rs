@@ -15,6 +15,21 @@ pub struct ModelArch {
     pub height: u32,
     pub width: u32,
     pub classes: u32,
+    /// The user's TorchScript module the weights belong to (issue #16); `None`: the built-in
+    /// net `name`. Signed with the manifest, so a camera fetches exactly this module (chunked
+    /// and retained like the model, on `model/{digest}/{i}`) and refuses any other bytes.
+    pub module: Option<ModuleRef>,
+}
+
+/// Where to fetch a TorchScript module: the same chunked, retained transport as the model,
+/// under the module's own digest. Cameras cache modules by digest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleRef {
+    /// SHA-256 of the module file's bytes (all chunks concatenated).
+    pub digest: Digest,
+    /// File size in bytes.
+    pub size: u64,
+    pub chunks: u32,
 }
 
 /// Where and how to fetch the round's base model.

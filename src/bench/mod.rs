@@ -2,6 +2,7 @@
 //! agents (the fleet runner of `coevo demo`) on a seeded writer split, writing
 //! `DIR/summary.json` plus per-round curves.
 
+pub mod byom;
 pub mod coevolution;
 pub mod compression;
 pub mod fleet;
@@ -114,6 +115,9 @@ pub enum BenchCmd {
     /// A synthetic city fleet (no training) against the real coordinator and broker as
     /// separate processes: connect storm, publish → close, phases, peak RSS, resends vs N.
     Fleet(fleet::FleetArgs),
+    /// A TorchScript export of the built-in student against the built-in one (issue #16):
+    /// same split, same initial weights; final accuracy and round time.
+    Byom(byom::ByomArgs),
 }
 
 impl BenchCmd {
@@ -124,6 +128,7 @@ impl BenchCmd {
             BenchCmd::Robustness(a) => robustness::run(rt, a),
             BenchCmd::Compression(a) => compression::run(rt, a),
             BenchCmd::Fleet(a) => fleet::run(rt, a),
+            BenchCmd::Byom(a) => byom::run(rt, a),
         }
     }
 }

@@ -11,7 +11,7 @@ use crate::store::Store;
 use crate::strategy::{build as build_strategy, Aggregation, StrategyError, UpdateSource};
 use crate::CoordinatorError;
 use coevo_models::train::{train, TrainConfig};
-use coevo_models::{Dataset, Student, Weights};
+use coevo_models::{Dataset, Weights};
 use std::sync::Arc;
 
 /// What aggregation hands to the evolve and report stages.
@@ -164,9 +164,10 @@ impl Coordinator {
             seed: self.cfg.seed.wrapping_mul(7_919).wrapping_add(round),
         };
         let base = base.clone();
+        let arch = self.archs.student.clone();
         tokio::task::spawn_blocking(move || -> Result<Weights, CoordinatorError> {
             let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
-            let net = Student::new(&vs.root(), &data.shape);
+            let net = arch.build(&vs.root(), &data.shape)?;
             base.load_into(&mut vs)?;
             let start = Weights::from_var_store(&vs);
             train(&net, &vs, &data, &cfg)?;

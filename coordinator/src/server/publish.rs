@@ -90,26 +90,20 @@ impl Coordinator {
         };
         let signed = Signed::sign(Kind::Manifest, &manifest, &cfg.client_id, &self.key);
         let manifest_wire = envelope::encode(Kind::Manifest, &signed);
-        let model_wire: Vec<(String, Vec<u8>)> = chunks
-            .iter()
-            .enumerate()
-            .map(|(i, data)| {
-                let c = ModelChunk {
-                    digest: model_digest,
-                    index: i as u32,
-                    total: chunks.len() as u32,
-                    data: data.to_vec(),
-                };
-                (
-                    Topic::ModelChunk {
-                        digest: model_digest,
-                        index: i as u32,
-                    }
-                    .path(&cfg.fleet),
-                    envelope::encode(Kind::ModelChunk, &c),
-                )
-            })
-            .collect();
+        // The student's TorchScript module (if any) goes first, through the same retained,
+        // chunked transport under its own digest: the signed manifest names that digest, so
+        // cameras verify the module exactly like the weights. It is the same every round, so
+        // it is never cleared (a camera caches it by digest and fetches it once).
+        let mut model_wire = match self.archs.student.module() {
+            Some(m) => chunk_messages(&cfg.fleet, m.digest(), m.bytes(), chunk_size),
+            None => Vec::new(),
+        };
+        model_wire.extend(chunk_messages(
+            &cfg.fleet,
+            model_digest,
+            &model_bytes,
+            chunk_size,
+        ));
         publish_round(session, &cfg.fleet, &model_wire, &manifest_wire).await?;
         if let Some((old, n)) = previous_model {
             if old != model_digest {
@@ -136,6 +130,36 @@ impl Coordinator {
             round_base,
         })
     }
+}
+
+/// The retained `model/{digest}/{i}` messages of `bytes` cut at `chunk_size`.
+fn chunk_messages(
+    fleet: &str,
+    digest: Digest,
+    bytes: &[u8],
+    chunk_size: usize,
+) -> Vec<(String, Vec<u8>)> {
+    let chunks = split(bytes, chunk_size);
+    chunks
+        .iter()
+        .enumerate()
+        .map(|(i, data)| {
+            let c = ModelChunk {
+                digest,
+                index: i as u32,
+                total: chunks.len() as u32,
+                data: data.to_vec(),
+            };
+            (
+                Topic::ModelChunk {
+                    digest,
+                    index: i as u32,
+                }
+                .path(fleet),
+                envelope::encode(Kind::ModelChunk, &c),
+            )
+        })
+        .collect()
 }
 
 async fn publish_round(
