@@ -42,6 +42,11 @@ pub struct ClientReport {
     #[serde(default)]
     pub bytes_down: u64,
     pub delta_norm: f64,
+    /// What the camera did with its labels (issue #18): labelled, unlabelled, pseudo-labelled,
+    /// relabelled, discarded, agreement, estimated noise; `null` when every frame had a label
+    /// and no selection ran.
+    #[serde(default)]
+    pub labels: Option<coevo_protocol::LabelCounts>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -106,6 +111,10 @@ pub struct RoundReport {
     /// How collection verified and committed deltas: worker pool, group commits, fsyncs.
     #[serde(default)]
     pub collect: CollectReport,
+    /// Cameras judged by their estimated label noise (issue #18): down-weighted, or left out of
+    /// the merge and the teacher's fusion above `max_client_noise`, with why.
+    #[serde(default)]
+    pub labels: Vec<crate::labels::LabelQuality>,
 }
 
 /// The collect pipeline's work in a round (verification on a worker pool, group commit): lets

@@ -292,6 +292,7 @@ impl Coordinator {
         let mut coevolution = teacher.map(|_| CoevolutionReport {
             distillation: None,
             fusion: None,
+            fusion_members: Vec::new(),
         });
 
         self.distill_stage(round, teacher, store, global, &mut coevolution)

@@ -50,6 +50,7 @@ pub async fn run(args: &EdgeArgs) -> Result<(), EdgeError> {
     opts.max_auth_refusals = cfg.max_auth_refusals;
     opts.max_residual_age_rounds = cfg.max_residual_age_rounds;
     opts.train_threads = Some(cfg.threads.train());
+    opts.labels = cfg.labels.clone();
     let agent = Agent::new(opts, key, data)?;
     let summary = agent
         .run(async {

@@ -98,7 +98,10 @@ impl LabelCorruption {
 
     /// Refuses fractions outside `[0, 1]` (and NaN).
     pub fn validate(&self) -> Result<(), ModelError> {
-        for (name, v) in [("label fraction", self.fraction), ("label noise", self.noise)] {
+        for (name, v) in [
+            ("label fraction", self.fraction),
+            ("label noise", self.noise),
+        ] {
             if !(0.0..=1.0).contains(&v) {
                 return Err(ModelError::Config(format!(
                     "{name} {v} must be within [0, 1]"

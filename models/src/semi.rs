@@ -152,13 +152,10 @@ pub fn class_thresholds(conf: &[f64], pred: &[i64], classes: usize, cfg: &SemiCo
 /// Decides the round's training rows from the model's [`Views`] (pure: the unit tests drive
 /// it directly). `labels` are the camera's, [`UNLABELLED`] for none.
 pub fn select(labels: &[i64], v: &Views, classes: usize, cfg: &SemiConfig) -> Plan {
-    let n = labels.len();
     let (mut unl_conf, mut unl_pred) = (Vec::new(), Vec::new());
-    for i in 0..n {
-        if labels[i] == UNLABELLED {
-            unl_conf.push(v.confidence[i]);
-            unl_pred.push(v.pred[i]);
-        }
+    for (i, _) in labels.iter().enumerate().filter(|(_, &l)| l == UNLABELLED) {
+        unl_conf.push(v.confidence[i]);
+        unl_pred.push(v.pred[i]);
     }
     let th = class_thresholds(&unl_conf, &unl_pred, classes, cfg);
     let stable = |i: usize| v.pred[i] == v.strong_pred[i];
@@ -256,7 +253,11 @@ pub fn weak_view(
     let s = 2.0 * cfg.max_shift; // grid coordinates span [−1, 1]
     let mut theta = Vec::with_capacity(n as usize * 6);
     for _ in 0..n {
-        let sx = if cfg.flip && rng.gen_bool(0.5) { -1.0 } else { 1.0 };
+        let sx = if cfg.flip && rng.gen_bool(0.5) {
+            -1.0
+        } else {
+            1.0
+        };
         let (tx, ty) = if s > 0.0 {
             (rng.gen_range(-s..=s), rng.gen_range(-s..=s))
         } else {
@@ -321,7 +322,7 @@ pub fn views(
 ) -> Result<Views, ModelError> {
     let labels = data.labels();
     let n = labels.len();
-    let mut rng = StdRng::seed_from_u64(seed ^ 0x5EED_0F_5E_31);
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5EED_0F5E_31A5);
     let mut v = Views::default();
     let order: Vec<i64> = (0..n as i64).collect();
     for batch in order.chunks(256) {
@@ -330,7 +331,9 @@ pub fn views(
         let strong = strong_view(&xs, &mut rng)?;
         let (conf, pred, spred, loss) = guarded("label selection", || {
             tch::no_grad(|| {
-                let logp = model.forward_t(&weak, false).f_log_softmax(-1, Kind::Float)?;
+                let logp = model
+                    .forward_t(&weak, false)
+                    .f_log_softmax(-1, Kind::Float)?;
                 let (top, pred) = logp.f_max_dim(-1, false)?;
                 let spred = model.forward_t(&strong, false).f_argmax(-1, false)?;
                 // Loss against the given label; unlabelled rows read class 0 and are ignored.
@@ -368,7 +371,7 @@ pub fn train_semi(
     let plan = select(&data.labels(), &v, shape.classes, semi);
     tracing::debug!(counts = ?plan.counts, rows = plan.rows.len(), "label selection");
     let device = vs.device();
-    let mut rng = StdRng::seed_from_u64(cfg.seed ^ 0xA06_3E47);
+    let mut rng = StdRng::seed_from_u64(cfg.seed ^ 0x0A06_3E47);
     let rows = &plan.rows;
     let stats = train_batches(model, vs, rows.len(), cfg, |batch| {
         let mut frames = Vec::with_capacity(batch.len());
@@ -486,7 +489,10 @@ mod tests {
         assert_eq!(p.counts.agreement, Some(18.0 / 20.0));
         assert_eq!(p.rows.len(), 19);
         assert!(!p.rows.iter().any(|r| r.0 == 17), "largest loss dropped");
-        assert!(p.rows.contains(&(0, pred[0], false)), "relabelled to the model's");
+        assert!(
+            p.rows.contains(&(0, pred[0], false)),
+            "relabelled to the model's"
+        );
         // Too few confident frames: no estimate, labels trained on as given.
         let strict = SemiConfig {
             min_confident: 17,
@@ -521,8 +527,11 @@ mod tests {
         };
         let same = weak_view(&x, &still, &mut rng).unwrap();
         assert!((same - &x).abs().max().double_value(&[]) < 1e-5);
-        assert!(strong_view(&Tensor::zeros([3, 4], (Kind::Float, tch::Device::Cpu)), &mut rng)
-            .is_err());
+        assert!(strong_view(
+            &Tensor::zeros([3, 4], (Kind::Float, tch::Device::Cpu)),
+            &mut rng
+        )
+        .is_err());
     }
 
     /// On a learnable toy set, a model trained on clean labels pseudo-labels unlabelled frames

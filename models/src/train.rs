@@ -174,7 +174,10 @@ pub fn train_batches(
         let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0i64, 0usize);
         for batch in order.chunks(cfg.batch_size) {
             let (xs, ys) = fetch(batch)?;
-            let labelled = ys.f_ne(UNLABELLED)?.f_sum(Kind::Int64)?.f_int64_value(&[])?;
+            let labelled = ys
+                .f_ne(UNLABELLED)?
+                .f_sum(Kind::Int64)?
+                .f_int64_value(&[])?;
             if labelled == 0 {
                 continue;
             }

@@ -5,6 +5,7 @@
 pub mod coevolution;
 pub mod compression;
 pub mod fleet;
+pub mod labels;
 pub mod robustness;
 pub mod split;
 
@@ -114,6 +115,9 @@ pub enum BenchCmd {
     /// A synthetic city fleet (no training) against the real coordinator and broker as
     /// separate processes: connect storm, publish → close, phases, peak RSS, resends vs N.
     Fleet(fleet::FleetArgs),
+    /// Cameras with few and noisy labels (issue #18): FedAvg vs coevolve with and without
+    /// edge pseudo-labelling and cleaning, over label fraction × label noise.
+    Labels(labels::LabelsArgs),
 }
 
 impl BenchCmd {
@@ -124,6 +128,7 @@ impl BenchCmd {
             BenchCmd::Robustness(a) => robustness::run(rt, a),
             BenchCmd::Compression(a) => compression::run(rt, a),
             BenchCmd::Fleet(a) => fleet::run(rt, a),
+            BenchCmd::Labels(a) => labels::run(rt, a),
         }
     }
 }

@@ -99,6 +99,7 @@ impl Coordinator {
                 bytes_up: a.bytes,
                 bytes_down: published.model_bytes,
                 delta_norm: a.norm,
+                labels: a.header.metrics.labels.clone(),
             })
             .collect();
         let outcome = aggregated.outcome.clone();
@@ -149,6 +150,7 @@ impl Coordinator {
             lost: collected.lost,
             reassembly: collected.reassembly,
             collect: collected.collect,
+            labels: aggregated.label_quality.clone(),
         };
         let json = serde_json::to_vec_pretty(&report)
             .map_err(|e| CoordinatorError::Io(format!("report: {e}")))?;
