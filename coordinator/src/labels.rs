@@ -1,7 +1,9 @@
 //! Cleaning upward (issue #18): what the coordinator does with the label counts each camera
 //! signs into its delta header ([`coevo_protocol::LabelCounts`]).
 //!
-//! A camera whose estimated label noise is above `[coevolution] max_client_noise` is left out
+//! A camera whose estimated label noise is above `[coevolution] max_client_noise` — with 95 %
+//! confidence: the Wilson lower bound of the estimate over the frames it was judged on, so an
+//! honest camera is not thrown out on a handful of frames — is left out
 //! of the round's merge — and so of the merged student the teacher fuses from — and out of
 //! the teacher's fusion ensemble; the others' FedAvg weight (samples) is multiplied by
 //! `1 − estimated noise` (`label_weighting`), and fusion multiplies each client student's
@@ -20,6 +22,10 @@ pub struct LabelQuality {
     pub client: String,
     /// What the camera estimated (its signed header).
     pub estimated_noise: Option<f64>,
+    /// 95 % Wilson lower bound of the estimate over the frames it was judged on (the point
+    /// estimate when the camera did not say how many).
+    #[serde(default)]
+    pub noise_lower_bound: Option<f64>,
     /// Multiplier of its FedAvg weight and of its fusion weight (0 when excluded).
     pub weight: f64,
     /// Left out of the merge and of fusion.
@@ -45,12 +51,18 @@ pub fn assess<'a>(
         } else {
             1.0
         };
-        let (weight, excluded, reason) = if noise > max_client_noise {
+        let judged = counts.map_or(0, |c| c.judged);
+        let lower = if judged > 0 {
+            wilson_lower(noise, judged)
+        } else {
+            noise
+        };
+        let (weight, excluded, reason) = if lower > max_client_noise {
             (
                 0.0,
                 true,
                 format!(
-                    "label-noise: estimated {noise:.3} > max_client_noise {max_client_noise:.3}"
+                    "label-noise: estimated {noise:.3} (95 % lower bound {lower:.3} over {judged} frames) > max_client_noise {max_client_noise:.3}"
                 ),
             )
         } else if weighting && noise > 0.0 {
@@ -72,12 +84,25 @@ pub fn assess<'a>(
         out.push(LabelQuality {
             client: client.to_string(),
             estimated_noise: Some(noise),
+            noise_lower_bound: Some(lower),
             weight,
             excluded,
             reason,
         });
     }
     out
+}
+
+/// Wilson score lower bound (95 %) of a proportion `p` observed over `n` trials.
+pub fn wilson_lower(p: f64, n: u64) -> f64 {
+    if n == 0 {
+        return 0.0;
+    }
+    let (z, n) = (1.96f64, n as f64);
+    let z2 = z * z;
+    let centre = p + z2 / (2.0 * n);
+    let margin = z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt();
+    ((centre - margin) / (1.0 + z2 / n)).clamp(0.0, 1.0)
 }
 
 /// The factor of `client` (1 when it was not judged).
@@ -145,8 +170,25 @@ mod tests {
         LabelCounts {
             labelled: 50,
             estimated_noise: noise,
+            judged: 400,
             ..LabelCounts::default()
         }
+    }
+
+    #[test]
+    fn a_few_frames_do_not_exclude_a_camera() {
+        // 0.6 over 10 frames: the bound is ~0.31, under 0.5; over 400 frames it is ~0.55.
+        assert!(wilson_lower(0.6, 10) < 0.35 && wilson_lower(0.6, 10) > 0.25);
+        assert!(wilson_lower(0.6, 400) > 0.5);
+        assert_eq!(wilson_lower(0.6, 0), 0.0);
+        let few = LabelCounts {
+            judged: 10,
+            ..counts(Some(0.6))
+        };
+        let q = assess([("a", Some(&few))], 0.5, true);
+        assert!(!q[0].excluded && (q[0].weight - 0.4).abs() < 1e-12, "{q:?}");
+        let q = assess([("a", Some(&counts(Some(0.6))))], 0.5, true);
+        assert!(q[0].excluded, "{q:?}");
     }
 
     #[test]

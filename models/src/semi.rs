@@ -12,7 +12,7 @@
 //!   strong view's prediction agrees;
 //! - **relabelling**: a labelled frame whose label the model contradicts with that confidence,
 //!   on both views, takes the model's label;
-//! - **noise estimate**: among labelled frames the model predicts confidently and stably, the
+//! - **noise estimate**: among labelled frames the model predicts confidently, the
 //!   share whose label disagrees — the model's error on such frames is small, so this
 //!   estimates the camera's label noise rate without knowing the truth;
 //! - **small-loss selection** (Co-teaching, Han et al. 2018: drop the `R = estimated noise`
@@ -53,7 +53,8 @@ pub struct SemiConfig {
     pub relabel_confidence: f64,
     /// Leave out the largest-loss labelled frames up to the estimated noise rate.
     pub small_loss: bool,
-    /// Confident labelled frames needed before the noise is estimated (and labels cleaned).
+    /// Confidently predicted labelled frames needed before the noise is estimated (and labels
+    /// cleaned): fewer make the estimate a coin toss.
     pub min_confident: usize,
     /// Largest shift of the weak view, as a fraction of the side.
     pub max_shift: f64,
@@ -70,7 +71,7 @@ impl Default for SemiConfig {
             min_class_threshold: 0.5,
             relabel_confidence: 0.9,
             small_loss: true,
-            min_confident: 8,
+            min_confident: 20,
             max_shift: 0.1,
             flip: false,
         }
@@ -182,13 +183,17 @@ pub fn select(labels: &[i64], v: &Views, classes: usize, cfg: &SemiConfig) -> Pl
         if v.pred[i] == y {
             agree += 1;
         }
-        if v.confidence[i] >= cfg.relabel_confidence && stable(i) {
+        // The estimate uses every confident prediction (more evidence); relabelling also
+        // needs the strong view to agree (fewer wrong relabels).
+        if v.confidence[i] >= cfg.relabel_confidence {
             confident += 1;
             if v.pred[i] != y {
                 contradicted += 1;
-                counts.relabelled += 1;
-                rows.push((i as i64, v.pred[i], false));
-                continue;
+                if stable(i) {
+                    counts.relabelled += 1;
+                    rows.push((i as i64, v.pred[i], false));
+                    continue;
+                }
             }
         }
         kept_labelled.push((i, y));
@@ -196,6 +201,7 @@ pub fn select(labels: &[i64], v: &Views, classes: usize, cfg: &SemiConfig) -> Pl
     if counts.labelled > 0 {
         counts.agreement = Some(agree as f64 / counts.labelled as f64);
     }
+    counts.judged = confident as u64;
     if confident >= cfg.min_confident.max(1) {
         counts.estimated_noise = Some(contradicted as f64 / confident as f64);
     } else {
@@ -480,7 +486,10 @@ mod tests {
         }
         loss[17] = 5.0;
         let v = views_of(&conf, &pred, &pred, &loss);
-        let cfg = SemiConfig::default();
+        let cfg = SemiConfig {
+            min_confident: 8,
+            ..SemiConfig::default()
+        };
         let p = select(&labels, &v, 3, &cfg);
         assert_eq!(p.counts.labelled, 20);
         assert_eq!(p.counts.relabelled, 2);

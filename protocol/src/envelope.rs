@@ -212,6 +212,7 @@ mod tests {
                     discarded: 1,
                     agreement: Some(0.75),
                     estimated_noise: None,
+                    judged: 0,
                 }),
             },
             codec: crate::UplinkCodec::F32,

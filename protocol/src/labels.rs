@@ -24,7 +24,10 @@ pub struct LabelCounts {
     /// labelled frame, or no selection pass was run).
     pub agreement: Option<f64>,
     /// Estimated fraction of wrong labels: among labelled frames the received model predicts
-    /// confidently and stably, the share whose label disagrees (`None`: too few such frames
-    /// for an estimate).
+    /// confidently, the share whose label disagrees (`None`: too few such frames for an
+    /// estimate).
     pub estimated_noise: Option<f64>,
+    /// Labelled frames the estimate is based on (the confidently predicted ones): how much
+    /// evidence it has, so the coordinator can bound it.
+    pub judged: u64,
 }
