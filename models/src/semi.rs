@@ -202,14 +202,11 @@ pub fn select(labels: &[i64], v: &Views, classes: usize, cfg: &SemiConfig) -> Pl
         counts.agreement = Some(agree as f64 / counts.labelled as f64);
     }
     counts.judged = confident as u64;
+    // Too few confident frames: no estimate, so no small-loss selection (it would drop an
+    // unknown share). Relabels stand: the per-frame evidence (confident on both views) is
+    // what pseudo-labels are trusted on too.
     if confident >= cfg.min_confident.max(1) {
         counts.estimated_noise = Some(contradicted as f64 / confident as f64);
-    } else {
-        // Too few confident frames to judge the labels: train on them as given.
-        for r in rows.iter_mut().filter(|r| !r.2) {
-            r.1 = labels[r.0 as usize];
-        }
-        counts.relabelled = 0;
     }
     if let (true, Some(p)) = (cfg.small_loss, counts.estimated_noise) {
         let target = (p * counts.labelled as f64).round() as u64;
@@ -502,16 +499,17 @@ mod tests {
             p.rows.contains(&(0, pred[0], false)),
             "relabelled to the model's"
         );
-        // Too few confident frames: no estimate, labels trained on as given.
+        // Too few confident frames: no estimate, so nothing dropped; relabels stand.
         let strict = SemiConfig {
             min_confident: 17,
             ..cfg.clone()
         };
         let p = select(&labels, &v, 3, &strict);
         assert_eq!(p.counts.estimated_noise, None);
-        assert_eq!((p.counts.relabelled, p.counts.discarded), (0, 0));
+        assert_eq!(p.counts.judged, 16);
+        assert_eq!((p.counts.relabelled, p.counts.discarded), (2, 0));
         assert_eq!(p.rows.len(), 20);
-        assert!(p.rows.contains(&(0, labels[0], false)));
+        assert!(p.rows.contains(&(0, pred[0], false)));
         // Small-loss selection off: only relabelling.
         let no_sl = SemiConfig {
             small_loss: false,
