@@ -57,6 +57,9 @@ pub struct DemoOptions {
     /// deploy/prometheus.yml scrapes). `coevo status OUT` works either way.
     #[arg(long)]
     pub metrics: Option<std::net::SocketAddr>,
+    /// Few and noisy labels per camera (issue #18), seeded with --seed.
+    #[command(flatten)]
+    pub labels: crate::bench::labels::LabelArgs,
 }
 
 impl DemoOptions {
@@ -121,6 +124,23 @@ pub async fn run(
         .iter()
         .map(|(name, idx)| (name.clone(), train.subset(idx)))
         .collect();
+    // The clean labels stay here: the agents only ever see the corrupted ones.
+    let (clients, injected) =
+        crate::bench::labels::corrupt_clients(clients, &opts.labels.corruption(opts.seed))?;
+    if !injected.is_empty() {
+        let (l, u, f) = injected.values().fold((0, 0, 0), |(l, u, f), i| {
+            (l + i.labelled, u + i.unlabelled, f + i.flipped)
+        });
+        println!(
+            "labels: {l} labelled ({f} of them wrong, {}), {u} unlabelled over {} cameras",
+            opts.labels.noise_kind,
+            injected.len()
+        );
+    }
+    let semi = opts
+        .labels
+        .clean_labels
+        .then(coevo_models::semi::SemiConfig::default);
     let quorum = (clients.len() as u32).div_ceil(2);
     let run = FleetRun {
         fleet: "demo",
@@ -129,7 +149,7 @@ pub async fn run(
         test: split.test,
         seed: opts.seed,
     };
-    run_fleet(
+    run_fleet_with(
         run,
         |cfg| {
             cfg.rounds = opts.rounds;
@@ -156,6 +176,7 @@ pub async fn run(
             Some(s) => c.with_server_data(s),
             None => c,
         },
+        |o| o.labels = semi.clone(),
         &mut on_event,
     )
     .await

@@ -59,6 +59,12 @@ pub struct CoevolutionConfig {
     /// sampled per round. Each costs a student forward pass over the pool, so with a large
     /// fleet "all of them" would dominate the round; `0` = the merged student alone.
     pub ensemble_clients: usize,
+    /// A camera whose signed estimate of its label noise is above this is left out of the
+    /// round's merge and of the teacher's fusion (issue #18, [`crate::labels`]); applies in
+    /// both modes, to cameras that send an estimate (`[labels]` in their `edge.toml`).
+    pub max_client_noise: f64,
+    /// Multiply the other cameras' FedAvg and fusion weights by `1 − estimated noise`.
+    pub label_weighting: bool,
 }
 
 impl Default for CoevolutionConfig {
@@ -80,6 +86,9 @@ impl Default for CoevolutionConfig {
             fuse_epsilon: 0.0,
             fuse_weighted: true,
             ensemble_clients: 8,
+            // Half the labels wrong: what the edge can no longer clean by itself.
+            max_client_noise: 0.5,
+            label_weighting: true,
         }
     }
 }
@@ -104,6 +113,24 @@ impl CoevolutionConfig {
 pub struct CoevolutionReport {
     pub distillation: Option<GuardOutcome>,
     pub fusion: Option<GuardOutcome>,
+    /// The fusion ensemble's members and their weights (issue #18): validation accuracy
+    /// (agreement with the server's held-out cameras) × label factor.
+    #[serde(default)]
+    pub fusion_members: Vec<FusionMember>,
+}
+
+/// One member of a round's fusion ensemble.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FusionMember {
+    /// `merged` for the round's merged student, else the client whose student it is.
+    pub member: String,
+    /// Its accuracy on the server's held-out validation cameras.
+    pub validation_accuracy: f64,
+    /// `1 − estimated label noise` of the client (1 for the merged student, or without an
+    /// estimate).
+    pub label_factor: f64,
+    /// Its share of the ensemble (weights sum to 1; 0 = left out).
+    pub weight: f64,
 }
 
 /// The teacher, a scratch student for distillation, and the server data.
@@ -278,22 +305,52 @@ impl TeacherLoop {
         members: &[&Weights],
         round: u64,
     ) -> Result<GuardOutcome, CoordinatorError> {
+        let ones = vec![1.0; members.len()];
+        Ok(self.fuse_from_weighted(members, &ones, round)?.0)
+    }
+
+    /// [`TeacherLoop::fuse_from`] with each member's weight also multiplied by
+    /// `label_factors` (1 − its camera's estimated label noise); returns each member's
+    /// validation accuracy and final normalised weight besides the outcome.
+    pub fn fuse_from_weighted(
+        &mut self,
+        members: &[&Weights],
+        label_factors: &[f64],
+        round: u64,
+    ) -> Result<(GuardOutcome, Vec<f64>, Vec<f64>), CoordinatorError> {
+        if label_factors.len() != members.len() {
+            return Err(CoordinatorError::Config(format!(
+                "{} label factors for {} fusion members",
+                label_factors.len(),
+                members.len()
+            )));
+        }
         let cfg = KdConfig {
             seed: self.cfg.fuse.seed.wrapping_add(round),
             ..self.cfg.fuse.clone()
         };
         let before = self.teacher_val();
         let best = self.best_val.unwrap_or(before).max(before);
-        let weights = if self.cfg.fuse_weighted {
-            quality_weights(&member_accuracies_of(
-                &self.student_arch,
-                &self.shape,
-                members,
-                &self.data.validation,
-            )?)
+        let accuracies = member_accuracies_of(
+            &self.student_arch,
+            &self.shape,
+            members,
+            &self.data.validation,
+        )?;
+        let weights: Vec<f64> = if self.cfg.fuse_weighted {
+            quality_weights(&accuracies)
         } else {
             vec![1.0; members.len()]
-        };
+        }
+        .iter()
+        .zip(label_factors)
+        .map(|(w, f)| w * f.clamp(0.0, 1.0))
+        .collect();
+        let total: f64 = weights.iter().sum();
+        let shares: Vec<f64> = weights
+            .iter()
+            .map(|w| if total > 0.0 { w / total } else { 0.0 })
+            .collect();
         let pool = if self.data.unlabelled.is_empty() {
             &self.data.labelled.images
         } else {
@@ -335,7 +392,7 @@ impl TeacherLoop {
             self.val_accuracy = Some(outcome.kept());
             self.best_val = Some(best.max(outcome.kept()));
         }
-        Ok(outcome)
+        Ok((outcome, accuracies, shares))
     }
 
     /// The teacher's accuracy on `test`; reused while the teacher is unchanged (a rolled-back

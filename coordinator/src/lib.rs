@@ -9,6 +9,7 @@
 //! - [`collect`]: pure collect-phase decisions: admission of chunks, rejection tally, recovery.
 //! - [`verify`]: pure checks of a delta upload, each failure a [`coevo_protocol::RejectReason`].
 //! - [`ingest`]: verification on a worker pool, group commit, deltas read back from disk.
+//! - [`labels`]: cleaning upward: cameras weighed by their estimated label noise (issue #18).
 //! - [`strategy`]: aggregation rules as pure functions.
 //! - [`guard`]: the check of a merged model before it is published (rollback, outliers).
 //! - [`store`]: durable state (accepted deltas written before they are acknowledged).
@@ -29,6 +30,7 @@ pub mod guard;
 pub mod html;
 pub mod ingest;
 pub mod metrics;
+pub mod labels;
 pub mod registry;
 pub mod report;
 pub mod server;

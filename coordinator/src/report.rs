@@ -46,6 +46,11 @@ pub struct ClientReport {
     /// over the round's total, 0 when excluded); absent for rules without trust scores.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trust_weight: Option<f64>,
+    /// What the camera did with its labels (issue #18): labelled, unlabelled, pseudo-labelled,
+    /// relabelled, discarded, agreement, estimated noise; `null` when every frame had a label
+    /// and no selection ran.
+    #[serde(default)]
+    pub labels: Option<coevo_protocol::LabelCounts>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -114,6 +119,10 @@ pub struct RoundReport {
     /// round, teacher below student), also logged at ERROR; see [`crate::alerts`].
     #[serde(default)]
     pub alerts: Vec<crate::alerts::Alert>,
+    /// Cameras judged by their estimated label noise (issue #18): down-weighted, or left out of
+    /// the merge and the teacher's fusion above `max_client_noise`, with why.
+    #[serde(default)]
+    pub labels: Vec<crate::labels::LabelQuality>,
 }
 
 /// The collect pipeline's work in a round (verification on a worker pool, group commit): lets

@@ -381,6 +381,7 @@ impl Coordinator {
         let mut coevolution = teacher.map(|_| CoevolutionReport {
             distillation: None,
             fusion: None,
+            fusion_members: Vec::new(),
         });
 
         if teacher.is_some() {

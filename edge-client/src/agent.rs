@@ -83,6 +83,10 @@ pub struct AgentOptions {
     /// any: used when a manifest names its digest, so the first round needs no download.
     /// Whatever module a manifest names is fetched when not held (issue #16).
     pub student_module: Option<ScriptModule>,
+    /// Pseudo-label unlabelled frames and clean labels with the round's model before training
+    /// (`[labels]` in `edge.toml`; issue #18, [`coevo_models::semi`]). `None`: plain training
+    /// on the labelled frames only.
+    pub labels: Option<coevo_models::semi::SemiConfig>,
 }
 
 impl AgentOptions {
@@ -113,6 +117,7 @@ impl AgentOptions {
             max_residual_age_rounds: crate::state::DEFAULT_MAX_RESIDUAL_AGE_ROUNDS,
             train_threads: None,
             student_module: None,
+            labels: None,
         }
     }
 }
@@ -923,6 +928,7 @@ impl Agent {
         // Under `top-k:…:no-ef` the residual is carried unchanged, so it keeps its round.
         let carried = up_codec.error_feedback() && attack != Some(Attack::NonFinite);
         let train_threads = self.opts.train_threads;
+        let semi = self.opts.labels.clone();
         let (payload, metrics, feedback) = tokio::task::spawn_blocking(
             move || -> Result<(Vec<u8>, LocalMetrics, ErrorFeedback), EdgeError> {
                 if let Some(n) = train_threads {
@@ -939,7 +945,22 @@ impl Agent {
                 // The delta is taken against the weights exactly as loaded (DESIGN §5.3).
                 let received = Weights::from_var_store(&vs);
                 crate::cli::log_memory("model loaded");
-                let stats = data.train(&net, &vs, &cfg)?;
+                let (stats, labels) = match &semi {
+                    Some(semi) => {
+                        let (stats, counts) =
+                            coevo_models::semi::train_semi(&net, &vs, &data, &cfg, semi)?;
+                        tracing::info!(client = %client, round, labelled = counts.labelled,
+                            unlabelled = counts.unlabelled, pseudo = counts.pseudo_labelled,
+                            relabelled = counts.relabelled, discarded = counts.discarded,
+                            estimated_noise = ?counts.estimated_noise, "labels selected");
+                        (stats, Some(counts))
+                    }
+                    None => {
+                        let counts = coevo_models::semi::plain_counts(&data.labels());
+                        let partial = counts.unlabelled > 0;
+                        (data.train(&net, &vs, &cfg)?, partial.then_some(counts))
+                    }
+                };
                 crate::cli::log_memory("trained");
                 let train_ms = t0.elapsed().as_millis() as u64;
                 tracing::info!(client = %client, round, train_ms, threads = tch::get_num_threads(),
@@ -979,6 +1000,7 @@ impl Agent {
                         loss: stats.loss,
                         accuracy: stats.accuracy,
                         train_ms,
+                        labels,
                     },
                     feedback,
                 ))

@@ -57,6 +57,7 @@ pub async fn run(args: &EdgeArgs) -> Result<(), EdgeError> {
         .map(coevo_models::ScriptModule::read)
         .transpose()
         .map_err(|e| EdgeError::Config(format!("[model] student: {e}")))?;
+    opts.labels = cfg.labels.clone();
     let agent = Agent::new(opts, key, data)?;
     let summary = agent
         .run(async {

@@ -45,6 +45,12 @@ pub struct EdgeConfig {
     /// Cores the agent may use (`[threads]`).
     #[serde(default)]
     pub threads: Threads,
+    /// Semi-supervised training and label cleaning (`[labels]`; issue #18). Present (even
+    /// empty): the round's model pseudo-labels unlabelled frames and cleans labels before
+    /// training, with the defaults of `coevo_models::semi::SemiConfig`. Absent: plain training
+    /// on the labelled frames only.
+    #[serde(default)]
+    pub labels: Option<coevo_models::semi::SemiConfig>,
     /// The student's TorchScript module installed with the device (`[model]`, issue #16).
     #[serde(default)]
     pub model: Model,
@@ -195,6 +201,10 @@ impl EdgeConfig {
             if !is_hex_key(&cfg.coordinator_key) && k.is_relative() {
                 cfg.coordinator_key = base.join(k).display().to_string();
             }
+        }
+        if let Some(l) = &cfg.labels {
+            l.validate()
+                .map_err(|e| EdgeError::Config(format!("{}: {e}", path.display())))?;
         }
         Ok(cfg)
     }

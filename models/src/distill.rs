@@ -534,7 +534,7 @@ fn kd_train(
     }
     let hard = match labelled {
         Some(d) if cfg.alpha < 1.0 && !d.is_empty() => {
-            check_data(d)?;
+            check_data(d, false)?;
             Some(d)
         }
         _ => None,

@@ -20,6 +20,10 @@
 //!   training, distillation and evaluation path takes.
 //! - `distill` (feature `teacher`, on by default; the edge builds without it): knowledge distillation both ways (teacher → student KD, student ensemble →
 //!   teacher fusion) and the validation guard that accepts or rolls back an update.
+//! - [`noise`]: the unlabelled-frame convention and the simulator's label corruption
+//!   (fraction labelled, symmetric or pair-flip noise), issue #18.
+//! - [`semi`]: the edge's pseudo-labelling (FixMatch-style) and label cleaning (confident
+//!   relabelling, small-loss selection, a noise estimate), issue #18.
 //! - [`train`]: SGD (optionally FedProx) training and evaluation loops.
 //! - [`weights`]: [`Weights`] (named `f32` tensors), arithmetic used by aggregation, and the
 //!   bounded [`WeightCodec`] encoders/decoders.
@@ -32,8 +36,10 @@ pub mod distill;
 pub mod error;
 pub mod local;
 pub mod net;
+pub mod noise;
 pub mod partition;
 pub mod script;
+pub mod semi;
 pub mod train;
 pub mod weights;
 

@@ -18,6 +18,10 @@
 //!   (the layout of README's "Data" section).
 //!
 //! Frames must share one size; grey or RGB is taken from the first frame's colour type.
+//!
+//! Frames without a label (issue #18; the convention is in [`crate::noise`]): an
+//! `unlabelled/` folder beside the class folders, an empty label in `labels.csv`, label byte
+//! 255 in IDX. They are held with label [`UNLABELLED`].
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -27,11 +31,16 @@ use tch::nn::{ModuleT, VarStore};
 use tch::{Kind, Tensor};
 
 use crate::data::{find_idx, is_image, parse_idx_labels, read_bounded, sorted_entries};
+use crate::noise::UNLABELLED;
 use crate::train::{train, train_batches, TrainConfig, TrainStats};
 use crate::{DataShape, Dataset, ModelError};
 
 /// Name of the labels file of a flat frame folder.
 pub const LABELS_FILE: &str = "labels.csv";
+/// Folder of frames without a label, beside the class folders.
+pub const UNLABELLED_DIR: &str = "unlabelled";
+/// IDX label byte of a frame without a label.
+pub const IDX_UNLABELLED: i64 = 255;
 
 /// How to read a camera's folder.
 #[derive(Clone, Debug)]
@@ -128,6 +137,11 @@ impl LocalSet {
             Store::Resident(t) => t.numel() as u64,
             Store::Lazy { .. } => 0,
         }
+    }
+
+    /// Every frame's label ([`UNLABELLED`] for none), without decoding a frame.
+    pub fn labels(&self) -> &[i64] {
+        &self.labels
     }
 
     /// A second handle on the same frames (no copy), for a training thread.
@@ -227,8 +241,8 @@ fn decode_into(path: &Path, shape: DataShape, out: &mut Vec<u8>) -> Result<(), M
 }
 
 fn class_count(labels: &[i64], opts: &LocalOptions) -> Result<usize, ModelError> {
-    let hi = labels.iter().copied().max().unwrap_or(0);
-    if labels.iter().any(|&l| l < 0) {
+    let hi = labels.iter().copied().max().unwrap_or(0).max(0);
+    if labels.iter().any(|&l| l < 0 && l != UNLABELLED) {
         return Err(ModelError::Format("negative label".into()));
     }
     let n = match &opts.classes {
@@ -251,7 +265,10 @@ fn open_idx(dir: &Path, opts: &LocalOptions) -> Result<LocalSet, ModelError> {
             dir.display()
         ))
     })?;
-    let labels = parse_idx_labels(&read_bounded(&lbl)?, &what(&lbl))?;
+    let labels: Vec<i64> = parse_idx_labels(&read_bounded(&lbl)?, &what(&lbl))?
+        .into_iter()
+        .map(|l| if l == IDX_UNLABELLED { UNLABELLED } else { l })
+        .collect();
     let img = find_idx(dir, "train-images-idx3-ubyte")
         .ok_or_else(|| ModelError::Format(format!("{}: missing images", dir.display())))?;
     let classes = class_count(&labels, opts)?;
@@ -356,9 +373,11 @@ fn list_labels_file(
         let (file, label) = line
             .rsplit_once(',')
             .map(|(f, l)| (f.trim(), l.trim()))
-            .filter(|(f, l)| !f.is_empty() && !l.is_empty())
+            .filter(|(f, _)| !f.is_empty())
             .ok_or_else(|| ModelError::Format(format!("{}: expected `file,label`", at())))?;
         let label = match (&opts.classes, label.parse::<i64>()) {
+            // An empty label: a frame nobody labelled (the convention of crate::noise).
+            _ if label.is_empty() => UNLABELLED,
             (Some(names), _) if names.iter().any(|c| c == label) => {
                 names.iter().position(|c| c == label).unwrap_or(0) as i64
             }
@@ -406,19 +425,32 @@ fn list_class_folders(
         .collect();
     let classes: Vec<String> = match &opts.classes {
         Some(c) => c.clone(),
-        None => dirs.iter().map(|(n, _)| n.clone()).collect(),
+        None => dirs
+            .iter()
+            .map(|(n, _)| n.clone())
+            .filter(|n| n != UNLABELLED_DIR)
+            .collect(),
     };
+    if classes.iter().any(|c| c == UNLABELLED_DIR) {
+        return Err(ModelError::Format(format!(
+            "{UNLABELLED_DIR:?} is reserved for frames without a label; it cannot be a class name"
+        )));
+    }
     let mut frames = Vec::new();
     for (name, dir) in &dirs {
-        let label = classes.iter().position(|c| c == name).ok_or_else(|| {
-            ModelError::Format(format!(
-                "{}: class folder not in [data] classes",
-                dir.display()
-            ))
-        })?;
+        let label = if name == UNLABELLED_DIR {
+            UNLABELLED
+        } else {
+            classes.iter().position(|c| c == name).ok_or_else(|| {
+                ModelError::Format(format!(
+                    "{}: class folder not in [data] classes",
+                    dir.display()
+                ))
+            })? as i64
+        };
         for (file, path) in sorted_entries(dir)? {
             if path.is_file() && is_image(&file) {
-                frames.push((path, label as i64));
+                frames.push((path, label));
             }
         }
     }
@@ -515,6 +547,28 @@ impl TrainData {
         match self {
             TrainData::Memory(d) => d.shape,
             TrainData::Frames(f) => f.shape,
+        }
+    }
+
+    /// Every sample's label ([`UNLABELLED`] for none).
+    pub fn labels(&self) -> Vec<i64> {
+        match self {
+            TrainData::Memory(d) => d.labels_vec(),
+            TrainData::Frames(f) => f.labels().to_vec(),
+        }
+    }
+
+    /// Samples `idx` as `(images [B, C, H, W] float in [-1, 1], labels [B])` on the CPU.
+    pub fn fetch(&self, idx: &[i64]) -> Result<(Tensor, Tensor), ModelError> {
+        match self {
+            TrainData::Memory(d) => {
+                let i = Tensor::f_from_slice(idx)?;
+                Ok((
+                    d.images.f_index_select(0, &i)?,
+                    d.labels.f_index_select(0, &i)?,
+                ))
+            }
+            TrainData::Frames(f) => f.batch(idx),
         }
     }
 
@@ -690,5 +744,48 @@ mod tests {
         std::fs::write(d.join("train-images-idx3-ubyte"), &img[..img.len() - 1]).unwrap();
         let err = LocalSet::open(d, &LocalOptions::default()).unwrap_err();
         assert!(err.to_string().contains("needs"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod unlabelled_tests {
+    use super::*;
+
+    #[test]
+    fn unlabelled_frames_by_folder_and_by_empty_label() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        for (dir, n) in [("a", 2), ("b", 1), (UNLABELLED_DIR, 3)] {
+            std::fs::create_dir_all(d.join(dir)).unwrap();
+            for i in 0..n {
+                image::GrayImage::from_pixel(4, 4, image::Luma([i as u8]))
+                    .save(d.join(dir).join(format!("{i}.png")))
+                    .unwrap();
+            }
+        }
+        let set = LocalSet::open(d, &LocalOptions::default()).unwrap();
+        assert_eq!(set.shape.classes, 2, "`unlabelled` is not a class");
+        assert_eq!(set.labels(), &[0, 0, 1, -1, -1, -1]);
+        // `unlabelled` cannot be a class name.
+        let opts = LocalOptions {
+            classes: Some(vec!["a".into(), UNLABELLED_DIR.into()]),
+            ..LocalOptions::default()
+        };
+        assert!(LocalSet::open(d, &opts).is_err());
+        // labels.csv: an empty label.
+        let flat = tempfile::tempdir().unwrap();
+        for i in 0..3u8 {
+            image::GrayImage::from_pixel(4, 4, image::Luma([i]))
+                .save(flat.path().join(format!("f{i}.png")))
+                .unwrap();
+        }
+        std::fs::write(
+            flat.path().join(LABELS_FILE),
+            "file,label\nf0.png,1\nf1.png,\nf2.png,0\n",
+        )
+        .unwrap();
+        let set = LocalSet::open(flat.path(), &LocalOptions::default()).unwrap();
+        assert_eq!(set.labels(), &[1, UNLABELLED, 0]);
+        assert_eq!(set.shape.classes, 2);
     }
 }

@@ -11,6 +11,7 @@ use rand::SeedableRng;
 use tch::nn::{self, ModuleT, OptimizerConfig};
 use tch::{Kind, Tensor};
 
+use crate::noise::UNLABELLED;
 use crate::{Dataset, ModelError};
 
 /// Hyper-parameters of one local training call.
@@ -84,7 +85,9 @@ pub(crate) fn guarded<T>(
     })
 }
 
-pub(crate) fn check_data(data: &Dataset) -> Result<(), ModelError> {
+/// Checks shapes and that labels are in `0..classes`; with `allow_unlabelled`, also
+/// [`crate::noise::UNLABELLED`] (training skips those frames; evaluation must not see them).
+pub(crate) fn check_data(data: &Dataset, allow_unlabelled: bool) -> Result<(), ModelError> {
     let n = data.len() as i64;
     let isz = data.images.size();
     if isz.len() != 4 || isz[0] != n || data.labels.size().len() != 1 {
@@ -98,7 +101,8 @@ pub(crate) fn check_data(data: &Dataset) -> Result<(), ModelError> {
     if n > 0 {
         let lo = data.labels.f_min()?.f_int64_value(&[])?;
         let hi = data.labels.f_max()?.f_int64_value(&[])?;
-        if lo < 0 || hi >= classes {
+        let floor = if allow_unlabelled { UNLABELLED } else { 0 };
+        if lo < floor || hi >= classes {
             return Err(ModelError::Shape(format!(
                 "labels span {lo}..={hi} but the data has {classes} classes"
             )));
@@ -116,7 +120,7 @@ pub fn train(
     data: &Dataset,
     cfg: &TrainConfig,
 ) -> Result<TrainStats, ModelError> {
-    check_data(data)?;
+    check_data(data, true)?;
     let device = vs.device();
     train_batches(model, vs, data.len(), cfg, |batch| {
         let idx = Tensor::f_from_slice(batch)?;
@@ -129,6 +133,9 @@ pub fn train(
 /// [`train`] over any source of mini-batches: `fetch` turns a batch of sample indices (in
 /// `0..n`) into `(images [B, C, H, W] float, labels [B] int64)`. This is what lets a camera
 /// decode its frames batch by batch instead of holding the whole set as floats.
+///
+/// Frames labelled [`UNLABELLED`] add nothing to the loss (a batch of only such frames is
+/// skipped) and are not counted in the returned statistics.
 pub fn train_batches(
     model: &impl ModuleT,
     vs: &nn::VarStore,
@@ -167,11 +174,18 @@ pub fn train_batches(
         let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0i64, 0usize);
         for batch in order.chunks(cfg.batch_size) {
             let (xs, ys) = fetch(batch)?;
+            let labelled = ys
+                .f_ne(UNLABELLED)?
+                .f_sum(Kind::Int64)?
+                .f_int64_value(&[])?;
+            if labelled == 0 {
+                continue;
+            }
             let (l, c) = guarded("training step", || {
                 let logits = model.forward_t(&xs, true);
                 let ce = logits
                     .f_log_softmax(-1, Kind::Float)?
-                    .f_nll_loss::<Tensor>(&ys, None, tch::Reduction::Mean, -100)?;
+                    .f_nll_loss::<Tensor>(&ys, None, tch::Reduction::Mean, UNLABELLED)?;
                 let total = if anchors.is_empty() {
                     ce.shallow_clone()
                 } else {
@@ -193,14 +207,15 @@ pub fn train_batches(
                 })?;
                 Ok((ce.f_double_value(&[])?, c))
             })?;
-            loss_sum += l * batch.len() as f64;
+            loss_sum += l * labelled as f64;
             correct += c;
-            seen += batch.len();
+            seen += labelled as usize;
         }
+        let per = seen.max(1) as f64;
         stats = TrainStats {
             samples: seen,
-            loss: loss_sum / seen as f64,
-            accuracy: correct as f64 / seen as f64,
+            loss: loss_sum / per,
+            accuracy: correct as f64 / per,
         };
     }
     Ok(stats)
@@ -222,7 +237,7 @@ pub fn evaluate(model: &impl ModuleT, data: &Dataset, batch_size: usize) -> Eval
             samples: 0,
         }
     };
-    if let Err(e) = check_data(data) {
+    if let Err(e) = check_data(data, false) {
         return failed(e);
     }
     let batch_size = if batch_size == 0 { 256 } else { batch_size };

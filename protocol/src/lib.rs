@@ -21,6 +21,7 @@ pub mod chunk;
 pub mod codec;
 pub mod crypto;
 pub mod envelope;
+pub mod labels;
 pub mod message;
 pub mod topic;
 
@@ -30,6 +31,7 @@ pub use codec::{
 };
 pub use crypto::{digest, CryptoError, Digest, PublicKey, SigningKey};
 pub use envelope::{DecodeError, Kind, Signed};
+pub use labels::LabelCounts;
 pub use message::{
     DeltaChunk, DeltaHeader, LocalMetrics, ModelArch, ModelChunk, ModelRef, ModuleRef, Receipt,
     ReceiptOutcome, RejectReason, RoundManifest, Status, StatusState, TrainTask,

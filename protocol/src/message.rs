@@ -85,6 +85,11 @@ pub struct LocalMetrics {
     pub loss: f64,
     pub accuracy: f64,
     pub train_ms: u64,
+    /// Partial and noisy labels (issue #18): `None` when every frame had a label and no
+    /// selection ran. A wire change (bincode is positional): old edges' headers no longer
+    /// decode, which the coordinator rejects as `malformed`.
+    #[serde(default)]
+    pub labels: Option<crate::labels::LabelCounts>,
 }
 
 /// Signed description of a delta, carried in chunk 0 of the upload.

@@ -9,7 +9,7 @@
 
 use super::split::{BenchSplit, SplitArgs};
 use super::write_json;
-use crate::demo::{run_fleet, FleetRun};
+use crate::demo::{run_fleet_with, FleetRun};
 use anyhow::{bail, Context, Result};
 use coevo_coordinator::coevolve::{CoevolutionConfig, Mode, TeacherLoop};
 use coevo_coordinator::{RoundEvent, RoundReport};
@@ -75,6 +75,9 @@ pub struct CoevolutionArgs {
     /// without re-training the bounds and the FedAvg fleet.
     #[arg(long)]
     pub reuse: Option<PathBuf>,
+    /// Few and noisy labels on every client (issue #18; `bench labels` runs the grid).
+    #[command(flatten)]
+    pub labels: super::labels::LabelArgs,
 }
 
 /// A part of the bench.
@@ -435,16 +438,24 @@ fn fleet_run(
     let out: &Path = &args.out.join(name);
     let n = split.clients.len();
     let bar = super::round_bar(name, args.rounds);
+    let (clients, _) = super::labels::corrupt_clients(
+        split.client_data(),
+        &args.labels.corruption(args.split.seed),
+    )?;
+    let semi = args
+        .labels
+        .clean_labels
+        .then(coevo_models::semi::SemiConfig::default);
     let run = FleetRun {
         fleet: "bench",
         out,
-        clients: split.client_data(),
+        clients,
         test: split.test.shallow_clone(),
         seed: args.split.seed,
     };
     let server = split.server_data();
     let mut deltas = 0usize;
-    let reports = rt.block_on(run_fleet(
+    let reports = rt.block_on(run_fleet_with(
         run,
         |cfg| {
             super::fleet_config(cfg, split, mode, args.rounds, 900, &args.local);
@@ -454,6 +465,7 @@ fn fleet_run(
             Mode::Coevolve => c.with_server_data(server),
             Mode::Fedavg => c,
         },
+        |o| o.labels = semi.clone(),
         &mut |ev: &RoundEvent| match ev {
             RoundEvent::Started { .. } => deltas = 0,
             RoundEvent::Accepted { .. } => {

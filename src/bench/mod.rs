@@ -6,6 +6,7 @@ pub mod byom;
 pub mod coevolution;
 pub mod compression;
 pub mod fleet;
+pub mod labels;
 pub mod robustness;
 pub mod split;
 
@@ -118,6 +119,9 @@ pub enum BenchCmd {
     /// A TorchScript export of the built-in student against the built-in one (issue #16):
     /// same split, same initial weights; final accuracy and round time.
     Byom(byom::ByomArgs),
+    /// Cameras with few and noisy labels (issue #18): FedAvg vs coevolve with and without
+    /// edge pseudo-labelling and cleaning, over label fraction × label noise.
+    Labels(labels::LabelsArgs),
 }
 
 impl BenchCmd {
@@ -129,6 +133,7 @@ impl BenchCmd {
             BenchCmd::Compression(a) => compression::run(rt, a),
             BenchCmd::Fleet(a) => fleet::run(rt, a),
             BenchCmd::Byom(a) => byom::run(rt, a),
+            BenchCmd::Labels(a) => labels::run(rt, a),
         }
     }
 }

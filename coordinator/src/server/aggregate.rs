@@ -26,6 +26,8 @@ pub(super) struct Aggregated {
     /// The round's accepted deltas, on disk (fusion reads its ensemble members from here).
     pub source: Arc<DeltaFiles>,
     pub strategy: &'static str,
+    /// Clients judged by their estimated label noise (issue #18): weight, exclusion, why.
+    pub label_quality: Vec<crate::labels::LabelQuality>,
 }
 
 impl Coordinator {
@@ -64,25 +66,56 @@ impl Coordinator {
         let mut outcome = collected.outcome.to_string();
         let mut merged = false;
         let mut reference = None;
+        let label_quality = crate::labels::assess(
+            source
+                .entries()
+                .iter()
+                .map(|(c, m)| (c.as_str(), m.header.metrics.labels.as_ref())),
+            cfg.coevolution.max_client_noise,
+            cfg.coevolution.label_weighting,
+        );
+        for q in label_quality.iter().filter(|q| q.excluded) {
+            tracing::warn!(round, client = %q.client, reason = %q.reason, "left out of the merge and of fusion");
+        }
+        let all_excluded = !label_quality.is_empty()
+            && label_quality.iter().filter(|q| q.excluded).count() == source.len();
+        if outcome == "completed" && all_excluded {
+            outcome =
+                "skipped: every update's estimated label noise is above max_client_noise".into();
+        }
         if outcome == "completed" && !source.is_empty() {
             if strategy.needs_reference() {
                 reference = Some(self.reference_delta(global, round).await?);
             }
             // Reads every delta file at least once: off the async threads.
-            let (base, src, s, r) = (
+            let (base, src, s, r, q) = (
                 global.clone(),
                 source.clone(),
                 cfg.aggregation.clone(),
                 reference.clone(),
+                label_quality.clone(),
             );
             let result = tokio::task::spawn_blocking(move || {
-                build_strategy(&s).aggregate_source(&base, &*src, r.as_ref())
+                if q.is_empty() {
+                    build_strategy(&s).aggregate_source(&base, &*src, r.as_ref())
+                } else {
+                    let weighted = crate::labels::LabelWeighted::new(&*src, &q);
+                    build_strategy(&s).aggregate_source(&base, &weighted, r.as_ref())
+                }
             })
             .await
             .map_err(|e| CoordinatorError::Io(format!("aggregation task: {e}")))?;
             match result {
                 Ok(a) => {
                     aggregation = a;
+                    aggregation
+                        .excluded
+                        .extend(label_quality.iter().filter(|q| q.excluded).map(|q| {
+                            crate::strategy::Exclusion {
+                                client: q.client.clone(),
+                                reason: q.reason.clone(),
+                            }
+                        }));
                     *global = std::mem::take(&mut aggregation.weights);
                     merged = true;
                 }
@@ -138,6 +171,7 @@ impl Coordinator {
             flagged,
             source,
             strategy: strategy.name(),
+            label_quality,
         })
     }
 

@@ -64,21 +64,46 @@ impl Coordinator {
             return Ok(());
         };
         let mut members = vec![global.clone()];
-        let picked = pick_ensemble(src.len(), self.cfg.coevolution.ensemble_clients, round);
-        for i in picked {
+        let mut names = vec!["merged".to_string()];
+        let mut factors = vec![1.0];
+        // Cameras over the label-noise bound are never fused from (issue #18); the rest count
+        // by validation accuracy × (1 − estimated noise).
+        let q = &aggregated.label_quality;
+        let eligible: Vec<usize> = (0..src.len())
+            .filter(|&i| crate::labels::factor(q, src.client(i)) > 0.0)
+            .collect();
+        let picked = pick_ensemble(eligible.len(), self.cfg.coevolution.ensemble_clients, round);
+        for i in picked.into_iter().map(|k| eligible[k]) {
             let mut w = round_base.clone();
             let d = src.delta(i)?;
             w.add_scaled(&d, 1.0)?;
             members.push(w);
+            names.push(src.client(i).to_string());
+            factors.push(crate::labels::factor(q, src.client(i)));
         }
-        let outcome = on_teacher(t, move |tl| {
+        let (outcome, accuracies, shares) = on_teacher(t, move |tl| {
             let refs: Vec<&Weights> = members.iter().collect();
-            tl.fuse_from(&refs, round)
+            tl.fuse_from_weighted(&refs, &factors, round)
+                .map(|(o, a, s)| (o, a, s, factors))
         })
-        .await?;
+        .await
+        .map(|(o, a, s, f)| (o, a, s.into_iter().zip(f).collect::<Vec<_>>()))?;
         tracing::info!(round, ?outcome, "fusion");
         if let Some(c) = coevolution.as_mut() {
             c.fusion = Some(outcome);
+            c.fusion_members = names
+                .into_iter()
+                .zip(accuracies)
+                .zip(shares)
+                .map(|((member, validation_accuracy), (weight, label_factor))| {
+                    crate::coevolve::FusionMember {
+                        member,
+                        validation_accuracy,
+                        label_factor,
+                        weight,
+                    }
+                })
+                .collect();
         }
         Ok(())
     }

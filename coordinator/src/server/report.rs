@@ -106,6 +106,7 @@ impl Coordinator {
                 bytes_down: published.model_bytes,
                 delta_norm: a.norm,
                 trust_weight: trust.get(c.as_str()).copied(),
+                labels: a.header.metrics.labels.clone(),
             })
             .collect();
         let outcome = aggregated.outcome.clone();
@@ -157,6 +158,7 @@ impl Coordinator {
             reassembly: collected.reassembly,
             collect: collected.collect,
             alerts: Vec::new(),
+            labels: aggregated.label_quality.clone(),
         };
         report.alerts = self.round_alerts(store, &report);
         let json = serde_json::to_vec_pretty(&report)
