@@ -18,7 +18,7 @@ pub mod demo;
 pub mod fleet_import;
 pub mod mosquitto;
 pub mod provision;
-pub mod status;
 pub mod report_cmd;
+pub mod status;
 pub mod table;
 pub mod tls;

@@ -23,7 +23,9 @@ fn report(round: u64) -> RoundReport {
     let model = |acc: f64| ModelReport {
         test_accuracy: Some(acc),
         test_loss: Some(1.0 - acc),
-        per_class_accuracy: (0..CLASSES).map(|c| (acc + c as f64 * 0.003) % 1.0).collect(),
+        per_class_accuracy: (0..CLASSES)
+            .map(|c| (acc + c as f64 * 0.003) % 1.0)
+            .collect(),
         params: Some(114_314),
     };
     let mut r: RoundReport = serde_json::from_value(serde_json::json!({
@@ -49,9 +51,12 @@ fn report(round: u64) -> RoundReport {
             bytes_down: 27_000,
             delta_norm: 1.0 + (i % 101) as f64 * 0.02,
             trust_weight: None,
+            labels: None,
         })
         .collect();
-    r.clipped = (0..CLIENTS / 20).map(|i| format!("cam-{:05}", i * 20)).collect();
+    r.clipped = (0..CLIENTS / 20)
+        .map(|i| format!("cam-{:05}", i * 20))
+        .collect();
     r.rejected = (0..50)
         .map(|i| RejectionCount {
             client: format!("cam-{:05}", i * 7),

@@ -328,6 +328,7 @@ pub(crate) mod tests {
             guard: None,
             flagged: vec![],
             late: vec![],
+            labels: vec![],
             resent: 0,
             lost: vec![],
             reassembly: Default::default(),

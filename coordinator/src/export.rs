@@ -189,6 +189,7 @@ mod tests {
             bytes_down: 9000,
             delta_norm: norm,
             trust_weight: None,
+            labels: None,
         }
     }
 

@@ -377,8 +377,12 @@ pub fn train_semi(
     let t0 = std::time::Instant::now();
     let v = views(model, data, semi, cfg.seed)?;
     let plan = select(&data.labels(), &v, shape.classes, semi);
-    tracing::info!(select_ms = t0.elapsed().as_millis() as u64, frames = data.len(),
-        rows = plan.rows.len(), "label selection pass (2 views) done");
+    tracing::info!(
+        select_ms = t0.elapsed().as_millis() as u64,
+        frames = data.len(),
+        rows = plan.rows.len(),
+        "label selection pass (2 views) done"
+    );
     let device = vs.device();
     let mut rng = StdRng::seed_from_u64(cfg.seed ^ 0x0A06_3E47);
     let rows = &plan.rows;

@@ -13,6 +13,7 @@ fn client(name: &str, norm: f64) -> ClientReport {
         bytes_down: 120_000,
         delta_norm: norm,
         trust_weight: None,
+        labels: None,
     }
 }
 
