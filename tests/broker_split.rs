@@ -111,6 +111,25 @@ async fn front_processes_enforce_passwords_and_topic_acls() {
         broker.is_running(),
         "the broker and its front processes stay up"
     );
+
+    // The children report their counters to the broker process (once a second): its stats
+    // (and /metrics) count what every front process refused and admitted.
+    let t0 = std::time::Instant::now();
+    let stats = loop {
+        let s = broker.stats();
+        if s.acl_refused_publish >= 1 && s.auth_refused >= 8
+            || t0.elapsed() > Duration::from_secs(10)
+        {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(stats.auth_bad_password, 4, "{stats:?}");
+    assert_eq!(stats.auth_unknown_client, 4, "{stats:?}");
+    assert_eq!(stats.auth_refused, 8, "{stats:?}");
+    assert_eq!(stats.acl_refused_publish, 1, "{stats:?}");
+    assert!(stats.connections_accepted >= 2, "{stats:?}");
+    assert!(stats.bytes_in > 0 && stats.bytes_out > 0, "{stats:?}");
 }
 
 /// PIDs of `pid`'s child processes.

@@ -106,6 +106,36 @@ fn bump(c: &AtomicU64) {
 }
 
 impl Counters {
+    /// Adds what changed between two reports of a front process (`new - old`, per field;
+    /// wrapping, so a gauge such as `connections_open` can go down).
+    pub(crate) fn apply_change(&self, old: &BrokerStats, new: &BrokerStats) {
+        macro_rules! apply {
+            ($($f:ident),*) => {
+                $(self.$f.fetch_add(new.$f.wrapping_sub(old.$f), Ordering::Relaxed);)*
+            };
+        }
+        apply!(
+            acl_refused_publish,
+            acl_refused_subscribe,
+            auth_refused,
+            client_id_mismatch,
+            revoked_disconnects,
+            credential_reloads,
+            credential_reload_errors,
+            connections_accepted,
+            protocol_violations,
+            connects_busy,
+            connections_over_limit,
+            auth_invalid_id,
+            auth_unknown_client,
+            auth_bad_password,
+            connections_open,
+            publishes_in,
+            bytes_in,
+            bytes_out
+        );
+    }
+
     pub(crate) fn snapshot(&self) -> BrokerStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         BrokerStats {

@@ -90,7 +90,10 @@ const STATS_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 /// What the broker refused and did, since start. Every refused CONNECT, PUBLISH and SUBSCRIBE
 /// is counted here (and logged, rate-limited, with the client id).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+///
+/// With front processes, the children report theirs to the broker process every second and
+/// these are the sums over all of them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BrokerStats {
     /// PUBLISHes (and last-will topics) outside the client's topics; each closed the
     /// connection (or refused the CONNECT).
@@ -313,7 +316,7 @@ pub fn start(config: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
     let front = Arc::new(new_front(&config, verifier.clone(), secret, rumqttd_addrs));
     let front_thread = match public {
         Public::Reserved(reserved) => {
-            let children = split::spawn_fronts(&config, addr, &front.backends, &front.secret)?;
+            let children = split::spawn_fronts(&config, addr, &front)?;
             drop(reserved);
             split::supervise(children)?
         }
@@ -322,8 +325,8 @@ pub fn start(config: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         }
     };
     spawn_watcher(&config, verifier, &front)?;
-    // With front processes the front end's counters live in the children, which do not report
-    // them yet: the parent's /metrics then shows zeros for them (known gap, see README).
+    // With front processes the children's counters are added into `front.counters` as they
+    // report them (split.rs), so stats and /metrics cover every process.
     let metrics = config
         .metrics
         .listen

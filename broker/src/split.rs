@@ -12,10 +12,12 @@
 //! `listen` with SO_REUSEPORT, serves it exactly like the in-process front end (auth, ACLs,
 //! TLS, admission control, credential reloads) and prints `ready` on stdout. The parent then
 //! closes its own socket, so the kernel spreads new connections over the children only.
-//! A child exits when its stdin closes: when the broker process ends, however it ends, its
+//! Each child then writes its counters to stdout once a second when they changed (`stats
+//! {json}`); the broker process adds them into its own, so `BrokerHandle::stats` and
+//! `/metrics` cover every process. A child exits when its stdin closes: when the broker process ends, however it ends, its
 //! front processes go with it.
 
-use crate::{front, BrokerConfig, BrokerError};
+use crate::{front, BrokerConfig, BrokerError, BrokerStats};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
@@ -35,6 +37,12 @@ pub(crate) struct FrontSpec {
 
 /// Largest spec a front process reads (the config is a few KiB).
 const MAX_SPEC_BYTES: u64 = 1 << 20;
+/// Longest line read from a front process's stdout.
+const MAX_LINE_BYTES: u64 = 64 * 1024;
+/// A front process's counters, once a second: `stats {BrokerStats as JSON}`.
+const STATS_PREFIX: &str = "stats ";
+/// How often a front process reports its counters.
+const STATS_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a front process may take to start listening.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -48,9 +56,9 @@ pub(crate) struct FrontChild {
 pub(crate) fn spawn_fronts(
     config: &BrokerConfig,
     addr: SocketAddr,
-    backends: &[SocketAddr],
-    secret: &str,
+    front: &Arc<front::Front>,
 ) -> Result<Vec<FrontChild>, BrokerError> {
+    let (backends, secret) = (&front.backends, &front.secret);
     let program = match &config.front_program {
         Some(p) => p.clone(),
         None => std::env::current_exe()
@@ -98,17 +106,22 @@ pub(crate) fn spawn_fronts(
             .take()
             .ok_or_else(|| BrokerError::Start("front process without stdout".into()))?;
         let (tx, rx) = std::sync::mpsc::channel();
-        // `ready` on a line of its own; anything else it printed first is passed on.
+        let counters = Arc::clone(front);
+        // `ready` on a line of its own, then `stats {json}` lines; anything else is passed on.
         std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
+            let mut stdout = BufReader::new(stdout);
             let said = loop {
-                match lines.next() {
-                    Some(Ok(l)) if l.trim() == "ready" => break l,
-                    Some(Ok(l)) => eprintln!("{l}"),
-                    _ => break String::new(),
+                match read_bounded_line(&mut stdout) {
+                    Some(l) if l.trim() == "ready" => break l,
+                    Some(l) => eprintln!("{l}"),
+                    None => break String::new(),
                 }
             };
+            let ready = !said.is_empty();
             let _ = tx.send(said);
+            if ready {
+                follow_stats(i, &mut stdout, &counters.counters);
+            }
         });
         match rx.recv_timeout(READY_TIMEOUT) {
             Ok(l) if l.trim() == "ready" => {}
@@ -138,6 +151,41 @@ pub(crate) fn spawn_fronts(
         "front end running in child processes"
     );
     Ok(out)
+}
+
+/// One line of at most [`MAX_LINE_BYTES`] (longer lines are cut there); `None` at the end.
+fn read_bounded_line(r: &mut impl BufRead) -> Option<String> {
+    let mut buf = Vec::new();
+    match r.take(MAX_LINE_BYTES).read_until(b'\n', &mut buf) {
+        Ok(0) | Err(_) => None,
+        Ok(_) => Some(String::from_utf8_lossy(&buf).trim_end().to_owned()),
+    }
+}
+
+/// Adds each report of front process `i` into the broker's counters, as a change from its
+/// previous one; when the process ends, its connections are no longer open.
+fn follow_stats(i: usize, r: &mut impl BufRead, counters: &front::Counters) {
+    let mut last = BrokerStats::default();
+    while let Some(line) = read_bounded_line(r) {
+        let Some(json) = line.strip_prefix(STATS_PREFIX) else {
+            eprintln!("{line}");
+            continue;
+        };
+        match serde_json::from_str::<BrokerStats>(json) {
+            Ok(now) => {
+                counters.apply_change(&last, &now);
+                last = now;
+            }
+            Err(e) => {
+                tracing::warn!(process = i, error = %e, "unreadable stats from a front process")
+            }
+        }
+    }
+    let gone = BrokerStats {
+        connections_open: 0,
+        ..last
+    };
+    counters.apply_change(&last, &gone);
 }
 
 /// A thread that owns the front processes and ends (so [`crate::BrokerHandle::is_running`]
@@ -208,12 +256,21 @@ pub fn run_front_process() -> Result<(), BrokerError> {
         let _ = std::io::stdin().lock().read_to_end(&mut rest);
         let _ = tx.send(());
     });
+    let mut reported = BrokerStats::default();
     loop {
         if thread.is_finished() {
             return Err(BrokerError::Start("front process: serving failed".into()));
         }
-        if rx.recv_timeout(Duration::from_millis(500)).is_ok() {
+        if rx.recv_timeout(STATS_INTERVAL).is_ok() {
             return Ok(());
+        }
+        let now = state.counters.snapshot();
+        if now != reported {
+            let json = serde_json::to_string(&now)
+                .map_err(|e| BrokerError::Start(format!("cannot encode stats: {e}")))?;
+            writeln!(out, "{STATS_PREFIX}{json}")?;
+            out.flush()?;
+            reported = now;
         }
     }
 }

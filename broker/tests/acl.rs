@@ -72,6 +72,16 @@ async fn connected(el: &mut EventLoop) -> Result<(), ConnectionError> {
     .expect("connect outcome within timeout")
 }
 
+/// Waits (up to 10 s) for a counter to reach `want`, then asserts it: the client sees its
+/// connection close while the front end's task may not have counted the refusal yet.
+async fn settled(f: &Fleet, get: impl Fn(&coevo_broker::BrokerStats) -> u64, want: u64) {
+    let t0 = std::time::Instant::now();
+    while get(&f.handle.stats()) < want && t0.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(get(&f.handle.stats()), want);
+}
+
 /// A connected client whose events are collected by a background task: the publishes it
 /// received (topic, payload), and whether the broker closed it.
 struct Watched {
@@ -170,7 +180,7 @@ async fn camera_wildcards_are_refused_and_it_never_reads_another_cameras_delta()
             .unwrap();
         spy.expect_closed().await;
     }
-    assert_eq!(f.handle.stats().acl_refused_subscribe, 8);
+    settled(&f, |s| s.acl_refused_subscribe, 8).await;
 
     // Allowed filters: cam-1 stays connected, gets the round but not cam-2's delta.
     let mut cam1 = watched(&f, "cam-1").await;
@@ -204,7 +214,7 @@ async fn camera_wildcards_are_refused_and_it_never_reads_another_cameras_delta()
     cam1.expect(&format!("{F}/round/current")).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(cam1.drain().iter().all(|(t, _)| !t.contains("delta")));
-    assert_eq!(f.handle.stats().acl_refused_subscribe, 8);
+    settled(&f, |s| s.acl_refused_subscribe, 8).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -243,7 +253,7 @@ async fn camera_publishes_outside_its_topics_are_refused_retained_too() {
             .unwrap();
         cam.expect_closed().await;
     }
-    assert_eq!(f.handle.stats().acl_refused_publish, forbidden.len() as u64);
+    settled(&f, |s| s.acl_refused_publish, forbidden.len() as u64).await;
 
     // Its own delta and status do get through (positive control, and the end of the window).
     let cam = watched(&f, "cam-1").await;
