@@ -4,10 +4,11 @@
 //! for everything else (coordinator, edge, demo, bench, models, `--help`, `--version`).
 //!
 //! Why two binaries: a binary linked with libtorch has the dynamic loader map and relocate
-//! libtorch's ~0.5 GB of shared libraries before `main`, ~0.7 s and ~100 MB RSS on every start,
-//! even for `coevo keys --help` — and a broker with front processes starts one such process per
-//! front. This binary only uses crates without tch (coevo-cli, coevo-ops, coevo-broker), so
-//! libtorch is not in its `DT_NEEDED` (tests/lean_cli.rs checks).
+//! libtorch's shared libraries before `main`, ~0.3 s and ~115 MB RSS on every start (release
+//! build; BENCHMARKS.md "CLI start-up"), even for `coevo keys --help` — and a broker with front
+//! processes starts one such process per front. This binary only uses crates without tch
+//! (coevo-cli, coevo-ops, coevo-broker), so libtorch is not in its `DT_NEEDED`
+//! (tests/lean_cli.rs checks).
 
 use anyhow::{anyhow, Result};
 use clap::Parser;
