@@ -108,30 +108,8 @@ impl CoevolutionConfig {
     }
 }
 
-/// What the teacher loop did in a round, for the report.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct CoevolutionReport {
-    pub distillation: Option<GuardOutcome>,
-    pub fusion: Option<GuardOutcome>,
-    /// The fusion ensemble's members and their weights (issue #18): validation accuracy
-    /// (agreement with the server's held-out cameras) × label factor.
-    #[serde(default)]
-    pub fusion_members: Vec<FusionMember>,
-}
-
-/// One member of a round's fusion ensemble.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct FusionMember {
-    /// `merged` for the round's merged student, else the client whose student it is.
-    pub member: String,
-    /// Its accuracy on the server's held-out validation cameras.
-    pub validation_accuracy: f64,
-    /// `1 − estimated label noise` of the client (1 for the merged student, or without an
-    /// estimate).
-    pub label_factor: f64,
-    /// Its share of the ensemble (weights sum to 1; 0 = left out).
-    pub weight: f64,
-}
+/// The round report's parts ([`coevo_ops`], readable without libtorch).
+pub use coevo_ops::report::{CoevolutionReport, FusionMember};
 
 /// The teacher, a scratch student for distillation, and the server data.
 pub struct TeacherLoop {

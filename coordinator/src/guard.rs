@@ -72,68 +72,8 @@ impl GuardConfig {
     }
 }
 
-/// A model's score on the guard's data.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Score {
-    pub accuracy: f64,
-    /// Mean cross-entropy; `null` in JSON when it was not finite (a diverged model).
-    #[serde(with = "finite_or_null")]
-    pub loss: f64,
-}
-
-/// A delta whose norm is far outside the round's distribution.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Flagged {
-    pub client: String,
-    /// L2 norm of the client's delta.
-    pub norm: f64,
-    /// Robust z-score: 0.6745 · (norm − median) / MAD (MAD floored, see [`flag_outliers`]).
-    pub z: f64,
-}
-
-/// One leave-one-out re-aggregation: the merged model without `client`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct LeaveOneOut {
-    pub client: String,
-    /// `None` when the rule could not aggregate without this client (e.g. Multi-Krum's 2f+3).
-    pub score: Option<Score>,
-    /// Whether leaving this client out brings the model back within tolerance.
-    pub fixes: bool,
-}
-
-/// A client the guard holds responsible for a rolled-back round, and why.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Offender {
-    pub client: String,
-    /// `norm-outlier z=…` and/or `leave-one-out: accuracy a→b`.
-    pub evidence: Vec<String>,
-}
-
-/// What the guard did in a round (report field `guard`).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct GuardReport {
-    /// `server-validation` (the server's held-out set), `test` (the coordinator's evaluation
-    /// split, when it has no server data), or `none` (no data at all: nothing was checked).
-    pub data: String,
-    /// Samples the scores are computed on.
-    pub samples: usize,
-    /// The round's base model (what the fleet trained from).
-    pub before: Option<Score>,
-    /// The merged model.
-    pub after: Option<Score>,
-    /// `passed`, `rolled_back` or `unchecked`.
-    pub verdict: String,
-    /// Why the round was rolled back (before/after numbers against the tolerance).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    /// Named on a rollback: norm outliers and clients whose removal fixes the model.
-    #[serde(default)]
-    pub offenders: Vec<Offender>,
-    #[serde(default)]
-    pub leave_one_out: Vec<LeaveOneOut>,
-    /// Wall time of the guard's evaluations and re-aggregations, ms.
-    pub ms: u64,
-}
+/// The round report's parts ([`coevo_ops`], readable without libtorch).
+pub use coevo_ops::report::{Flagged, GuardReport, LeaveOneOut, Offender, Score};
 
 /// Scale factor that makes the MAD a consistent estimator of σ for normal data.
 const MAD_TO_SIGMA: f64 = 0.6745;
@@ -450,23 +390,6 @@ pub(crate) async fn check(
     }
     report.ms = t0.elapsed().as_millis() as u64;
     Ok(report)
-}
-
-/// Serialises a non-finite f64 as `null` (JSON has no NaN/∞) and reads `null` back as NaN.
-mod finite_or_null {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
-        if v.is_finite() {
-            s.serialize_f64(*v)
-        } else {
-            s.serialize_none()
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
-        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
-    }
 }
 
 #[cfg(test)]

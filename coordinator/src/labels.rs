@@ -13,26 +13,10 @@
 
 use crate::strategy::{StrategyError, UpdateSource};
 use coevo_protocol::LabelCounts;
-use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 
-/// The coordinator's judgement of one camera's labels in a round (report field `labels`).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct LabelQuality {
-    pub client: String,
-    /// What the camera estimated (its signed header).
-    pub estimated_noise: Option<f64>,
-    /// 95 % Wilson lower bound of the estimate over the frames it was judged on (the point
-    /// estimate when the camera did not say how many).
-    #[serde(default)]
-    pub noise_lower_bound: Option<f64>,
-    /// Multiplier of its FedAvg weight and of its fusion weight (0 when excluded).
-    pub weight: f64,
-    /// Left out of the merge and of fusion.
-    pub excluded: bool,
-    /// Stable code (`label-noise`, `down-weighted`) and the numbers.
-    pub reason: String,
-}
+/// The round report's part ([`coevo_ops`], readable without libtorch).
+pub use coevo_ops::report::LabelQuality;
 
 /// Judges each accepted client that sent label counts; clients without any are not listed.
 pub fn assess<'a>(

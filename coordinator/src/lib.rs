@@ -20,19 +20,16 @@
 //! - [`alerts`]: alerts over the report history (collapse, rollback, skip, …).
 //! - [`server`]: the round loop, the only part doing I/O.
 
-pub mod alerts;
 pub mod byom;
+// The records a report reader needs, in a crate without libtorch (the lean `coevo` binary).
+pub use coevo_ops::{alerts, export, html, registry, report};
 pub mod coevolve;
 pub mod collect;
 pub mod config;
-pub mod export;
 pub mod guard;
-pub mod html;
 pub mod ingest;
 pub mod labels;
 pub mod metrics;
-pub mod registry;
-pub mod report;
 pub mod server;
 pub mod status;
 pub mod store;
@@ -62,4 +59,13 @@ pub enum CoordinatorError {
     Key(#[from] coevo_protocol::CryptoError),
     #[error("metrics: {0}")]
     Metrics(#[from] coevo_telemetry::TelemetryError),
+}
+
+impl From<coevo_ops::OpsError> for CoordinatorError {
+    fn from(e: coevo_ops::OpsError) -> Self {
+        match e {
+            coevo_ops::OpsError::Config(m) => CoordinatorError::Config(m),
+            coevo_ops::OpsError::Io(m) => CoordinatorError::Io(m),
+        }
+    }
 }

@@ -232,7 +232,7 @@ impl Coordinator {
             writer.finish().await;
         }
         result?;
-        crate::report::load_reports(&out)
+        Ok(crate::report::load_reports(&out)?)
     }
 
     async fn run_rounds(&mut self) -> Result<(), CoordinatorError> {

@@ -14,41 +14,10 @@
 use crate::CoordinatorError;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-/// Writes `data` to `path` via a temp file, fsync and rename: readers see the old or the new
-/// file, never a torn one.
-pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), CoordinatorError> {
-    write_synced(path, data)?;
-    if let Some(dir) = path.parent() {
-        // Make the rename itself durable.
-        let _ = sync_dir(dir);
-    }
-    Ok(())
-}
-
-/// [`write_atomic`] without syncing the directory: the file's bytes are durable, its name is
-/// not until [`sync_dir`] runs on its directory. Lets a batch of files share one directory
-/// sync (group commit).
-pub fn write_synced(path: &Path, data: &[u8]) -> Result<(), CoordinatorError> {
-    let io = |e: std::io::Error| CoordinatorError::Io(format!("{}: {e}", path.display()));
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io)?;
-    }
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(data).map_err(io)?;
-        f.sync_all().map_err(io)?;
-    }
-    std::fs::rename(&tmp, path).map_err(io)
-}
-
-/// fsyncs a directory, making the renames and creations in it durable.
-pub fn sync_dir(dir: &Path) -> Result<(), CoordinatorError> {
-    let io = |e: std::io::Error| CoordinatorError::Io(format!("{}: {e}", dir.display()));
-    std::fs::File::open(dir).map_err(io)?.sync_all().map_err(io)
-}
+/// The durable writes ([`coevo_ops::fs`]: the fleet registry and the HTML report use them too).
+pub use coevo_ops::fs::{sync_dir, write_atomic, write_synced};
 
 /// What survives a restart between rounds.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -214,7 +183,7 @@ impl Store {
     pub fn save_state(&self, state: &State) -> Result<(), CoordinatorError> {
         let json = serde_json::to_vec_pretty(state)
             .map_err(|e| CoordinatorError::Io(format!("state.json: {e}")))?;
-        write_atomic(&self.state_path(), &json)
+        Ok(write_atomic(&self.state_path(), &json)?)
     }
 
     /// The file (relative to the round's directory) [`Store::save_delta`] writes for `client`.
@@ -231,7 +200,7 @@ impl Store {
         payload: &[u8],
     ) -> Result<(), CoordinatorError> {
         self.write_delta(round, client, header, payload)?;
-        sync_dir(&self.delta_dir(round))
+        Ok(sync_dir(&self.delta_dir(round))?)
     }
 
     /// [`Store::save_delta`] without the directory sync, which a group commit does once for
@@ -254,10 +223,10 @@ impl Store {
                 data: payload.to_vec(),
             },
         );
-        write_synced(
+        Ok(write_synced(
             &self.delta_dir(round).join(format!("{client}.bin")),
             &record,
-        )
+        )?)
     }
 
     /// Reads back the accepted deltas of a round (after a restart).

@@ -690,69 +690,9 @@ fn cycle(order: &[i64], step: usize, b: usize) -> Vec<i64> {
     }
 }
 
-/// Outcome of a guarded update, for the round report.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "outcome", rename_all = "snake_case")]
-pub enum GuardOutcome {
-    /// The new weights were kept.
-    Accepted {
-        /// Validation accuracy before the update.
-        before: f64,
-        /// Validation accuracy after it.
-        after: f64,
-        /// The yardstick: the best validation accuracy the model has had so far (= `before`
-        /// for a guard without memory).
-        #[serde(default)]
-        best: f64,
-        /// Why it was kept (the comparison made).
-        #[serde(default)]
-        reason: String,
-    },
-    /// The previous weights were restored.
-    RolledBack {
-        /// Validation accuracy before the update.
-        before: f64,
-        /// Validation accuracy of the rejected weights (NaN if the update itself failed).
-        after: f64,
-        /// The yardstick (see [`GuardOutcome::Accepted`]).
-        #[serde(default)]
-        best: f64,
-        /// Why: the drop and the allowed ε, or the update's error.
-        reason: String,
-    },
-}
-
-impl GuardOutcome {
-    /// True for [`GuardOutcome::Accepted`].
-    pub fn accepted(&self) -> bool {
-        matches!(self, GuardOutcome::Accepted { .. })
-    }
-
-    /// `after − before` (NaN when the update failed).
-    pub fn delta(&self) -> f64 {
-        match self {
-            GuardOutcome::Accepted { before, after, .. }
-            | GuardOutcome::RolledBack { before, after, .. } => after - before,
-        }
-    }
-
-    /// Validation accuracy of the model in place after the decision.
-    pub fn kept(&self) -> f64 {
-        match self {
-            GuardOutcome::Accepted { after, .. } => *after,
-            GuardOutcome::RolledBack { before, .. } => *before,
-        }
-    }
-
-    /// Why the step was kept or rolled back.
-    pub fn reason(&self) -> &str {
-        match self {
-            GuardOutcome::Accepted { reason, .. } | GuardOutcome::RolledBack { reason, .. } => {
-                reason
-            }
-        }
-    }
-}
+/// Outcome of a guarded update (defined with the round report in [`coevo_ops`], which
+/// reads reports without libtorch).
+pub use coevo_ops::report::GuardOutcome;
 
 /// The guard's decision: accept unless validation accuracy fell by more than `epsilon`
 /// (`epsilon = 0` means "must not drop at all"; a non-finite `after` is always rejected).

@@ -427,6 +427,15 @@ impl Drop for RssMonitor {
     }
 }
 
+/// The lean `coevo` binary beside this one (`coevo-ml`), so the broker and its front processes
+/// run without libtorch, as an installed broker does, and the broker RSS measured is the real
+/// one; this executable (same `broker` command, but with libtorch mapped) when it is absent.
+fn lean_exe() -> Result<std::path::PathBuf> {
+    let exe = std::env::current_exe().context("locating the coevo binary")?;
+    let lean = exe.with_file_name("coevo");
+    Ok(if lean.is_file() { lean } else { exe })
+}
+
 /// Starts the broker for `fleet` on `addr` as its own process.
 fn start_broker(
     kind: BrokerKind,
@@ -436,7 +445,7 @@ fn start_broker(
     clients: usize,
     front_processes: usize,
 ) -> Result<Proc> {
-    let exe = std::env::current_exe().context("locating the coevo binary")?;
+    let exe = lean_exe()?;
     let proc = match kind {
         BrokerKind::Embedded => {
             let cfg = format!(

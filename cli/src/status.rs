@@ -1,9 +1,9 @@
 //! `coevo status OUT`: the live state of a running coordinator for an operator's terminal,
 //! read from the `OUT/status.json` the coordinator rewrites every second
-//! ([`coevo_coordinator::status`]). A file rather than the broker: it reads the same behind
+//! ([`coevo_ops::status`]). A file rather than the broker: it reads the same behind
 //! the embedded broker and Mosquitto, needs no credentials, and says "dead" by going stale.
 
-use coevo_coordinator::status::{read_status, status_path, LiveStatus};
+use coevo_ops::status::{read_status, status_path, LiveStatus};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use std::io::IsTerminal;

@@ -206,7 +206,7 @@ mod tests {
             client: "cam-b, \"quoted\"".into(),
             reason: "untrusted".into(),
         }];
-        r.flagged = vec![crate::guard::Flagged {
+        r.flagged = vec![crate::report::Flagged {
             client: "cam-c".into(),
             norm: 9.0,
             z: 6.25,

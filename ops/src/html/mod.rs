@@ -18,7 +18,7 @@ pub mod svg;
 use crate::alerts::{Alert, AlertConfig, AlertState};
 use crate::export::{client_rows, ClientRow, Status};
 use crate::report::RoundReport;
-use crate::CoordinatorError;
+use crate::OpsError;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
@@ -68,10 +68,10 @@ pub struct Run {
 
 impl Run {
     /// Loads the reports of `dir` (a coordinator `out/`, its `reports/`, or a bench directory).
-    pub fn load(dir: &Path) -> Result<Run, CoordinatorError> {
+    pub fn load(dir: &Path) -> Result<Run, OpsError> {
         let has = |mode: &str| dir.join(mode).join("reports").is_dir();
         if has("coevolve") || has("fedavg") {
-            let load = |mode: &str| -> Result<Vec<RoundReport>, CoordinatorError> {
+            let load = |mode: &str| -> Result<Vec<RoundReport>, OpsError> {
                 if has(mode) {
                     crate::report::load_reports(&dir.join(mode))
                 } else {
@@ -308,8 +308,8 @@ impl History {
 
 /// Writes `html` to `path` atomically (temp file, fsync, rename): a browser refreshing the
 /// report never sees half a file.
-pub fn write(path: &Path, html: &str) -> Result<(), CoordinatorError> {
-    crate::store::write_atomic(path, html.as_bytes())
+pub fn write(path: &Path, html: &str) -> Result<(), OpsError> {
+    crate::write_atomic(path, html.as_bytes())
 }
 
 fn acc(v: Option<f64>) -> String {
@@ -894,7 +894,7 @@ fn rounds_section(s: &mut String, h: &History) {
         let (verdict, why) = match &r.guard {
             None => (String::new(), String::new()),
             Some(g) => {
-                let score = |x: &Option<crate::guard::Score>| {
+                let score = |x: &Option<crate::report::Score>| {
                     x.as_ref()
                         .map_or_else(|| "–".to_string(), |x| format!("{:.4}", x.accuracy))
                 };
@@ -949,8 +949,8 @@ fn rounds_section(s: &mut String, h: &History) {
     s.push_str(r#"<p class="note">rejected = clients with refused messages (signature, round, digest, …); excluded = accepted deltas the aggregation rule left out; clipped = scaled down; flagged = norm outliers; late = for a closed round, not blamed.</p></section>"#);
 }
 
-fn guard_cells(g: &Option<coevo_models::distill::GuardOutcome>, fallback: &str) -> String {
-    use coevo_models::distill::GuardOutcome;
+fn guard_cells(g: &Option<crate::report::GuardOutcome>, fallback: &str) -> String {
+    use crate::report::GuardOutcome;
     match g {
         None => format!(
             r#"<td></td><td class="num"></td><td class="num"></td><td class="why">{}</td>"#,

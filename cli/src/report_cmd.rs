@@ -3,8 +3,8 @@
 //! (`--html FILE`) or as one CSV row per client per round (`--csv FILE`).
 
 use anyhow::{bail, Context, Result};
-use coevo_coordinator::alerts::AlertConfig;
-use coevo_coordinator::html::{History, Run};
+use coevo_ops::alerts::AlertConfig;
+use coevo_ops::html::{History, Run};
 use std::path::PathBuf;
 
 /// `coevo report` flags.
@@ -45,20 +45,19 @@ pub fn run(args: &ReportArgs) -> Result<()> {
     let to_stdout = args.csv.as_deref() == Some(std::path::Path::new("-"));
     if let Some(path) = &args.csv {
         if to_stdout {
-            coevo_coordinator::export::write_csv(&run.reports, std::io::stdout().lock())?;
+            coevo_ops::export::write_csv(&run.reports, std::io::stdout().lock())?;
         } else {
             let f = std::fs::File::create(path)
                 .with_context(|| format!("creating {}", path.display()))?;
-            let rows =
-                coevo_coordinator::export::write_csv(&run.reports, std::io::BufWriter::new(f))
-                    .with_context(|| format!("writing {}", path.display()))?;
+            let rows = coevo_ops::export::write_csv(&run.reports, std::io::BufWriter::new(f))
+                .with_context(|| format!("writing {}", path.display()))?;
             eprintln!("{rows} rows in {}", path.display());
         }
     }
     let history = History::from_run(&run, cfg);
     if let Some(path) = &args.html {
-        let html = coevo_coordinator::html::render(&history);
-        coevo_coordinator::html::write(path, &html)?;
+        let html = coevo_ops::html::render(&history);
+        coevo_ops::html::write(path, &html)?;
         eprintln!(
             "{} rounds, {} alerts: {} ({})",
             history.rounds(),

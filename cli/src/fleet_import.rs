@@ -14,7 +14,7 @@
 
 use anyhow::{bail, Context, Result};
 use coevo_broker::Credentials;
-use coevo_coordinator::FleetRegistry;
+use coevo_ops::FleetRegistry;
 use coevo_protocol::PublicKey;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -3,7 +3,7 @@
 //! A TOML file owned by the operator (`coevo fleet add|remove|list`). The coordinator re-reads
 //! it at the start of every round, so removing a client takes effect at the next round.
 
-use crate::CoordinatorError;
+use crate::OpsError;
 use coevo_protocol::{topic::validate_id, PublicKey};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -22,31 +22,30 @@ pub struct FleetRegistry {
 }
 
 impl FleetRegistry {
-    pub fn load(path: &Path) -> Result<Self, CoordinatorError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            CoordinatorError::Config(format!("fleet registry {}: {e}", path.display()))
-        })?;
-        let reg: FleetRegistry = toml::from_str(&text).map_err(|e| {
-            CoordinatorError::Config(format!("fleet registry {}: {e}", path.display()))
-        })?;
+    pub fn load(path: &Path) -> Result<Self, OpsError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| OpsError::Config(format!("fleet registry {}: {e}", path.display())))?;
+        let reg: FleetRegistry = toml::from_str(&text)
+            .map_err(|e| OpsError::Config(format!("fleet registry {}: {e}", path.display())))?;
         for (id, entry) in &reg.clients {
-            validate_id(id).map_err(|e| CoordinatorError::Config(e.to_string()))?;
-            entry.public_key.parse::<PublicKey>().map_err(|e| {
-                CoordinatorError::Config(format!("fleet registry: client {id}: {e}"))
-            })?;
+            validate_id(id).map_err(|e| OpsError::Config(e.to_string()))?;
+            entry
+                .public_key
+                .parse::<PublicKey>()
+                .map_err(|e| OpsError::Config(format!("fleet registry: client {id}: {e}")))?;
         }
         Ok(reg)
     }
 
     /// Writes atomically (temp file + rename) so a crash never leaves half a registry.
-    pub fn save(&self, path: &Path) -> Result<(), CoordinatorError> {
+    pub fn save(&self, path: &Path) -> Result<(), OpsError> {
         let text = toml::to_string_pretty(self)
-            .map_err(|e| CoordinatorError::Config(format!("fleet registry: {e}")))?;
-        crate::store::write_atomic(path, text.as_bytes())
+            .map_err(|e| OpsError::Config(format!("fleet registry: {e}")))?;
+        crate::write_atomic(path, text.as_bytes())
     }
 
-    pub fn add(&mut self, id: &str, key: &PublicKey) -> Result<(), CoordinatorError> {
-        validate_id(id).map_err(|e| CoordinatorError::Config(e.to_string()))?;
+    pub fn add(&mut self, id: &str, key: &PublicKey) -> Result<(), OpsError> {
+        validate_id(id).map_err(|e| OpsError::Config(e.to_string()))?;
         self.clients.insert(
             id.to_string(),
             ClientEntry {

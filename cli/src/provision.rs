@@ -14,7 +14,7 @@
 
 use anyhow::{Context, Result};
 use coevo_broker::Credentials;
-use coevo_coordinator::FleetRegistry;
+use coevo_ops::FleetRegistry;
 use coevo_protocol::{PublicKey, SigningKey};
 use std::path::{Path, PathBuf};
 

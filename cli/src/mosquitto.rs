@@ -13,7 +13,7 @@
 
 use anyhow::{bail, Context, Result};
 use coevo_broker::Credentials;
-use coevo_coordinator::FleetRegistry;
+use coevo_ops::FleetRegistry;
 use std::fmt::Write as _;
 use std::path::Path;
 

@@ -57,8 +57,8 @@ impl Default for AlertConfig {
 
 impl AlertConfig {
     /// Refuses thresholds that would make every round (or none) an alert by accident.
-    pub fn validate(&self) -> Result<(), crate::CoordinatorError> {
-        let bad = |m: &str| Err(crate::CoordinatorError::Config(format!("alerts.{m}")));
+    pub fn validate(&self) -> Result<(), crate::OpsError> {
+        let bad = |m: &str| Err(crate::OpsError::Config(format!("alerts.{m}")));
         if self.rejected_rounds == 0 {
             return bad("rejected_rounds must be at least 1");
         }

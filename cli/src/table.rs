@@ -1,6 +1,6 @@
 //! `coevo report DIR`: round reports as a table.
 
-use coevo_coordinator::RoundReport;
+use coevo_ops::RoundReport;
 use std::fmt::Write;
 
 /// An accuracy for tables and progress lines: 4 decimals, `-` when there is none.
@@ -64,7 +64,7 @@ pub fn render(reports: &[RoundReport]) -> String {
 }
 
 /// The alerts of a history, one line each (nothing when there are none).
-pub fn render_alerts(alerts: &[coevo_coordinator::alerts::Alert]) -> String {
+pub fn render_alerts(alerts: &[coevo_ops::alerts::Alert]) -> String {
     let mut s = String::new();
     if !alerts.is_empty() {
         let _ = writeln!(s, "\nalerts ({}):", alerts.len());
