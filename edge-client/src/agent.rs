@@ -1053,8 +1053,7 @@ impl Agent {
             .attack
             .as_ref()
             .is_none_or(Attack::expects_receipt);
-        let mut wait = self.opts.retry_wait;
-        let max_wait = self.opts.max_retry_wait;
+        let mut attempt = 0u32;
         let grace = self.opts.deadline_grace.as_millis() as u64;
         let mut give_up = instant_of(m.deadline_unix_ms.saturating_add(grace));
         let mut first = true;
@@ -1070,6 +1069,14 @@ impl Agent {
                 }
             }
             first = false;
+            let wait = resend_wait(
+                &self.opts.client_id,
+                sent.round,
+                attempt,
+                self.opts.retry_wait,
+                self.opts.max_retry_wait,
+            );
+            attempt = attempt.saturating_add(1);
             let until = tokio::time::Instant::now() + wait;
             loop {
                 let ev = tokio::select! {
@@ -1102,9 +1109,30 @@ impl Agent {
                 }
             }
             tracing::debug!(client = %self.opts.client_id, round = m.round, "no receipt yet; re-sending");
-            wait = (wait * 2).min(max_wait);
         }
     }
+}
+
+/// How long to wait for a receipt after send number `attempt` (0 = the first) of `client`'s
+/// delta in `round`: `first` doubled per attempt up to `max`, times a factor in [0.75, 1.25)
+/// drawn from a digest of (client, round, attempt). Why: a fleet's cameras upload within
+/// seconds of each other; with one fixed wait, everyone whose receipt is late re-sends at the
+/// same instant, and 10,000 re-sends at once are what made the receipts late. Doubling backs
+/// off from a busy coordinator, the spread keeps the re-sends from arriving together, and
+/// deriving it from the id (not a clock) keeps a test reproducible.
+pub fn resend_wait(
+    client: &str,
+    round: u64,
+    attempt: u32,
+    first: Duration,
+    max: Duration,
+) -> Duration {
+    let base = first
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(max.max(first));
+    let d = digest(format!("{client}\0{round}\0{attempt}").as_bytes());
+    let x = f64::from(u16::from_le_bytes([d.0[0], d.0[1]])) / 65_536.0;
+    base.mul_f64(0.75 + 0.5 * x)
 }
 
 /// The MQTT messages of one signed delta upload: a [`DeltaHeader`] (fleet, round, client, base
@@ -1163,5 +1191,39 @@ pub fn signed_upload(
         round: m.round,
         payload_digest,
         messages,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resend_wait;
+    use std::time::Duration;
+
+    #[test]
+    fn resend_waits_double_to_the_cap_and_spread_a_fleet() {
+        let (first, max) = (Duration::from_secs(10), Duration::from_secs(60));
+        for attempt in 0..8u32 {
+            let base = (first * 2u32.pow(attempt.min(10))).min(max);
+            let waits: Vec<Duration> = (0..1000)
+                .map(|i| resend_wait(&format!("cam-{i}"), 3, attempt, first, max))
+                .collect();
+            assert!(
+                waits
+                    .iter()
+                    .all(|w| *w >= base.mul_f64(0.75) && *w < base.mul_f64(1.25)),
+                "attempt {attempt}: within ±25 % of {base:?}"
+            );
+            // Spread over the window, not bunched: both quarters of it are used.
+            let low = waits.iter().filter(|w| **w < base).count();
+            assert!(
+                (300..700).contains(&low),
+                "attempt {attempt}: {low} of 1000 below the base"
+            );
+        }
+        // Reproducible per client, round and attempt.
+        assert_eq!(
+            resend_wait("cam-1", 3, 1, first, max),
+            resend_wait("cam-1", 3, 1, first, max)
+        );
     }
 }

@@ -45,8 +45,11 @@ use std::time::{Duration, Instant};
 const FLEET: &str = "bench";
 /// Largest manifest or receipt a client decodes (the edge's bound).
 const MAX_CONTROL_BYTES: usize = 64 * 1024;
-/// Wait for a receipt before re-sending, as `coevo-edge` does by default (`retry_wait`).
+/// First wait for a receipt before re-sending and its cap, as `coevo-edge`'s defaults
+/// (`retry_wait`, `max_retry_wait`); the waits in between are the edge's own
+/// ([`coevo_edge::agent::resend_wait`]: doubling, spread per client).
 const RESEND_AFTER: Duration = Duration::from_secs(10);
+const RESEND_MAX: Duration = Duration::from_secs(60);
 /// Wait for the model's chunks before subscribing again to the missing ones (the edge's
 /// fetch window timeout).
 const FETCH_RETRY: Duration = Duration::from_secs(10);
@@ -805,13 +808,22 @@ async fn rounds(ctx: &FleetCtx, i: usize, c: &mut Client) -> Result<()> {
         );
         let give_up = deadline_instant(m.deadline_unix_ms) + ctx.grace;
         let mut outcome = None;
+        let mut attempt = 0u32;
         'send: loop {
             for (topic, bytes) in &upload.messages {
                 c.session
                     .publish(topic.clone(), bytes.clone(), false)
                     .await?;
             }
-            let until = (tokio::time::Instant::now() + RESEND_AFTER).min(give_up);
+            let wait = coevo_edge::agent::resend_wait(
+                &c.id,
+                upload.round,
+                attempt,
+                RESEND_AFTER,
+                RESEND_MAX,
+            );
+            attempt = attempt.saturating_add(1);
+            let until = (tokio::time::Instant::now() + wait).min(give_up);
             loop {
                 let ev = tokio::select! {
                     ev = c.next(ctx) => ev?,
