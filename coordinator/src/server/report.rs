@@ -172,7 +172,11 @@ impl Coordinator {
             completed_round: round,
         })?;
         session
-            .publish(Topic::Report { round }.path(&cfg.fleet), json, true)
+            .publish(
+                Topic::Report { round }.path(&cfg.fleet),
+                published_report(&report, json)?,
+                true,
+            )
             .await?;
         self.refresh_html(store, &report).await;
         tracing::info!(
@@ -183,5 +187,117 @@ impl Coordinator {
             "round {outcome}"
         );
         Ok(report)
+    }
+}
+
+/// Largest round report published on MQTT. Brokers cap packets (the embedded one at
+/// `max_payload_bytes`, 1 MiB + 64 KiB by default; Mosquitto at `message_size_limit`) and close
+/// a connection that sends more, which would cut the coordinator off at every round's end; a
+/// 10,000-client report is ~2.5 MB. The file under `reports/` always has everything.
+const MAX_PUBLISHED_REPORT: usize = 512 * 1024;
+
+/// What goes on `report/{round}`: the report as written to disk when it fits
+/// [`MAX_PUBLISHED_REPORT`]; else the same report, compact and without its per-client lists
+/// (`clients`, `rejected`, `excluded`, `clipped`, `flagged`, `lost`, `labels`): the counts and
+/// the models' figures a dashboard subscribes for.
+fn published_report(report: &RoundReport, full: Vec<u8>) -> Result<Vec<u8>, CoordinatorError> {
+    if full.len() <= MAX_PUBLISHED_REPORT {
+        return Ok(full);
+    }
+    let mut slim = report.clone();
+    slim.clients.clear();
+    slim.rejected.clear();
+    slim.excluded.clear();
+    slim.clipped.clear();
+    slim.flagged.clear();
+    slim.lost.clear();
+    slim.labels.clear();
+    let json =
+        serde_json::to_vec(&slim).map_err(|e| CoordinatorError::Io(format!("report: {e}")))?;
+    tracing::info!(
+        round = report.round,
+        full_bytes = full.len(),
+        published_bytes = json.len(),
+        "round report published on MQTT without its per-client lists (the file has them)"
+    );
+    Ok(json)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A completed round of `n` accepted clients with their per-client rows.
+    fn report(n: usize) -> RoundReport {
+        let model = ModelReport {
+            test_accuracy: Some(0.8),
+            test_loss: None,
+            per_class_accuracy: vec![0.8; 10],
+            params: None,
+        };
+        RoundReport {
+            round: 1,
+            fleet: "city".into(),
+            mode: "fedavg".into(),
+            strategy: "fedavg".into(),
+            outcome: "completed".into(),
+            accepted: n,
+            quorum: 1,
+            registered: n,
+            rejected: vec![],
+            extensions: 0,
+            model_digest: String::new(),
+            uplink_codec: "int8".into(),
+            downlink_codec: "f32".into(),
+            bytes_down: 0,
+            bytes_up: 0,
+            duration_ms: 0,
+            phase_ms: PhaseTimings::default(),
+            excluded: vec![],
+            clipped: vec![],
+            student: model,
+            teacher: ModelReport::absent(),
+            coevolution: None,
+            clients: (0..n)
+                .map(|i| ClientReport {
+                    client: format!("cam-{i:05}"),
+                    samples: 100,
+                    local_loss: 0.5,
+                    local_accuracy: 0.7,
+                    train_ms: 1000,
+                    bytes_up: 120_000,
+                    bytes_down: 460_000,
+                    delta_norm: 1.0,
+                    trust_weight: None,
+                    labels: None,
+                })
+                .collect(),
+            guard: None,
+            flagged: vec![],
+            late: vec![],
+            labels: vec![],
+            resent: 0,
+            lost: vec![],
+            reassembly: Default::default(),
+            collect: Default::default(),
+            alerts: vec![],
+        }
+    }
+
+    #[test]
+    fn a_city_sized_report_is_published_without_its_client_rows() {
+        let small = report(10);
+        let json = serde_json::to_vec_pretty(&small).unwrap();
+        assert_eq!(published_report(&small, json.clone()).unwrap(), json);
+
+        let big = report(10_000);
+        let json = serde_json::to_vec_pretty(&big).unwrap();
+        assert!(json.len() > MAX_PUBLISHED_REPORT, "{} bytes", json.len());
+        let out = published_report(&big, json).unwrap();
+        assert!(out.len() <= MAX_PUBLISHED_REPORT, "{} bytes", out.len());
+        let back: RoundReport = serde_json::from_slice(&out).unwrap();
+        assert!(back.clients.is_empty());
+        assert_eq!(back.accepted, 10_000);
+        assert_eq!(back.student, big.student);
     }
 }
