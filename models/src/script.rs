@@ -43,6 +43,20 @@ use coevo_protocol::{digest, Digest};
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor, TrainableCModule};
 
+/// Runs TorchScript graphs in libtorch's plain interpreter: no profiling runs and no graph
+/// optimisation (process-wide, set once). Why: every round a camera loads a fresh copy of the
+/// module and trains it for a few hundred small steps; the profiling executor would profile and
+/// re-optimise each copy, and on CPU its fusions gain nothing for small CNNs. Measured with
+/// `coevo bench byom` on FEMNIST (BENCHMARKS.md): the TorchScript student's rounds took 1.29×
+/// the built-in student's with the default executor.
+fn plain_interpreter() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = tch::jit::f_set_graph_executor_optimize(false);
+        let _ = tch::jit::f_set_profiling_mode(false);
+    });
+}
+
 use crate::{DataShape, ModelError};
 
 /// Largest TorchScript file we load (a student for a camera is a few MB; this guards memory
@@ -120,6 +134,7 @@ impl ScriptModule {
 
     /// Loads a fresh copy of the module and registers its parameters under `p`.
     pub fn load(&self, p: &nn::Path) -> Result<ScriptNet, ModelError> {
+        plain_interpreter();
         let mut module = TrainableCModule::load_data(&mut Cursor::new(&*self.bytes), p.clone())
             .map_err(|e| ModelError::Script(format!("loading module {}: {e}", self.digest)))?;
         module.f_set_eval()?;

@@ -41,6 +41,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// The embedded broker's commit-log segment (its default, 16 MiB); the bench sizes the count.
+const SEGMENT_BYTES: usize = 16 << 20;
 /// Fleet id of the bench's fleets.
 const FLEET: &str = "bench";
 /// Largest manifest or receipt a client decodes (the edge's bound).
@@ -447,12 +449,20 @@ fn start_broker(
     addr: SocketAddr,
     clients: usize,
     front_processes: usize,
+    round_uplink: usize,
 ) -> Result<Proc> {
     let exe = lean_exe()?;
     let proc = match kind {
         BrokerKind::Embedded => {
+            // As the sample config tells an operator: the deltas filter's in-memory log holds
+            // a whole round's uplink, so a coordinator that is seconds behind a fleet uploading
+            // at once loses nothing (rumqttd drops the oldest past it, even at QoS 1).
+            let segments = round_uplink
+                .div_ceil(SEGMENT_BYTES)
+                .saturating_add(2)
+                .max(10);
             let cfg = format!(
-                "listen = \"{addr}\"\ncredentials = \"{}\"\n# the fleet, the coordinator and room for reconnects\nmax_connections = {}\nfront_processes = {front_processes}\n",
+                "listen = \"{addr}\"\ncredentials = \"{}\"\n# the fleet, the coordinator and room for reconnects\nmax_connections = {}\nfront_processes = {front_processes}\nmax_segment_size = {SEGMENT_BYTES}\nmax_segment_count = {segments}\n",
                 fleet.credentials_path.display(),
                 clients + 64
             );
@@ -893,7 +903,17 @@ async fn run_one(a: &FleetArgs, n: usize, dir: &Path) -> Result<RunSummary> {
     })?;
     let provision_s = t_prov.elapsed().as_secs_f64();
     let addr = coevo_broker::free_local_addr()?;
-    let broker = start_broker(a.broker, &fleet, dir, addr, n, a.front_processes)?;
+    let payloads = delta_pool(&layout, a.uplink)?;
+    let round_uplink = payloads.iter().map(Vec::len).max().unwrap_or(0) * n;
+    let broker = start_broker(
+        a.broker,
+        &fleet,
+        dir,
+        addr,
+        n,
+        a.front_processes,
+        round_uplink,
+    )?;
 
     // The fleet connects first (the storm), then the coordinator opens the round.
     let t0 = Instant::now();
@@ -902,7 +922,7 @@ async fn run_one(a: &FleetArgs, n: usize, dir: &Path) -> Result<RunSummary> {
         coordinator_id: fleet.coordinator_id.clone(),
         coordinator_key: fleet.coordinator_key.public_key(),
         rounds: a.rounds,
-        payloads: delta_pool(&layout, a.uplink)?,
+        payloads,
         layout,
         grace: Duration::from_secs(30),
         t0,
