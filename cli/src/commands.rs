@@ -384,6 +384,27 @@ fn load_credentials(path: &std::path::Path) -> Result<coevo_broker::Credentials>
     }
 }
 
+/// Sets `id`'s broker secret: a generated one (high-entropy) under the fast device-secret
+/// hash, one a human chose under argon2id. Returns the generated secret, for the caller to
+/// print once.
+fn set_secret(
+    creds: &mut coevo_broker::Credentials,
+    id: &str,
+    password: Option<String>,
+) -> Result<Option<String>> {
+    match password {
+        None => {
+            let pw = coevo_broker::generate_password();
+            creds.set_device_secret(id, &pw)?;
+            Ok(Some(pw))
+        }
+        Some(pw) => {
+            creds.set_password(id, &pw)?;
+            Ok(None)
+        }
+    }
+}
+
 /// `coevo fleet …`.
 pub fn fleet(cmd: FleetCmd) -> Result<()> {
     let load_registry = |p: &std::path::Path| -> Result<FleetRegistry> {
@@ -421,14 +442,7 @@ pub fn fleet(cmd: FleetCmd) -> Result<()> {
             let mut reg = load_registry(&registry)?;
             reg.add(&id, &pk)?;
             let mut creds = load_credentials(&credentials)?;
-            let generated = password.is_none();
-            let pw = password.unwrap_or_else(coevo_broker::generate_password);
-            // Generated: the fast device-secret hash; chosen by a human: argon2id.
-            if generated {
-                creds.set_device_secret(&id, &pw)?;
-            } else {
-                creds.set_password(&id, &pw)?;
-            }
+            let generated = set_secret(&mut creds, &id, password)?;
             reg.save(&registry)?;
             creds.save(&credentials)?;
             if let Some(dir) = &bulk.mosquitto {
@@ -442,7 +456,7 @@ pub fn fleet(cmd: FleetCmd) -> Result<()> {
                 registry.display(),
                 credentials.display()
             );
-            if generated {
+            if let Some(pw) = generated {
                 println!("{pw}");
             }
         }
@@ -525,14 +539,7 @@ pub fn fleet(cmd: FleetCmd) -> Result<()> {
             password,
         } => {
             let mut creds = load_credentials(&credentials)?;
-            let generated = password.is_none();
-            let pw = password.unwrap_or_else(coevo_broker::generate_password);
-            // Generated: the fast device-secret hash; chosen by a human: argon2id.
-            if generated {
-                creds.set_device_secret(&id, &pw)?;
-            } else {
-                creds.set_password(&id, &pw)?;
-            }
+            let generated = set_secret(&mut creds, &id, password)?;
             creds.save(&credentials)?;
             eprintln!(
                 "set the password of {id} in {}. A running embedded broker using it closes {id}'s \
@@ -540,7 +547,7 @@ pub fn fleet(cmd: FleetCmd) -> Result<()> {
                  Mosquitto: re-run `coevo fleet export-mosquitto` and `kill -HUP` the broker.",
                 credentials.display()
             );
-            if generated {
+            if let Some(pw) = generated {
                 println!("{pw}");
             }
         }
