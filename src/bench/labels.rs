@@ -293,6 +293,56 @@ pub fn curve(reports: &[RoundReport]) -> Vec<RoundPoint> {
         .collect()
 }
 
+/// Finished runs an earlier invocation wrote into the same directory for the same data, split,
+/// seed, rounds and settings (still backed by their `run.json`): a grid narrowed with `--methods`,
+/// `--fractions` or `--noises` and run in parts adds up in one summary, and the goals see every
+/// cell. Without a matching summary nothing is carried over; an unreadable run is skipped.
+fn earlier_runs(path: &std::path::Path, now: &Summary) -> Vec<Run> {
+    let Ok(bytes) = std::fs::read(path) else {
+        return Vec::new();
+    };
+    let Ok(old) = serde_json::from_slice::<Summary>(&bytes) else {
+        return Vec::new();
+    };
+    // Same data, split, seed, rounds and settings; only the command line may differ.
+    let settings = |v: &serde_json::Value| {
+        let mut v = v.clone();
+        if let Some(o) = v.as_object_mut() {
+            o.remove("command");
+        }
+        v
+    };
+    if (
+        &old.dataset,
+        &old.split,
+        old.seed,
+        old.rounds,
+        settings(&old.settings),
+    ) != (
+        &now.dataset,
+        &now.split,
+        now.seed,
+        now.rounds,
+        settings(&now.settings),
+    ) {
+        return Vec::new();
+    }
+    // Every finished run in the directory, as the grid itself reuses them (one directory, one
+    // set of settings), sorted by name for a stable summary.
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    let mut runs: Vec<Run> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter_map(|e| std::fs::read(e.path().join("run.json")).ok())
+                .filter_map(|b| serde_json::from_slice::<Run>(&b).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    runs.sort_by(|a, b| a.name.cmp(&b.name));
+    runs
+}
+
 pub fn run(rt: &tokio::runtime::Runtime, args: &LabelsArgs) -> Result<()> {
     if args.rounds == 0 {
         bail!("--rounds must be at least 1");
@@ -341,6 +391,14 @@ pub fn run(rt: &tokio::runtime::Runtime, args: &LabelsArgs) -> Result<()> {
         ..Summary::default()
     };
     let summary_path = args.out.join("summary.json");
+    summary.runs = earlier_runs(&summary_path, &summary);
+    if !summary.runs.is_empty() {
+        summary.goals = goals(&summary.runs);
+        println!(
+            "keeping {} finished run(s) of an earlier invocation on the same split in the summary",
+            summary.runs.len()
+        );
+    }
     for &fraction in &args.fractions {
         for &noise in &args.noises {
             let c = LabelCorruption {
@@ -501,4 +559,80 @@ fn fleet_run(
     ))?;
     bar.finish_and_clear();
     Ok(reports)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(m: Method, fraction: f64, noise: f64, student: f64) -> Run {
+        Run {
+            name: run_name(m, fraction, noise),
+            method: m,
+            fraction,
+            noise,
+            kind: NoiseKind::Symmetric,
+            injected: Injected::default(),
+            final_student: Some(student),
+            final_teacher: None,
+            curve: Vec::new(),
+            wall_s: 1.0,
+        }
+    }
+
+    fn write(dir: &std::path::Path, r: &Run) {
+        std::fs::create_dir_all(dir.join(&r.name)).unwrap();
+        std::fs::write(
+            dir.join(&r.name).join("run.json"),
+            serde_json::to_vec(r).unwrap(),
+        )
+        .unwrap();
+    }
+
+    /// A grid run in parts adds up: the second invocation's summary holds the first one's
+    /// finished runs, and the goals are computed over all of them.
+    #[test]
+    fn a_grid_run_in_parts_adds_up_in_one_summary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("summary.json");
+        let now = Summary {
+            dataset: "femnist".into(),
+            split: "75 clients".into(),
+            seed: 1,
+            rounds: 20,
+            settings: serde_json::json!({"lr": 0.05, "command": "coevo bench labels --methods fedavg"}),
+            ..Summary::default()
+        };
+        assert!(earlier_runs(&path, &now).is_empty(), "no summary yet");
+        let clean = run(Method::CoevolveClean, 1.0, 0.0, 0.66);
+        let noisy = run(Method::CoevolveClean, 1.0, 0.4, 0.64);
+        write(dir.path(), &clean);
+        write(dir.path(), &noisy);
+        // An interrupted run (no run.json) is not a finished one.
+        std::fs::create_dir_all(dir.path().join("fedavg-f1-n0")).unwrap();
+        let earlier = Summary {
+            settings: serde_json::json!({"lr": 0.05, "command": "coevo bench labels"}),
+            runs: vec![clean.clone()],
+            dataset: now.dataset.clone(),
+            split: now.split.clone(),
+            seed: now.seed,
+            rounds: now.rounds,
+            ..Summary::default()
+        };
+        std::fs::write(&path, serde_json::to_vec(&earlier).unwrap()).unwrap();
+        let runs = earlier_runs(&path, &now);
+        let names: Vec<_> = runs.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["coevolve-clean-f1-n0", "coevolve-clean-f1-n0.4"]);
+        let g = goals(&runs);
+        assert_eq!(g.noise_within_3_points, Some(true));
+        assert!((g.noise_loss_coevolve_clean.unwrap() - 0.02).abs() < 1e-9);
+        assert_eq!(g.ten_percent_at_least_90, None, "that cell was not run");
+
+        // Other settings (here the local lr): nothing is carried over.
+        let other = Summary {
+            settings: serde_json::json!({"lr": 0.02, "command": "x"}),
+            ..now
+        };
+        assert!(earlier_runs(&path, &other).is_empty());
+    }
 }
