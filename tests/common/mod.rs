@@ -52,12 +52,23 @@ pub fn start_broker_with(
     fleet: &Fleet,
     base: coevo_broker::BrokerConfig,
 ) -> coevo_broker::BrokerHandle {
-    coevo_broker::start(coevo_broker::BrokerConfig {
-        listen: coevo_broker::free_local_addr().expect("free port"),
-        credentials: Some(fleet.credentials_path.clone()),
-        ..base
-    })
-    .expect("broker starts")
+    // A port found free can be taken before the broker binds it (tests run in parallel, and
+    // a broker picks its internal ports the same way): try another one.
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match coevo_broker::start(coevo_broker::BrokerConfig {
+            listen: coevo_broker::free_local_addr().expect("free port"),
+            credentials: Some(fleet.credentials_path.clone()),
+            ..base.clone()
+        }) {
+            Ok(handle) => return handle,
+            Err(e) if attempt < 5 && e.to_string().contains("Address already in use") => {
+                eprintln!("broker start: {e}; trying another port");
+            }
+            Err(e) => panic!("broker starts: {e:?}"),
+        }
+    }
 }
 
 /// A fleet CA and a broker certificate for 127.0.0.1/localhost in `dir`, made by the function
