@@ -56,15 +56,24 @@ fn login(f: &Fleet, id: &str) -> (AsyncClient, EventLoop) {
     AsyncClient::new(options(f.handle.addr, id, id, &format!("{id}-pw")), 64)
 }
 
-/// Polls until CONNACK: `Ok` when accepted.
+/// Polls until CONNACK: `Ok` when accepted. "Server unavailable" (CONNACK 3, admission
+/// control on a box busy with parallel tests' password checks) means "try again": like a
+/// camera, the client backs off and reconnects on the next poll.
 async fn connected(el: &mut EventLoop) -> Result<(), ConnectionError> {
     timeout(WAIT, async {
         loop {
-            if let Event::Incoming(Packet::ConnAck(ack)) = el.poll().await? {
-                return match ack.code {
-                    ConnectReturnCode::Success => Ok(()),
-                    code => Err(ConnectionError::ConnectionRefused(code)),
-                };
+            let code = match el.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => ack.code,
+                Ok(_) => continue,
+                Err(ConnectionError::ConnectionRefused(code)) => code,
+                Err(e) => return Err(e),
+            };
+            match code {
+                ConnectReturnCode::Success => return Ok(()),
+                ConnectReturnCode::ServiceUnavailable => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                code => return Err(ConnectionError::ConnectionRefused(code)),
             }
         }
     })
