@@ -248,7 +248,7 @@ pub async fn run_fleet_with(
             port: addr.port(),
             password: Some(fleet.coordinator_password.clone()),
             connect_timeout_s: 30,
-            ca_cert: None,
+            ..Default::default()
         },
         // Co-evolution needs server data, which only `prepare` can hand over: callers opt in.
         mode: coevo_coordinator::coevolve::Mode::Fedavg,

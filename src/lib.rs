@@ -13,6 +13,7 @@
 
 pub mod bench;
 pub mod byom;
+pub mod cluster;
 pub mod demo;
 
 pub use coevo_cli::{fleet_import, mosquitto, provision, report_cmd, status, table, tls};

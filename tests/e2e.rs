@@ -127,7 +127,7 @@ async fn two_rounds_with_attacks_rejected() {
             port: addr.port(),
             password: Some(fleet.coordinator_password.clone()),
             connect_timeout_s: 20,
-            ca_cert: None,
+            ..Default::default()
         },
         // mallory never sends a valid delta, so every round runs to its deadline: the attacks
         // land while the round is open, deterministically.

@@ -57,6 +57,12 @@ pub struct Credentials {
     /// broker without ever storing a plaintext password.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub mosquitto: BTreeMap<String, String>,
+    /// The same passwords as bcrypt (`$2a$`), the only hash NATS server accepts in its
+    /// `users` list, so `coevo fleet export-nats` can hand the fleet to a NATS cluster without
+    /// a plaintext password either. Device secrets use [`NATS_DEVICE_COST`], chosen passwords
+    /// [`NATS_PASSWORD_COST`] (see there why).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub nats: BTreeMap<String, String>,
 }
 
 impl Credentials {
@@ -117,6 +123,10 @@ impl Credentials {
         self.clients.insert(client_id.to_owned(), hash);
         self.mosquitto
             .insert(client_id.to_owned(), mosquitto_hash(password)?);
+        self.nats.insert(
+            client_id.to_owned(),
+            nats_hash(password, NATS_PASSWORD_COST)?,
+        );
         Ok(())
     }
 
@@ -141,12 +151,15 @@ impl Credentials {
         self.clients.insert(client_id.to_owned(), hash);
         self.mosquitto
             .insert(client_id.to_owned(), mosquitto_hash(secret)?);
+        self.nats
+            .insert(client_id.to_owned(), nats_hash(secret, NATS_DEVICE_COST)?);
         Ok(())
     }
 
     /// Removes a client; returns whether it was present.
     pub fn remove(&mut self, client_id: &str) -> bool {
         self.mosquitto.remove(client_id);
+        self.nats.remove(client_id);
         self.clients.remove(client_id).is_some()
     }
 
@@ -334,6 +347,28 @@ pub fn mosquitto_hash(password: &str) -> Result<String, BrokerError> {
     ))
 }
 
+/// bcrypt cost of a chosen password's NATS hash: 2^11 rounds (~0.1 s), bcrypt's usual default,
+/// because a leaked config must make each guess of a guessable password expensive.
+pub const NATS_PASSWORD_COST: u32 = 11;
+/// bcrypt cost of a generated device secret's NATS hash: the minimum, 2^4 rounds (~1 ms). As
+/// for the HMAC scheme above, a slow hash adds nothing against a ≥ 128-bit random secret, and
+/// NATS verifies the hash on every CONNECT: at cost 11 a 10,000-camera connect storm would
+/// cost the cluster ~20 CPU-minutes.
+pub const NATS_DEVICE_COST: u32 = 4;
+
+/// Hashes a password as NATS server's `users` list wants it: bcrypt, `$2a$` variant.
+pub fn nats_hash(password: &str, cost: u32) -> Result<String, BrokerError> {
+    if password.len() > 72 {
+        // bcrypt reads only the first 72 bytes: refuse rather than silently truncate.
+        return Err(BrokerError::Credentials(
+            "a password for NATS (bcrypt) must be at most 72 bytes".into(),
+        ));
+    }
+    bcrypt::hash_with_result(password, cost)
+        .map(|h| h.format_for_version(bcrypt::Version::TwoA))
+        .map_err(|e| BrokerError::Credentials(format!("bcrypt: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -367,6 +402,11 @@ mod tests {
             "user name must equal the id"
         );
         assert!(creds.mosquitto["cam-1"].starts_with("$7$101$"));
+        // The NATS hash is bcrypt at the device cost, and verifies the secret (as NATS does).
+        let nats = &creds.nats["cam-1"];
+        assert!(nats.starts_with("$2a$04$"), "{nats}");
+        assert!(bcrypt::verify(&secret, nats).unwrap());
+        assert!(!bcrypt::verify(generate_password(), nats).unwrap());
         // Per-entry salt: the same secret hashes differently each time.
         creds.set_device_secret("cam-2", &secret).unwrap();
         assert_ne!(creds.clients["cam-1"], creds.clients["cam-2"]);

@@ -305,16 +305,8 @@ pub enum FleetCmd {
     /// models and its own receipts) and mosquitto.conf (client id = user name) into DIR.
     ExportMosquitto {
         dir: PathBuf,
-        /// Fleet name (topic namespace) the ACLs are for.
-        #[arg(long)]
-        fleet: String,
-        /// The coordinator's client id (gets read/write on the whole fleet).
-        #[arg(long, default_value = "coordinator")]
-        coordinator: String,
-        #[arg(long, default_value = "fleet.toml")]
-        registry: PathBuf,
-        #[arg(long, default_value = "credentials.toml")]
-        credentials: PathBuf,
+        #[command(flatten)]
+        fleet: ExportFleet,
         /// Listener address for mosquitto.conf.
         #[arg(long, default_value = "127.0.0.1:1883")]
         listen: std::net::SocketAddr,
@@ -322,6 +314,41 @@ pub enum FleetCmd {
         /// default: Mosquitto's own (`mosquitto`). Run as root, the export gives DIR to it.
         #[arg(long)]
         user: Option<String>,
+    },
+    /// Write a clustered NATS server config (MQTT gateway + JetStream, Debian's `nats-server`)
+    /// into DIR: users.conf (bcrypt hashes, the embedded broker's ACL as NATS permissions) and
+    /// node-1.conf … node-N.conf. Start each node with `nats-server -c DIR/node-I.conf`; point
+    /// clients at every node's MQTT port (`[broker] cluster` in the configs).
+    ExportNats {
+        dir: PathBuf,
+        #[command(flatten)]
+        fleet: ExportFleet,
+        /// One node per host, each on the same ports (a real cluster). Without it: --nodes
+        /// nodes on --host with consecutive ports (a one-box cluster).
+        #[arg(long, value_delimiter = ',')]
+        hosts: Vec<String>,
+        /// Nodes on one host (ignored with --hosts). 3 is the smallest cluster that keeps a
+        /// JetStream quorum when a node dies.
+        #[arg(long, default_value_t = crate::nats::DEFAULT_NODES)]
+        nodes: usize,
+        /// Host of a one-box cluster.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// MQTT port of the first node (the next nodes of a one-box cluster count up).
+        #[arg(long, default_value_t = 1883)]
+        mqtt_port: u16,
+        /// NATS client port of the first node (operators' tools; fleet users are MQTT-only).
+        #[arg(long, default_value_t = 4222)]
+        client_port: u16,
+        /// Cluster route port of the first node.
+        #[arg(long, default_value_t = 6222)]
+        cluster_port: u16,
+        /// HTTP monitoring port of the first node (/healthz, /jsz); 0 = off.
+        #[arg(long, default_value_t = 8222)]
+        monitor_port: u16,
+        /// Cluster name.
+        #[arg(long, default_value = "coevo")]
+        cluster_name: String,
     },
     /// Give a non-client (e.g. the coordinator) a broker password.
     Password {
@@ -331,6 +358,30 @@ pub enum FleetCmd {
         #[arg(long, env = "COEVO_NEW_PASSWORD")]
         password: Option<String>,
     },
+}
+
+/// What a broker export reads: the fleet's registry and credentials, and whose rules to write.
+#[derive(clap::Args, Debug)]
+pub struct ExportFleet {
+    /// Fleet name (topic namespace) the rules are for.
+    #[arg(long)]
+    fleet: String,
+    /// The coordinator's client id (gets read/write on the whole fleet).
+    #[arg(long, default_value = "coordinator")]
+    coordinator: String,
+    #[arg(long, default_value = "fleet.toml")]
+    registry: PathBuf,
+    #[arg(long, default_value = "credentials.toml")]
+    credentials: PathBuf,
+}
+
+impl ExportFleet {
+    fn load(&self) -> Result<(FleetRegistry, coevo_broker::Credentials)> {
+        Ok((
+            FleetRegistry::load(&self.registry)?,
+            coevo_broker::Credentials::load(&self.credentials)?,
+        ))
+    }
 }
 
 /// `coevo keys …`.
@@ -493,18 +544,14 @@ pub fn fleet(cmd: FleetCmd) -> Result<()> {
         FleetCmd::ExportMosquitto {
             dir,
             fleet,
-            coordinator,
-            registry,
-            credentials,
             listen,
             user,
         } => {
-            let reg = FleetRegistry::load(&registry)?;
-            let creds = coevo_broker::Credentials::load(&credentials)?;
+            let (reg, creds) = fleet.load()?;
             crate::mosquitto::export(
                 &crate::mosquitto::Export {
-                    fleet: &fleet,
-                    coordinator_id: &coordinator,
+                    fleet: &fleet.fleet,
+                    coordinator_id: &fleet.coordinator,
                     registry: &reg,
                     credentials: &creds,
                     listen_host: &listen.ip().to_string(),
@@ -516,6 +563,52 @@ pub fn fleet(cmd: FleetCmd) -> Result<()> {
             eprintln!(
                 "wrote {0}/passwd, {0}/acl and {0}/mosquitto.conf; run: mosquitto -c {0}/mosquitto.conf",
                 dir.display()
+            );
+        }
+        FleetCmd::ExportNats {
+            dir,
+            fleet,
+            hosts,
+            nodes,
+            host,
+            mqtt_port,
+            client_port,
+            cluster_port,
+            monitor_port,
+            cluster_name,
+        } => {
+            let (reg, creds) = fleet.load()?;
+            let hosts = if hosts.is_empty() { vec![host] } else { hosts };
+            let nodes = crate::nats::plan_nodes(
+                &hosts,
+                nodes,
+                mqtt_port,
+                client_port,
+                cluster_port,
+                monitor_port,
+            )?;
+            let mqtt: Vec<String> = nodes
+                .iter()
+                .map(|n| format!("{}:{}", n.host, n.mqtt_port))
+                .collect();
+            let paths = crate::nats::export(
+                &crate::nats::Export {
+                    fleet: &fleet.fleet,
+                    coordinator_id: &fleet.coordinator,
+                    registry: &reg,
+                    credentials: &creds,
+                    nodes,
+                    cluster_name: &cluster_name,
+                },
+                &dir,
+            )?;
+            eprintln!("wrote {}/users.conf and:", dir.display());
+            for p in &paths {
+                eprintln!("  {0}   run: nats-server -c {0}", p.display());
+            }
+            eprintln!(
+                "MQTT on {}: list them all as the brokers' `host:port` in [broker] cluster",
+                mqtt.join(", ")
             );
         }
         FleetCmd::Import {

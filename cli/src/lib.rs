@@ -10,6 +10,7 @@
 //! - [`provision`]: keys, fleet registry and broker credentials for a fleet, written to a folder.
 //! - [`fleet_import`]: bulk provisioning (`coevo fleet import`, `fleet add ID...`), O(N).
 //! - [`mosquitto`]: export a fleet's passwords and per-client ACLs for Mosquitto.
+//! - [`nats`]: the same for a clustered NATS server (MQTT gateway + JetStream).
 //! - [`status`]: `coevo status`, the live round of a running coordinator (its `status.json`).
 //! - [`table`]: the round table printed by `coevo report`.
 //! - [`report_cmd`]: `coevo report` (table, JSON, `--html`, `--csv`, alerts).
@@ -18,6 +19,7 @@
 pub mod commands;
 pub mod fleet_import;
 pub mod mosquitto;
+pub mod nats;
 pub mod provision;
 pub mod report_cmd;
 pub mod status;

@@ -85,14 +85,20 @@ pub fn export(e: &Export<'_>, dir: &Path) -> Result<()> {
 /// The user Debian's Mosquitto switches to when started as root without `user`.
 const DEFAULT_MOSQUITTO_USER: &str = "mosquitto";
 
-/// The Mosquitto ACL file for the fleet, generated from the embedded broker's rules.
-pub fn acl_file(e: &Export<'_>) -> Result<String> {
+/// The embedded broker's topic rules for one fleet with one coordinator: what every export
+/// (Mosquitto, NATS) translates, so all brokers enforce the same ACL.
+pub(crate) fn fleet_rules(fleet: &str, coordinator_id: &str) -> Result<coevo_broker::Acl> {
     let config = coevo_broker::AclConfig {
         topic_root: coevo_protocol::topic::ROOT.to_owned(),
-        coordinators: vec![e.coordinator_id.to_owned()],
+        coordinators: vec![coordinator_id.to_owned()],
     };
     config.validate()?;
-    let rules = coevo_broker::Acl::for_fleet(&config, e.fleet)?;
+    Ok(coevo_broker::Acl::for_fleet(&config, fleet)?)
+}
+
+/// The Mosquitto ACL file for the fleet, generated from the embedded broker's rules.
+pub fn acl_file(e: &Export<'_>) -> Result<String> {
+    let rules = fleet_rules(e.fleet, e.coordinator_id)?;
     let mut acl = String::new();
     let _ = writeln!(
         acl,
@@ -180,7 +186,7 @@ fn lookup_user(user: &str) -> Result<Option<(u32, u32)>> {
     Ok(None)
 }
 
-fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+pub(crate) fn write_private(path: &Path, data: &[u8]) -> Result<()> {
     std::fs::write(path, data).with_context(|| format!("writing {}", path.display()))?;
     #[cfg(unix)]
     {

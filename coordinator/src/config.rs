@@ -138,6 +138,10 @@ pub struct BrokerEndpoint {
     /// Fleet CA certificate (PEM, `ca.pem` from `coevo keys tls`): connect over TLS and accept
     /// only a broker certificate it signed for `host`. `None`: plain TCP.
     pub ca_cert: Option<PathBuf>,
+    /// The other nodes of a clustered broker (`coevo fleet export-nats`), as "host:port": when
+    /// the current node is lost the coordinator reconnects to the next, where its persistent
+    /// session and the retained round are kept.
+    pub cluster: Vec<String>,
 }
 
 impl Default for BrokerEndpoint {
@@ -148,7 +152,21 @@ impl Default for BrokerEndpoint {
             password: None,
             connect_timeout_s: 30,
             ca_cert: None,
+            cluster: Vec::new(),
         }
+    }
+}
+
+impl BrokerEndpoint {
+    /// The other cluster nodes, parsed.
+    pub fn cluster_nodes(&self) -> Result<Vec<(String, u16)>, CoordinatorError> {
+        self.cluster
+            .iter()
+            .map(|n| {
+                coevo_mqtt::parse_node(n)
+                    .map_err(|e| CoordinatorError::Config(format!("broker.cluster: {e}")))
+            })
+            .collect()
     }
 }
 
@@ -320,6 +338,7 @@ impl CoordinatorConfig {
             .map_err(|e| CoordinatorError::Config(format!("fleet: {e}")))?;
         coevo_protocol::topic::validate_id(&self.client_id)
             .map_err(|e| CoordinatorError::Config(format!("client_id: {e}")))?;
+        self.broker.cluster_nodes()?;
         if self.transfer.chunk_size < 1024 {
             return bad("transfer.chunk_size must be at least 1024 bytes".into());
         }

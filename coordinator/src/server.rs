@@ -310,6 +310,8 @@ impl Coordinator {
             .clone()
             .or_else(|| std::env::var("COEVO_BROKER_PASSWORD").ok());
         settings.tls = tls;
+        // The coordinator tries `host` first, then the other nodes in turn.
+        settings.cluster = cfg.broker.cluster_nodes()?;
         // Fixed id + persistent session + manual acks: a delta is acknowledged to the broker
         // only once it is durably on disk, so a crash before that makes the broker re-deliver.
         settings.clean_session = false;

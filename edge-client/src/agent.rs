@@ -41,6 +41,13 @@ pub struct AgentOptions {
     pub client_id: String,
     pub broker_host: String,
     pub broker_port: u16,
+    /// Every node of a clustered broker (with `broker_host:broker_port`); the agent starts on
+    /// one picked by its id and fails over to the others. Empty: the one broker only.
+    pub cluster: Vec<(String, u16)>,
+    /// Subscribe at QoS 0 (`[broker] subscribe_qos = 0`; see coevo_mqtt's Settings).
+    pub qos0_subscriptions: bool,
+    /// Cap of the reconnect backoff (`[broker] max_reconnect_wait_s`).
+    pub max_reconnect_wait: Duration,
     pub password: Option<String>,
     /// Fleet CA certificate (PEM): connect over TLS and trust only brokers it signed.
     /// `None`: plain TCP.
@@ -101,6 +108,9 @@ impl AgentOptions {
             client_id: client_id.into(),
             broker_host: "127.0.0.1".into(),
             broker_port: 1883,
+            cluster: Vec::new(),
+            qos0_subscriptions: false,
+            max_reconnect_wait: Duration::from_secs(5),
             password: None,
             ca_cert: None,
             coordinator_id: coordinator_id.into(),
@@ -298,6 +308,9 @@ impl Agent {
         }
         .path(&o.fleet);
         let mut settings = Settings::new(&o.broker_host, o.broker_port, &o.client_id);
+        settings.spread_over(&o.cluster);
+        settings.qos0_subscriptions = o.qos0_subscriptions;
+        settings.max_backoff = o.max_reconnect_wait;
         settings.password = o.password.clone();
         settings.tls = self.tls.clone();
         settings.max_packet_bytes = 2 * 1024 * 1024;

@@ -37,6 +37,10 @@ pub async fn run(args: &EdgeArgs) -> Result<(), EdgeError> {
     );
     opts.broker_host = cfg.broker.host.clone();
     opts.broker_port = cfg.broker.port;
+    opts.cluster = cfg.broker.nodes()?;
+    opts.qos0_subscriptions = cfg.broker.subscribe_qos == 0;
+    opts.max_reconnect_wait =
+        std::time::Duration::from_secs(cfg.broker.max_reconnect_wait_s.max(1));
     opts.ca_cert = cfg.broker.ca_cert.clone();
     opts.password = cfg
         .broker

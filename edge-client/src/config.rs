@@ -129,6 +129,21 @@ pub struct Broker {
     /// Fleet CA certificate (PEM, `ca.pem` from `coevo keys tls`): connect over TLS and accept
     /// only a broker certificate it signed for `host`. `None`: plain TCP.
     pub ca_cert: Option<PathBuf>,
+    /// The other nodes of a clustered broker, as "host:port". The device starts on one node
+    /// picked by its id (so a fleet spreads evenly over `host` and these) and moves to the next
+    /// when it loses its node.
+    pub cluster: Vec<String>,
+    /// QoS of the device's subscriptions, 0 or 1 (default 1). Set 0 on a NATS cluster: NATS
+    /// backs each QoS 1 subscription with a replicated JetStream consumer, which a city's
+    /// fleet multiplies into tens of thousands, while everything a device subscribes to is
+    /// retained (manifest, model, its receipt) and re-delivered on resubscription anyway.
+    pub subscribe_qos: u8,
+    /// Longest wait between reconnect attempts, seconds (each wait is random in [0, backoff],
+    /// the backoff doubling from 0.1 s up to this). A few seconds suits one broker; for a fleet
+    /// of thousands on a NATS cluster use 30–60: NATS loads every connecting client's session
+    /// from JetStream, and a whole fleet retrying every few seconds after an outage keeps a
+    /// small cluster saturated.
+    pub max_reconnect_wait_s: u64,
 }
 
 impl Default for Broker {
@@ -138,7 +153,24 @@ impl Default for Broker {
             port: 1883,
             password: None,
             ca_cert: None,
+            cluster: Vec::new(),
+            subscribe_qos: 1,
+            max_reconnect_wait_s: 5,
         }
+    }
+}
+
+impl Broker {
+    /// Every node, `host:port` first, parsed.
+    pub fn nodes(&self) -> Result<Vec<(String, u16)>, EdgeError> {
+        let mut all = vec![(self.host.clone(), self.port)];
+        for n in &self.cluster {
+            all.push(
+                coevo_mqtt::parse_node(n)
+                    .map_err(|e| EdgeError::Config(format!("broker.cluster: {e}")))?,
+            );
+        }
+        Ok(all)
     }
 }
 
@@ -202,6 +234,15 @@ impl EdgeConfig {
                 cfg.coordinator_key = base.join(k).display().to_string();
             }
         }
+        cfg.broker
+            .nodes()
+            .map_err(|e| EdgeError::Config(format!("{}: {e}", path.display())))?;
+        if cfg.broker.subscribe_qos > 1 {
+            return Err(EdgeError::Config(format!(
+                "{}: broker.subscribe_qos must be 0 or 1",
+                path.display()
+            )));
+        }
         if let Some(l) = &cfg.labels {
             l.validate()
                 .map_err(|e| EdgeError::Config(format!("{}: {e}", path.display())))?;
@@ -254,6 +295,40 @@ mod tests {
             cfg.max_residual_age_rounds,
             crate::state::DEFAULT_MAX_RESIDUAL_AGE_ROUNDS
         );
+    }
+
+    #[test]
+    fn cluster_nodes_and_subscription_qos_are_checked_at_load() {
+        let dir = std::env::temp_dir().join(format!("coevo-edge-cluster-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("edge.toml");
+        let sample = include_str!("../edge.sample.toml");
+        let with = |extra: &str| sample.replacen("[broker]\n", &format!("[broker]\n{extra}\n"), 1);
+        std::fs::write(&path, with("cluster = [\"10.0.0.2:1884\", \"[::1]:1885\"]")).unwrap();
+        let cfg = EdgeConfig::load(&path).unwrap();
+        let nodes = cfg.broker.nodes().unwrap();
+        assert_eq!(nodes.len(), 3);
+        assert_eq!(nodes[0], ("127.0.0.1".to_string(), 1883), "host:port first");
+        assert_eq!(nodes[2], ("::1".to_string(), 1885));
+        for (bad, says) in [
+            ("cluster = [\"10.0.0.2\"]", "host:port"),
+            ("cluster = [\"10.0.0.2:http\"]", "bad port"),
+        ] {
+            std::fs::write(&path, with(bad)).unwrap();
+            let err = EdgeConfig::load(&path).unwrap_err().to_string();
+            assert!(
+                err.contains("broker.cluster") && err.contains(says),
+                "{err}"
+            );
+        }
+        std::fs::write(
+            &path,
+            sample.replacen("subscribe_qos = 1", "subscribe_qos = 2", 1),
+        )
+        .unwrap();
+        let err = EdgeConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("subscribe_qos must be 0 or 1"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -51,11 +51,14 @@ pub enum MqttError {
 /// authorized). rumqttd 0.20 sends no CONNACK at all: it closes the socket right after reading
 /// the CONNECT, so with credentials configured a close *before* any CONNACK on this attempt is
 /// read as a refusal too (a broker that is down refuses the TCP connection instead, which is
-/// an I/O error, not this).
+/// an I/O error, not this) — except on a cluster (`clustered`): a NATS node answers a bad login
+/// with CONNACK 5 but closes before its CONNACK while its JetStream is electing leaders after a
+/// node died, which is a reason to try the next node, not to give up on our credentials.
 fn auth_refusal(
     e: &rumqttc::ConnectionError,
     acked: bool,
     with_credentials: bool,
+    clustered: bool,
 ) -> Option<MqttError> {
     use rumqttc::{ConnectReturnCode as Code, ConnectionError as E, StateError};
     match e {
@@ -68,7 +71,7 @@ fn auth_refusal(
         E::ConnectionRefused(Code::BadClientId) => Some(MqttError::AuthRefused(
             "client id rejected (CONNACK 2)".into(),
         )),
-        E::MqttState(StateError::ConnectionAborted) if !acked && with_credentials => {
+        E::MqttState(StateError::ConnectionAborted) if !acked && with_credentials && !clustered => {
             Some(MqttError::AuthRefused(
                 "the broker closed the connection before its CONNACK: the embedded broker's \
                  answer to a wrong password or an unknown client id (or to plain MQTT on a \
@@ -179,6 +182,17 @@ pub struct Settings {
     /// whose edges re-send a delta until they hold its receipt. A publish is never shed while
     /// nothing is held, so one larger than the bound still gets through.
     pub max_incoming_bytes: Option<usize>,
+    /// The other nodes of a clustered broker (NATS with JetStream, EMQX, …), as (host, port).
+    /// After a failed attempt or a lost connection the session moves to the next node in turn
+    /// ([`Settings::host`] first), so a node dying mid-round costs a reconnect, not the round:
+    /// the cluster keeps sessions and retained messages on every node.
+    pub cluster: Vec<(String, u16)>,
+    /// Subscribe at QoS 0 instead of 1. For cameras on a NATS cluster: NATS backs every QoS 1
+    /// subscription with a replicated JetStream consumer (10,000 cameras × 3 filters = 30,000
+    /// of them), while everything a camera subscribes to — manifest, model chunks, its
+    /// receipt — is retained and so re-delivered on every (re)subscription anyway. Never for
+    /// the coordinator: its deltas subscription must survive its absence.
+    pub qos0_subscriptions: bool,
 }
 
 impl Settings {
@@ -197,8 +211,108 @@ impl Settings {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             manual_acks: false,
             max_incoming_bytes: None,
+            cluster: Vec::new(),
+            qos0_subscriptions: false,
         }
     }
+
+    fn subscribe_qos(&self) -> QoS {
+        if self.qos0_subscriptions {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        }
+    }
+
+    /// Every broker node, starting with [`Settings::host`].
+    pub fn nodes(&self) -> Vec<(String, u16)> {
+        let mut all = vec![(self.host.clone(), self.port)];
+        all.extend(self.cluster.iter().cloned());
+        all
+    }
+
+    /// Spreads a fleet over a cluster's `nodes`: the first node tried is chosen by a stable
+    /// hash of the client id (so each node gets its share of cameras and a camera keeps its
+    /// node across restarts); the others follow in order. Does nothing with no nodes.
+    pub fn spread_over(&mut self, nodes: &[(String, u16)]) {
+        if nodes.is_empty() {
+            return;
+        }
+        // FNV-1a: stable across builds and platforms, unlike std's hasher.
+        let h = self
+            .client_id
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+            });
+        let first = (h % nodes.len() as u64) as usize;
+        let mut order = nodes[first..].to_vec();
+        order.extend_from_slice(&nodes[..first]);
+        let (host, port) = order.remove(0);
+        self.host = host;
+        self.port = port;
+        self.cluster = order;
+    }
+}
+
+/// Parses `host:port` (a cluster node in a config file).
+pub fn parse_node(s: &str) -> Result<(String, u16), String> {
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("broker node {s:?}: expected host:port"))?;
+    let port = port
+        .parse::<u16>()
+        .map_err(|_| format!("broker node {s:?}: bad port"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(format!("broker node {s:?}: empty host"));
+    }
+    Ok((host.to_string(), port))
+}
+
+/// Subscribes to `filters` after `delay`, from its own task: the polling task must not await
+/// the request channel (it is the one draining it), and a `try_subscribe` from it fails when the
+/// channel is full — an owner publishing hard (the coordinator's receipts) would then come back
+/// from a reconnect without its subscriptions.
+fn resubscribe(client: AsyncClient, filters: Vec<String>, qos: QoS, delay: Duration) {
+    tokio::spawn(async move {
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        for f in filters {
+            if client.subscribe(f, qos).await.is_err() {
+                // The session is closed: nothing left to subscribe for.
+                return;
+            }
+        }
+    });
+}
+
+/// rumqttc options for one node of `settings`.
+fn options(settings: &Settings, host: &str, port: u16) -> MqttOptions {
+    let mut opts = MqttOptions::new(&settings.client_id, host, port);
+    opts.set_keep_alive(settings.keep_alive)
+        .set_max_packet_size(settings.max_packet_bytes, settings.max_packet_bytes)
+        .set_clean_session(settings.clean_session)
+        .set_manual_acks(settings.manual_acks)
+        .set_inflight(100);
+    if let Some(pw) = &settings.password {
+        opts.set_credentials(&settings.client_id, pw);
+    }
+    if let Some(tls) = &settings.tls {
+        opts.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(Arc::clone(&tls.config)),
+        ));
+    }
+    if let Some((topic, payload)) = &settings.last_will {
+        opts.set_last_will(LastWill::new(
+            topic,
+            payload.clone(),
+            QoS::AtLeastOnce,
+            true,
+        ));
+    }
+    opts
 }
 
 /// Default [`Settings::connect_timeout`].
@@ -254,6 +368,8 @@ pub enum Incoming {
 /// A live MQTT session.
 pub struct Session {
     client: AsyncClient,
+    /// QoS of our subscriptions ([`Settings::qos0_subscriptions`]).
+    sub_qos: QoS,
     filters: Arc<Mutex<Vec<String>>>,
     incoming: mpsc::UnboundedReceiver<Incoming>,
     poller: tokio::task::JoinHandle<()>,
@@ -269,28 +385,11 @@ impl Session {
     /// Starts connecting in the background and returns at once; [`Incoming::Connected`] tells
     /// when the broker answered. `filters` are subscribed (QoS 1) on every connection.
     pub fn start(settings: &Settings, filters: Vec<String>) -> Session {
-        let mut opts = MqttOptions::new(&settings.client_id, &settings.host, settings.port);
-        opts.set_keep_alive(settings.keep_alive)
-            .set_max_packet_size(settings.max_packet_bytes, settings.max_packet_bytes)
-            .set_clean_session(settings.clean_session)
-            .set_manual_acks(settings.manual_acks)
-            .set_inflight(100);
-        if let Some(pw) = &settings.password {
-            opts.set_credentials(&settings.client_id, pw);
-        }
-        if let Some(tls) = &settings.tls {
-            opts.set_transport(rumqttc::Transport::tls_with_config(
-                rumqttc::TlsConfiguration::Rustls(Arc::clone(&tls.config)),
-            ));
-        }
-        if let Some((topic, payload)) = &settings.last_will {
-            opts.set_last_will(LastWill::new(
-                topic,
-                payload.clone(),
-                QoS::AtLeastOnce,
-                true,
-            ));
-        }
+        let nodes = settings.nodes();
+        let opts = options(settings, &nodes[0].0, nodes[0].1);
+        let poll_settings = settings.clone();
+        let sub_qos = settings.subscribe_qos();
+        let mut node = 0usize;
         let (client, mut eventloop) = AsyncClient::new(opts, 256);
         let mut network = rumqttc::NetworkOptions::new();
         let timeout_s = settings.connect_timeout.as_secs()
@@ -317,6 +416,7 @@ impl Session {
             // Whether the current connection got its CONNACK, and refusals in a row.
             let mut acked = false;
             let mut refusals = 0u32;
+            let mut suback_backoff = MIN_BACKOFF.min(max_backoff);
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
@@ -324,12 +424,7 @@ impl Session {
                         acked = true;
                         refusals = 0;
                         let list = poll_filters.lock().map(|f| f.clone()).unwrap_or_default();
-                        for f in list {
-                            // try_: awaiting here, on the polling task, could deadlock.
-                            if let Err(e) = poll_client.try_subscribe(f, QoS::AtLeastOnce) {
-                                tracing::warn!(client = %id, error = %e, "re-subscribe failed");
-                            }
-                        }
+                        resubscribe(poll_client.clone(), list, sub_qos, Duration::ZERO);
                         tracing::debug!(client = %id, "connected");
                         if tx
                             .send(Incoming::Connected {
@@ -364,10 +459,41 @@ impl Session {
                     Ok(Event::Incoming(Packet::PubAck(_))) => {
                         poll_unacked.fetch_sub(1, Ordering::SeqCst);
                     }
+                    Ok(Event::Incoming(Packet::SubAck(ack)))
+                        if ack
+                            .return_codes
+                            .iter()
+                            .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) =>
+                    {
+                        // A refused subscription leaves us connected and deaf: a NATS node
+                        // refuses while JetStream elects after a node died, a broker refuses
+                        // a filter its ACL denies. Subscribe again later (all filters: which
+                        // one failed isn't in the SUBACK; granted ones are granted again),
+                        // backing off as for reconnects, so a denial costs little.
+                        let wait = jittered(suback_backoff);
+                        suback_backoff =
+                            next_backoff(suback_backoff.max(Duration::from_secs(1)), max_backoff);
+                        tracing::warn!(client = %id, retry_in = ?wait, "the broker refused a subscription; subscribing again");
+                        let list = poll_filters.lock().map(|f| f.clone()).unwrap_or_default();
+                        resubscribe(poll_client.clone(), list, sub_qos, wait);
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        suback_backoff = MIN_BACKOFF.min(max_backoff);
+                    }
                     Ok(_) => {}
                     Err(rumqttc::ConnectionError::RequestsDone) => return,
                     Err(e) => {
-                        if let Some(error) = auth_refusal(&e, acked, with_credentials) {
+                        if nodes.len() > 1 {
+                            // A cluster: the next node holds the same session and retained
+                            // state, so try it rather than wait for this one to come back.
+                            node = (node + 1) % nodes.len();
+                            let (host, port) = &nodes[node];
+                            tracing::debug!(client = %id, host = %host, port, "trying the next broker node");
+                            eventloop.mqtt_options = options(&poll_settings, host, *port);
+                        }
+                        if let Some(error) =
+                            auth_refusal(&e, acked, with_credentials, nodes.len() > 1)
+                        {
                             refusals += 1;
                             tracing::debug!(client = %id, error = %error, refusals, "connection refused");
                             let ev = Incoming::AuthRefused {
@@ -404,6 +530,7 @@ impl Session {
         });
         Session {
             client,
+            sub_qos,
             filters,
             incoming,
             poller,
@@ -437,7 +564,7 @@ impl Session {
                 f.push(filter.to_string());
             }
         }
-        self.client.subscribe(filter, QoS::AtLeastOnce).await?;
+        self.client.subscribe(filter, self.sub_qos).await?;
         Ok(())
     }
 
@@ -532,23 +659,32 @@ mod tests {
         use rumqttc::{ConnectReturnCode as Code, ConnectionError as E, StateError};
         // Mosquitto's CONNACK codes, whatever the state of the connection.
         for code in [Code::BadUserNamePassword, Code::NotAuthorized] {
-            let e = auth_refusal(&E::ConnectionRefused(code), false, true);
+            let e = auth_refusal(&E::ConnectionRefused(code), false, true, false);
             assert!(matches!(e, Some(MqttError::AuthRefused(_))), "{e:?}");
         }
         // rumqttd closes the socket before any CONNACK: a refusal when we sent credentials.
         let aborted = || E::MqttState(StateError::ConnectionAborted);
-        let e = auth_refusal(&aborted(), false, true).expect("refusal");
+        let e = auth_refusal(&aborted(), false, true, false).expect("refusal");
         assert!(e
             .to_string()
             .starts_with("broker refused our credentials: "));
         // The same close after a CONNACK is a dropped connection, and without credentials
         // there is nothing to refuse.
-        assert!(auth_refusal(&aborted(), true, true).is_none());
-        assert!(auth_refusal(&aborted(), false, false).is_none());
+        assert!(auth_refusal(&aborted(), true, true, false).is_none());
+        assert!(auth_refusal(&aborted(), false, false, false).is_none());
+        // On a cluster the close is a node that isn't ready (NATS mid-election): next node.
+        assert!(auth_refusal(&aborted(), false, true, true).is_none());
+        assert!(auth_refusal(
+            &E::ConnectionRefused(Code::NotAuthorized),
+            false,
+            true,
+            true
+        )
+        .is_some());
         // A broker that is down refuses the TCP connection: not a refusal of credentials.
         let down = E::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
-        assert!(auth_refusal(&down, false, true).is_none());
-        assert!(auth_refusal(&E::NetworkTimeout, false, true).is_none());
+        assert!(auth_refusal(&down, false, true, false).is_none());
+        assert!(auth_refusal(&E::NetworkTimeout, false, true, false).is_none());
     }
 
     #[test]
@@ -577,7 +713,7 @@ mod tests {
         use rumqttc::{ConnectReturnCode as Code, ConnectionError as E};
         let busy = E::ConnectionRefused(Code::ServiceUnavailable);
         assert!(broker_busy(&busy));
-        assert!(auth_refusal(&busy, false, true).is_none());
+        assert!(auth_refusal(&busy, false, true, false).is_none());
         assert!(!broker_busy(&E::ConnectionRefused(
             Code::BadUserNamePassword
         )));
@@ -586,8 +722,38 @@ mod tests {
     #[test]
     fn fleet_defaults() {
         let s = Settings::new("h", 1, "c");
+        assert!(s.cluster.is_empty());
         assert_eq!(s.connect_timeout, Duration::from_secs(30));
         assert!(s.max_backoff >= MIN_BACKOFF);
+    }
+
+    #[test]
+    fn a_fleet_spreads_over_the_cluster_and_keeps_every_node_to_fail_over_to() {
+        let nodes: Vec<(String, u16)> = (0..3).map(|i| ("n".to_string(), 1883 + i)).collect();
+        let mut firsts = [0usize; 3];
+        for i in 0..300 {
+            let mut s = Settings::new("ignored", 1, format!("cam-{i}"));
+            s.spread_over(&nodes);
+            let all = s.nodes();
+            assert_eq!(all.len(), 3);
+            let mut ports: Vec<u16> = all.iter().map(|n| n.1).collect();
+            ports.sort_unstable();
+            assert_eq!(ports, [1883, 1884, 1885], "every node once");
+            firsts[usize::from(s.port - 1883)] += 1;
+            // Stable: the same id starts on the same node.
+            let mut again = Settings::new("ignored", 1, format!("cam-{i}"));
+            again.spread_over(&nodes);
+            assert_eq!(again.port, s.port);
+        }
+        assert!(firsts.iter().all(|&n| n > 60), "uneven spread {firsts:?}");
+        assert_eq!(
+            parse_node("10.0.0.2:1884").unwrap(),
+            ("10.0.0.2".into(), 1884)
+        );
+        assert_eq!(parse_node("[::1]:1883").unwrap(), ("::1".into(), 1883));
+        assert!(parse_node("nohost").is_err());
+        assert!(parse_node(":1883").is_err());
+        assert!(parse_node("h:99999").is_err());
     }
 
     #[test]

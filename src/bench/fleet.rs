@@ -55,6 +55,9 @@ const RESEND_MAX: Duration = Duration::from_secs(60);
 /// Wait for the model's chunks before subscribing again to the missing ones (the edge's
 /// fetch window timeout).
 const FETCH_RETRY: Duration = Duration::from_secs(10);
+/// Reconnect backoff cap of clients on a NATS cluster (README "Clustered broker": a fleet that
+/// retries every few seconds keeps a small cluster's JetStream saturated).
+const CLUSTER_RECONNECT_MAX: Duration = Duration::from_secs(60);
 /// Distinct random deltas the fleet sends (client `i` sends number `i % POOL`): encoding one
 /// per client would cost the load generator more CPU than the coordinator spends on it.
 const DELTA_POOL: usize = 32;
@@ -68,12 +71,25 @@ const STUDENT_PARAMS_PER_BLOCK: usize = 2_048;
 
 /// Which broker the fleet talks to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum BrokerKind {
     /// `coevo broker` (rumqttd behind the ACL front end).
     Embedded,
     /// Debian's `mosquitto` on `coevo fleet export-mosquitto`'s files.
     Mosquitto,
+    /// A 3-node cluster of Debian's `nats-server` (MQTT gateway + JetStream) on
+    /// `coevo fleet export-nats`'s files; the fleet spreads over the nodes by client id.
+    NatsCluster,
+}
+
+impl BrokerKind {
+    fn label(self) -> &'static str {
+        match self {
+            BrokerKind::Embedded => "embedded",
+            BrokerKind::Mosquitto => "mosquitto",
+            BrokerKind::NatsCluster => "nats-cluster",
+        }
+    }
 }
 
 #[derive(Clone, Debug, clap::Args)]
@@ -91,6 +107,11 @@ pub struct FleetArgs {
     /// ~6,600 clients where the hard open-file limit is 20,000.
     #[arg(long, default_value_t = 0)]
     pub front_processes: usize,
+    /// nats-cluster only: SIGKILL node 1 (the coordinator's first node, and a third of the
+    /// fleet's) once this fraction of the fleet holds its round-1 receipt, e.g. 0.5. Its
+    /// clients and the coordinator must fail over to the other nodes and lose nothing.
+    #[arg(long)]
+    pub kill_node_at: Option<f64>,
     /// Parameters of the student (≈; the image size is chosen to fit). Default: the
     /// Fashion-MNIST student, 114,314.
     #[arg(long)]
@@ -112,6 +133,11 @@ pub struct FleetArgs {
     /// anyway (clients still connecting keep trying).
     #[arg(long, default_value_t = 600)]
     pub connect_timeout_s: u64,
+    /// Start at most this many clients per second (0: all at once, the connect storm). A
+    /// cluster whose connects cost a replicated JetStream read (NATS) is measured at the rate
+    /// it sustains; `connect_s` then includes the ramp.
+    #[arg(long, default_value_t = 0)]
+    pub connect_rate: u64,
     /// Output directory: DIR/n-N/{fleet,data,coordinator,…} per fleet size, DIR/summary.json,
     /// DIR/fleet.svg.
     #[arg(long)]
@@ -169,7 +195,15 @@ pub struct RunSummary {
     pub resends_max: u64,
     /// Peak resident memory (VmHWM, sampled every 100 ms) of each process, MB.
     pub coordinator_peak_rss_mb: f64,
+    /// The broker tier: one process (with its front processes), or the sum of the cluster
+    /// nodes' peaks.
     pub broker_peak_rss_mb: f64,
+    /// nats-cluster: each node's peak, MB.
+    pub broker_node_peak_rss_mb: Vec<f64>,
+    /// nats-cluster with --kill-node-at: ms after the first manifest when node 1 was killed.
+    pub node_killed_ms: Option<u64>,
+    /// `--connect-rate` (0: all clients at once).
+    pub connect_rate: u64,
     /// This process (the whole synthetic fleet), MB.
     pub bench_peak_rss_mb: f64,
     /// Per round: the report's outcome.
@@ -200,7 +234,24 @@ pub fn run(rt: &tokio::runtime::Runtime, a: &FleetArgs) -> Result<()> {
     if a.rounds == 0 {
         bail!("--rounds must be at least 1");
     }
+    if let Some(at) = a.kill_node_at {
+        if a.broker != BrokerKind::NatsCluster {
+            bail!("--kill-node-at needs --broker nats-cluster (the other brokers are one node)");
+        }
+        if !(0.0..=1.0).contains(&at) {
+            bail!("--kill-node-at is a fraction of the fleet, 0 to 1 (got {at})");
+        }
+    }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    // Absolute: the configs written for the coordinator resolve relative paths against their
+    // own folder, so a relative --out would point them at DIR/…/DIR/….
+    let a = &FleetArgs {
+        out: a
+            .out
+            .canonicalize()
+            .with_context(|| format!("resolving {}", a.out.display()))?,
+        ..a.clone()
+    };
     let mut summary = Summary {
         command: std::env::args().collect::<Vec<_>>().join(" "),
         runs: Vec::new(),
@@ -441,7 +492,31 @@ fn lean_exe() -> Result<std::path::PathBuf> {
     Ok(if lean.is_file() { lean } else { exe })
 }
 
-/// Starts the broker for `fleet` on `addr` as its own process.
+/// The broker tier of a run: one process, or a NATS cluster.
+enum BrokerTier {
+    One(Proc),
+    Cluster(crate::cluster::NatsCluster),
+}
+
+impl BrokerTier {
+    /// Processes to sample for memory (a cluster: every node).
+    fn pids(&self) -> Vec<u32> {
+        match self {
+            BrokerTier::One(p) => vec![p.pid()],
+            BrokerTier::Cluster(c) => c.pids(),
+        }
+    }
+
+    /// MQTT listeners as (host, port), node 1 first.
+    fn nodes(&self, addr: SocketAddr) -> Vec<(String, u16)> {
+        match self {
+            BrokerTier::One(_) => vec![(addr.ip().to_string(), addr.port())],
+            BrokerTier::Cluster(c) => c.mqtt_nodes(),
+        }
+    }
+}
+
+/// Starts the broker for `fleet` on `addr` as its own process (a cluster: on free ports).
 fn start_broker(
     kind: BrokerKind,
     fleet: &crate::provision::Fleet,
@@ -450,9 +525,22 @@ fn start_broker(
     clients: usize,
     front_processes: usize,
     round_uplink: usize,
-) -> Result<Proc> {
+) -> Result<BrokerTier> {
     let exe = lean_exe()?;
     let proc = match kind {
+        BrokerKind::NatsCluster => {
+            let cluster = crate::cluster::NatsCluster::start(
+                &crate::cluster::ClusterSpec {
+                    fleet: FLEET,
+                    coordinator_id: &fleet.coordinator_id,
+                    registry: &fleet.registry_path,
+                    credentials: &fleet.credentials_path,
+                    nodes: 3,
+                },
+                &dir.join("nats"),
+            )?;
+            return Ok(BrokerTier::Cluster(cluster));
+        }
         BrokerKind::Embedded => {
             // As the sample config tells an operator: the deltas filter's in-memory log holds
             // a whole round's uplink, so a coordinator that is seconds behind a fleet uploading
@@ -514,12 +602,15 @@ fn start_broker(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Ok(proc)
+    Ok(BrokerTier::One(proc))
 }
 
 /// What the synthetic clients share.
 struct FleetCtx {
-    addr: SocketAddr,
+    /// Clients started per second (0: all at once).
+    connect_rate: u64,
+    /// The broker's MQTT listeners (one, or a cluster's nodes).
+    nodes: Vec<(String, u16)>,
     coordinator_id: String,
     coordinator_key: PublicKey,
     rounds: u64,
@@ -760,7 +851,16 @@ async fn client_task(
     password: String,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> ClientResult {
-    let mut settings = Settings::new(ctx.addr.ip().to_string(), ctx.addr.port(), id.as_str());
+    if ctx.connect_rate > 0 {
+        tokio::time::sleep(Duration::from_secs_f64(i as f64 / ctx.connect_rate as f64)).await;
+    }
+    let mut settings = Settings::new(&ctx.nodes[0].0, ctx.nodes[0].1, id.as_str());
+    if ctx.nodes.len() > 1 {
+        // As a camera on a cluster is configured (README "Clustered broker").
+        settings.spread_over(&ctx.nodes);
+        settings.qos0_subscriptions = true;
+        settings.max_backoff = CLUSTER_RECONNECT_MAX;
+    }
     settings.password = Some(password);
     let filters = vec![
         Topic::RoundCurrent.path(FLEET),
@@ -917,8 +1017,10 @@ async fn run_one(a: &FleetArgs, n: usize, dir: &Path) -> Result<RunSummary> {
 
     // The fleet connects first (the storm), then the coordinator opens the round.
     let t0 = Instant::now();
+    let nodes = broker.nodes(addr);
     let ctx = Arc::new(FleetCtx {
-        addr,
+        connect_rate: a.connect_rate,
+        nodes: nodes.clone(),
         coordinator_id: fleet.coordinator_id.clone(),
         coordinator_key: fleet.coordinator_key.public_key(),
         rounds: a.rounds,
@@ -951,10 +1053,7 @@ async fn run_one(a: &FleetArgs, n: usize, dir: &Path) -> Result<RunSummary> {
     bar.set_style(
         ProgressStyle::with_template(&format!(
             "[fleet {n} {}] {{msg}} {{elapsed}}",
-            match a.broker {
-                BrokerKind::Embedded => "embedded",
-                BrokerKind::Mosquitto => "mosquitto",
-            }
+            a.broker.label()
         ))
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
@@ -978,11 +1077,12 @@ async fn run_one(a: &FleetArgs, n: usize, dir: &Path) -> Result<RunSummary> {
         out: out.clone(),
         rounds: a.rounds,
         broker: BrokerEndpoint {
-            host: addr.ip().to_string(),
-            port: addr.port(),
+            host: nodes[0].0.clone(),
+            port: nodes[0].1,
+            cluster: nodes[1..].iter().map(|(h, p)| format!("{h}:{p}")).collect(),
             password: Some(fleet.coordinator_password.clone()),
             connect_timeout_s: 60,
-            ca_cert: None,
+            ..Default::default()
         },
         data: coevo_coordinator::config::DataConfig {
             path: dir.join("data"),
@@ -1009,7 +1109,14 @@ async fn run_one(a: &FleetArgs, n: usize, dir: &Path) -> Result<RunSummary> {
         cmd.env("RUST_LOG", "warn");
     }
     let mut coordinator = Proc::spawn("coordinator", cmd, dir.join("coordinator.log"))?;
-    let mut rss = RssMonitor::start(&[coordinator.pid(), broker.pid()]);
+    let broker_pids = broker.pids();
+    let mut rss = RssMonitor::start(
+        &std::iter::once(coordinator.pid())
+            .chain(broker_pids.iter().copied())
+            .collect::<Vec<_>>(),
+    );
+    let mut broker = broker;
+    let mut node_killed_ms = None;
 
     // Until every round's report is written (or the coordinator exits).
     let mut report_ms: Vec<Option<u64>> = vec![None; a.rounds as usize];
@@ -1030,6 +1137,21 @@ async fn run_one(a: &FleetArgs, n: usize, dir: &Path) -> Result<RunSummary> {
         ));
         if report_ms.iter().all(Option::is_some) {
             break;
+        }
+        if let (Some(at), BrokerTier::Cluster(c), None) =
+            (a.kill_node_at, &mut broker, node_killed_ms)
+        {
+            if ctx.receipts.load(Ordering::Relaxed) as f64 >= at * n as f64 {
+                c.kill(0)?;
+                let first = ctx.first_manifest_ms[0].load(Ordering::Relaxed);
+                let ms = (t0.elapsed().as_millis() as u64).saturating_sub(first);
+                node_killed_ms = Some(ms);
+                bar.println(format!(
+                    "killed NATS node 1 at {:.1} s, {} receipts",
+                    ms as f64 / 1e3,
+                    ctx.receipts.load(Ordering::Relaxed)
+                ));
+            }
         }
         if let Some(status) = coordinator.child.try_wait()? {
             if !report_ms.iter().all(Option::is_some) {
@@ -1062,7 +1184,8 @@ async fn run_one(a: &FleetArgs, n: usize, dir: &Path) -> Result<RunSummary> {
     bar.finish_and_clear();
     rss.stop();
     let coordinator_peak_rss_mb = rss.peak_mb(coordinator.pid());
-    let broker_peak_rss_mb = rss.peak_mb(broker.pid());
+    let broker_node_peak_rss_mb: Vec<f64> = broker_pids.iter().map(|&p| rss.peak_mb(p)).collect();
+    let broker_peak_rss_mb = broker_node_peak_rss_mb.iter().sum();
     drop(broker);
     drop(coordinator);
     if let Some(e) = results.iter().find_map(|r| r.error.as_ref()) {
@@ -1155,6 +1278,13 @@ async fn run_one(a: &FleetArgs, n: usize, dir: &Path) -> Result<RunSummary> {
         resends_max: results.iter().map(|r| r.resends).max().unwrap_or(0),
         coordinator_peak_rss_mb,
         broker_peak_rss_mb,
+        broker_node_peak_rss_mb: if matches!(a.broker, BrokerKind::NatsCluster) {
+            broker_node_peak_rss_mb
+        } else {
+            Vec::new()
+        },
+        node_killed_ms,
+        connect_rate: a.connect_rate,
         bench_peak_rss_mb: proc_status_kb("self", "VmHWM").unwrap_or(0) as f64 / 1024.0,
         outcomes: reports
             .iter()
@@ -1237,6 +1367,7 @@ pub fn chart_svg(runs: &[RunSummary]) -> Result<String> {
                         runs.first().map_or("", |r| match r.broker {
                             BrokerKind::Embedded => "embedded broker",
                             BrokerKind::Mosquitto => "Mosquitto",
+                            BrokerKind::NatsCluster => "3-node NATS cluster",
                         }),
                         runs.first().map_or(0, |r| r.params)
                     ),

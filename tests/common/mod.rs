@@ -112,7 +112,7 @@ pub fn coordinator_config(
             port: addr.port(),
             password: Some(fleet.coordinator_password.clone()),
             connect_timeout_s: 30,
-            ca_cert: None,
+            ..Default::default()
         },
         round: RoundPolicy {
             quorum: 1,

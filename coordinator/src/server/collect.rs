@@ -816,6 +816,10 @@ impl Coordinator {
             outcome,
         };
         let signed = Signed::sign(Kind::Receipt, &r, &self.cfg.client_id, &self.key);
+        // Retained (the client's latest receipt): a camera that was reconnecting when its
+        // receipt went out — its broker node died, its link dropped — gets it on resubscribing,
+        // even after the round closed and nobody would answer a re-send. Cameras match a
+        // receipt to their upload by (round, payload digest), so an older one is ignored.
         session
             .publish(
                 Topic::Receipt {
@@ -823,7 +827,7 @@ impl Coordinator {
                 }
                 .path(&self.cfg.fleet),
                 envelope::encode(Kind::Receipt, &signed),
-                false,
+                true,
             )
             .await?;
         Ok(())
