@@ -83,7 +83,13 @@ fn check_with(s: &serde_json::Value, broker: &str, one_connect: bool) {
 #[test]
 fn twenty_clients_nats_cluster_with_a_node_killed_mid_round() {
     let dir = tempfile::tempdir().unwrap();
-    let s = run_bench(dir.path(), "nats-cluster", &["--kill-node-at", "0.3"]);
+    // Uploads spread over 6 s as training times spread them: the kill lands mid-round, with
+    // two thirds of the fleet still to upload through the surviving nodes.
+    let s = run_bench(
+        dir.path(),
+        "nats-cluster",
+        &["--kill-node-at", "0.3", "--train-spread-s", "6"],
+    );
     check_with(&s, "nats-cluster", false);
     assert!(s["node_killed_ms"].is_u64(), "node 1 was killed: {s}");
     let nodes = s["broker_node_peak_rss_mb"]

@@ -272,8 +272,8 @@ pub fn parse_node(s: &str) -> Result<(String, u16), String> {
 
 /// Subscribes to `filters` after `delay`, from its own task: the polling task must not await
 /// the request channel (it is the one draining it), and a `try_subscribe` from it fails when the
-/// channel is full — an owner publishing hard (the coordinator's receipts) would then come back
-/// from a reconnect without its subscriptions.
+/// channel is full — an owner publishing hard (the coordinator's receipts) would otherwise come
+/// back from a reconnect without its subscriptions.
 fn resubscribe(client: AsyncClient, filters: Vec<String>, qos: QoS, delay: Duration) {
     tokio::spawn(async move {
         if !delay.is_zero() {
@@ -345,7 +345,9 @@ fn broker_busy(e: &rumqttc::ConnectionError) -> bool {
 #[derive(Debug)]
 pub enum Incoming {
     /// A (re)connection was acknowledged; subscriptions have been re-sent. Owners republish
-    /// what the broker may have lost (e.g. retained state after a broker restart).
+    /// what the broker may have lost (e.g. retained state after a broker restart). Without
+    /// `session_present` the publishes not yet acknowledged before the drop are gone too
+    /// (rumqttc discards them for a new session): republish those as well.
     Connected {
         session_present: bool,
     },
@@ -424,7 +426,28 @@ impl Session {
                         acked = true;
                         refusals = 0;
                         let list = poll_filters.lock().map(|f| f.clone()).unwrap_or_default();
-                        resubscribe(poll_client.clone(), list, sub_qos, Duration::ZERO);
+                        // Queued here, before the owner hears of the connection, so they go
+                        // out ahead of anything it publishes in reply (the coordinator opens
+                        // a round on Connected: its deltas filter must be live first).
+                        let mut unsent = Vec::new();
+                        for f in list {
+                            if poll_client.try_subscribe(f.clone(), sub_qos).is_err() {
+                                unsent.push(f);
+                            }
+                        }
+                        if !unsent.is_empty() {
+                            tracing::warn!(client = %id, filters = unsent.len(), "request queue full: subscribing from a task");
+                            resubscribe(poll_client.clone(), unsent, sub_qos, Duration::ZERO);
+                        }
+                        if !ack.session_present {
+                            // rumqttc drops its unacknowledged publishes when the broker has
+                            // no session for us: they will never be acknowledged, so stop
+                            // waiting for them (the owner republishes on Connected).
+                            let dropped = poll_unacked.swap(0, Ordering::SeqCst);
+                            if dropped > 0 && !poll_settings.clean_session {
+                                tracing::warn!(client = %id, dropped, "the broker kept no session for us: unacknowledged publishes dropped (republished by the owner)");
+                            }
+                        }
                         tracing::debug!(client = %id, "connected");
                         if tx
                             .send(Incoming::Connected {
@@ -457,7 +480,11 @@ impl Session {
                         }
                     }
                     Ok(Event::Incoming(Packet::PubAck(_))) => {
-                        poll_unacked.fetch_sub(1, Ordering::SeqCst);
+                        // Never below zero: a publish queued across a new session's reset.
+                        let _ =
+                            poll_unacked.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
+                                Some((v - 1).max(0))
+                            });
                     }
                     Ok(Event::Incoming(Packet::SubAck(ack)))
                         if ack

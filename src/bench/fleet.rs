@@ -138,6 +138,11 @@ pub struct FleetArgs {
     /// it sustains; `connect_s` then includes the ramp.
     #[arg(long, default_value_t = 0)]
     pub connect_rate: u64,
+    /// Simulated local training: each client uploads after a wait spread evenly over
+    /// [0, S) seconds once it has the model (0: all upload at once, the worst case). Real
+    /// cameras finish training over minutes, which spreads the uplink the broker must store.
+    #[arg(long, default_value_t = 0.0)]
+    pub train_spread_s: f64,
     /// Output directory: DIR/n-N/{fleet,data,coordinator,…} per fleet size, DIR/summary.json,
     /// DIR/fleet.svg.
     #[arg(long)]
@@ -204,6 +209,8 @@ pub struct RunSummary {
     pub node_killed_ms: Option<u64>,
     /// `--connect-rate` (0: all clients at once).
     pub connect_rate: u64,
+    /// `--train-spread-s` (0: every client uploads as soon as it has the model).
+    pub train_spread_s: f64,
     /// This process (the whole synthetic fleet), MB.
     pub bench_peak_rss_mb: f64,
     /// Per round: the report's outcome.
@@ -609,6 +616,8 @@ fn start_broker(
 struct FleetCtx {
     /// Clients started per second (0: all at once).
     connect_rate: u64,
+    /// Uploads spread over this long after the model arrives (`--train-spread-s`).
+    train_spread: Duration,
     /// The broker's MQTT listeners (one, or a cluster's nodes).
     nodes: Vec<(String, u16)>,
     coordinator_id: String,
@@ -906,6 +915,11 @@ async fn rounds(ctx: &FleetCtx, i: usize, c: &mut Client) -> Result<()> {
             c.r.receipts.push(None);
             continue;
         }
+        if !ctx.train_spread.is_zero() {
+            // Client i of n waits (i·φ mod 1)·S: evenly spread, not in id order.
+            let frac = (i as f64 * 0.618_033_988_749_895).fract();
+            tokio::time::sleep(ctx.train_spread.mul_f64(frac)).await;
+        }
         let payload = &ctx.payloads[i % ctx.payloads.len()];
         let upload = coevo_edge::agent::signed_upload(
             FLEET,
@@ -1018,8 +1032,12 @@ async fn run_one(a: &FleetArgs, n: usize, dir: &Path) -> Result<RunSummary> {
     // The fleet connects first (the storm), then the coordinator opens the round.
     let t0 = Instant::now();
     let nodes = broker.nodes(addr);
+    if !(a.train_spread_s >= 0.0 && a.train_spread_s.is_finite()) {
+        bail!("--train-spread-s must be a number of seconds ≥ 0");
+    }
     let ctx = Arc::new(FleetCtx {
         connect_rate: a.connect_rate,
+        train_spread: Duration::from_secs_f64(a.train_spread_s),
         nodes: nodes.clone(),
         coordinator_id: fleet.coordinator_id.clone(),
         coordinator_key: fleet.coordinator_key.public_key(),
@@ -1285,6 +1303,7 @@ async fn run_one(a: &FleetArgs, n: usize, dir: &Path) -> Result<RunSummary> {
         },
         node_killed_ms,
         connect_rate: a.connect_rate,
+        train_spread_s: a.train_spread_s,
         bench_peak_rss_mb: proc_status_kb("self", "VmHWM").unwrap_or(0) as f64 / 1024.0,
         outcomes: reports
             .iter()

@@ -211,9 +211,33 @@ impl Coordinator {
                 Wake::Mqtt(None) => {
                     return Err(CoordinatorError::Broker("MQTT session ended".into()))
                 }
-                Wake::Mqtt(Some(Incoming::Connected { .. })) => {
+                Wake::Mqtt(Some(Incoming::Connected { session_present })) => {
                     // The broker may have restarted and lost our retained messages.
                     published.republish(session, &cfg.fleet).await?;
+                    if !session_present {
+                        // A new session (a broker that kept nothing, a cluster node that could
+                        // not load ours): the client library dropped our unacknowledged
+                        // publishes — receipts among them — and the broker may have lost the
+                        // retained ones. Send this round's accepted receipts again, or a camera
+                        // whose receipt was in flight never hears of it once the round closes.
+                        for (client, meta) in &book.accepted {
+                            self.receipt(
+                                session,
+                                client,
+                                round,
+                                meta.header.payload_digest,
+                                ReceiptOutcome::Accepted,
+                            )
+                            .await?;
+                        }
+                        if !book.accepted.is_empty() {
+                            tracing::info!(
+                                round,
+                                receipts = book.accepted.len(),
+                                "new broker session: receipts of this round sent again"
+                            );
+                        }
+                    }
                 }
                 Wake::Mqtt(Some(Incoming::Disconnected(e))) => {
                     tracing::warn!(error = %e, "broker connection lost; reconnecting")
