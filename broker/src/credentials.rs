@@ -136,24 +136,16 @@ impl Credentials {
     /// Mosquitto hash, like [`Self::set_password`]. Refuses secrets shorter than
     /// [`MIN_DEVICE_SECRET_LEN`]: use [`Self::set_password`] for anything a human picked.
     pub fn set_device_secret(&mut self, client_id: &str, secret: &str) -> Result<(), BrokerError> {
-        if client_id.is_empty() {
-            return Err(BrokerError::Credentials(
-                "client id must not be empty".into(),
-            ));
-        }
-        if secret.chars().count() < MIN_DEVICE_SECRET_LEN {
-            return Err(BrokerError::Credentials(format!(
-                "client {client_id:?}: a device secret needs at least {MIN_DEVICE_SECRET_LEN} \
-                 characters (≥ 128 bits); hash a chosen password with set_password instead"
-            )));
-        }
-        let hash = hash_device_secret(secret)?;
-        self.clients.insert(client_id.to_owned(), hash);
-        self.mosquitto
-            .insert(client_id.to_owned(), mosquitto_hash(secret)?);
-        self.nats
-            .insert(client_id.to_owned(), nats_hash(secret, NATS_DEVICE_COST)?);
+        let hashes = DeviceHashes::new(client_id, secret)?;
+        self.insert_device(hashes);
         Ok(())
+    }
+
+    /// Stores hashes made by [`DeviceHashes::new`] (which bulk imports compute on all cores).
+    pub fn insert_device(&mut self, h: DeviceHashes) {
+        self.clients.insert(h.client_id.clone(), h.hmac);
+        self.mosquitto.insert(h.client_id.clone(), h.mosquitto);
+        self.nats.insert(h.client_id, h.nats);
     }
 
     /// Removes a client; returns whether it was present.
@@ -211,6 +203,41 @@ pub fn hash_password(password: &str) -> Result<String, BrokerError> {
         .hash_password(password.as_bytes(), &salt)
         .map(|h| h.to_string())
         .map_err(|e| BrokerError::Credentials(format!("cannot hash password: {e}")))
+}
+
+/// Every stored form of one device's generated secret (HMAC for the embedded broker, `$7$` for
+/// Mosquitto, bcrypt for NATS), computed apart from the credential file so a bulk import can
+/// hash many devices in parallel (bcrypt is most of the ~1 ms per device).
+#[derive(Clone, Debug)]
+pub struct DeviceHashes {
+    client_id: String,
+    hmac: String,
+    mosquitto: String,
+    nats: String,
+}
+
+impl DeviceHashes {
+    /// Refuses an empty id and secrets shorter than [`MIN_DEVICE_SECRET_LEN`] (use
+    /// [`Credentials::set_password`] for anything a human picked).
+    pub fn new(client_id: &str, secret: &str) -> Result<Self, BrokerError> {
+        if client_id.is_empty() {
+            return Err(BrokerError::Credentials(
+                "client id must not be empty".into(),
+            ));
+        }
+        if secret.chars().count() < MIN_DEVICE_SECRET_LEN {
+            return Err(BrokerError::Credentials(format!(
+                "client {client_id:?}: a device secret needs at least {MIN_DEVICE_SECRET_LEN} \
+                 characters (≥ 128 bits); hash a chosen password with set_password instead"
+            )));
+        }
+        Ok(DeviceHashes {
+            client_id: client_id.to_owned(),
+            hmac: hash_device_secret(secret)?,
+            mosquitto: mosquitto_hash(secret)?,
+            nats: nats_hash(secret, NATS_DEVICE_COST)?,
+        })
+    }
 }
 
 /// Hashes a generated device secret: `$coevo-hmac-sha256$v=1$<salt>$<tag>` with a fresh

@@ -50,7 +50,7 @@ use argon2::password_hash::rand_core::{OsRng, RngCore};
 
 pub use acl::{Acl, AclConfig};
 pub use config::{BrokerConfig, MetricsConfig, TlsConfig};
-pub use credentials::{generate_password, hash_password, Credentials};
+pub use credentials::{generate_password, hash_password, Credentials, DeviceHashes};
 
 /// Everything that can go wrong configuring or starting the broker.
 #[derive(Debug, thiserror::Error)]

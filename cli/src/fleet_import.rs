@@ -163,6 +163,43 @@ fn load_or_default<T: Default>(path: &Path, load: impl FnOnce(&Path) -> Result<T
     }
 }
 
+/// One device made ready off the main thread: its public key, and its new secret's hashes
+/// (the secret itself is already in its 0600 file).
+struct Prepared {
+    id: String,
+    key: PublicKey,
+    /// The key pair was generated here (not given or found in `keys_dir`).
+    generated: bool,
+    hashes: coevo_broker::DeviceHashes,
+}
+
+fn prepare(d: &Device, o: &ImportOptions) -> Result<Prepared> {
+    let (key, generated) = match &d.public_key {
+        Some(k) => (*k, false),
+        None => {
+            let pk8 = o.keys_dir.join(format!("{}.pk8", d.id));
+            let public = pk8.with_extension("pub");
+            if public.exists() {
+                let k = crate::provision::read_public(&public.to_string_lossy())
+                    .with_context(|| format!("line {}", d.line))?;
+                (k, false)
+            } else {
+                (write_key_pair(&pk8)?.public_key(), true)
+            }
+        }
+    };
+    let secret = coevo_broker::generate_password();
+    let hashes = coevo_broker::DeviceHashes::new(&d.id, &secret)
+        .with_context(|| format!("line {}", d.line))?;
+    write_private(&o.passwords_dir.join(&d.id), secret.as_bytes())?;
+    Ok(Prepared {
+        id: d.id.clone(),
+        key,
+        generated,
+        hashes,
+    })
+}
+
 /// Adds `devices` to the registry and credential file (see the module doc). Refuses, before
 /// writing anything, ids that are already registered.
 pub fn import(devices: &[Device], o: &ImportOptions) -> Result<ImportSummary> {
@@ -185,30 +222,34 @@ pub fn import(devices: &[Device], o: &ImportOptions) -> Result<ImportSummary> {
     std::fs::create_dir_all(&o.passwords_dir)
         .with_context(|| format!("creating {}", o.passwords_dir.display()))?;
     let mut summary = ImportSummary::default();
-    for d in devices {
-        let key = match &d.public_key {
-            Some(k) => {
+    // Keys, secrets and their hashes per device on every core (bcrypt, Ed25519 key generation
+    // and the files dominate); registry and credential file are then filled in input order.
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let chunk = devices.len().div_ceil(threads).max(1);
+    let prepared: Vec<Result<Vec<Prepared>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = devices
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || part.iter().map(|d| prepare(d, o)).collect()))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a provisioning thread panicked")))
+            })
+            .collect()
+    });
+    for part in prepared {
+        for p in part? {
+            if p.generated {
+                summary.keys_generated += 1;
+            } else {
                 summary.keys_given += 1;
-                *k
             }
-            None => {
-                let pk8 = o.keys_dir.join(format!("{}.pk8", d.id));
-                let public = pk8.with_extension("pub");
-                if public.exists() {
-                    summary.keys_given += 1;
-                    crate::provision::read_public(&public.to_string_lossy())
-                        .with_context(|| format!("line {}", d.line))?
-                } else {
-                    summary.keys_generated += 1;
-                    write_key_pair(&pk8)?.public_key()
-                }
-            }
-        };
-        registry.add(&d.id, &key)?;
-        let secret = coevo_broker::generate_password();
-        creds.set_device_secret(&d.id, &secret)?;
-        write_private(&o.passwords_dir.join(&d.id), secret.as_bytes())?;
-        summary.added += 1;
+            registry.add(&p.id, &p.key)?;
+            creds.insert_device(p.hashes);
+            summary.added += 1;
+        }
     }
     creds.save(&o.credentials)?;
     registry.save(&o.registry)?;
