@@ -385,7 +385,8 @@ pub struct Session {
 
 impl Session {
     /// Starts connecting in the background and returns at once; [`Incoming::Connected`] tells
-    /// when the broker answered. `filters` are subscribed (QoS 1) on every connection.
+    /// when the broker answered. `filters` are subscribed (QoS 1, or 0 with
+    /// [`Settings::qos0_subscriptions`]) on every connection, on whichever cluster node.
     pub fn start(settings: &Settings, filters: Vec<String>) -> Session {
         let nodes = settings.nodes();
         let opts = options(settings, &nodes[0].0, nodes[0].1);
