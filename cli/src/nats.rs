@@ -196,6 +196,13 @@ pub fn users_conf(e: &Export<'_>) -> Result<String> {
          # subscribed to directly.\nauthorization {{\n  users: [",
         e.fleet
     );
+    let quote = |subjects: Vec<String>| -> String {
+        subjects
+            .iter()
+            .map(|s| format!("\"{s}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let ids =
         std::iter::once(e.coordinator_id).chain(e.registry.clients.keys().map(String::as_str));
     for id in ids {
@@ -211,13 +218,6 @@ pub fn users_conf(e: &Export<'_>) -> Result<String> {
                  set its password again with `coevo fleet password {id}` (credential files \
                  written before NATS export existed have none)"
             );
-        };
-        let quote = |subjects: Vec<String>| -> String {
-            subjects
-                .iter()
-                .map(|s| format!("\"{s}\""))
-                .collect::<Vec<_>>()
-                .join(", ")
         };
         let mut publish = Vec::new();
         for f in rules.write_filters(id) {

@@ -160,13 +160,8 @@ impl Default for BrokerEndpoint {
 impl BrokerEndpoint {
     /// The other cluster nodes, parsed.
     pub fn cluster_nodes(&self) -> Result<Vec<(String, u16)>, CoordinatorError> {
-        self.cluster
-            .iter()
-            .map(|n| {
-                coevo_mqtt::parse_node(n)
-                    .map_err(|e| CoordinatorError::Config(format!("broker.cluster: {e}")))
-            })
-            .collect()
+        coevo_mqtt::parse_nodes(&self.cluster)
+            .map_err(|e| CoordinatorError::Config(format!("broker.cluster: {e}")))
     }
 }
 

@@ -164,12 +164,10 @@ impl Broker {
     /// Every node, `host:port` first, parsed.
     pub fn nodes(&self) -> Result<Vec<(String, u16)>, EdgeError> {
         let mut all = vec![(self.host.clone(), self.port)];
-        for n in &self.cluster {
-            all.push(
-                coevo_mqtt::parse_node(n)
-                    .map_err(|e| EdgeError::Config(format!("broker.cluster: {e}")))?,
-            );
-        }
+        all.extend(
+            coevo_mqtt::parse_nodes(&self.cluster)
+                .map_err(|e| EdgeError::Config(format!("broker.cluster: {e}")))?,
+        );
         Ok(all)
     }
 }

@@ -288,6 +288,11 @@ fn resubscribe(client: AsyncClient, filters: Vec<String>, qos: QoS, delay: Durat
     });
 }
 
+/// Parses a config's list of cluster nodes (`["host:port", …]`), naming the bad entry.
+pub fn parse_nodes(list: &[String]) -> Result<Vec<(String, u16)>, String> {
+    list.iter().map(|n| parse_node(n)).collect()
+}
+
 /// rumqttc options for one node of `settings`.
 fn options(settings: &Settings, host: &str, port: u16) -> MqttOptions {
     let mut opts = MqttOptions::new(&settings.client_id, host, port);

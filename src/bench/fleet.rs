@@ -1019,7 +1019,7 @@ async fn run_one(a: &FleetArgs, n: usize, dir: &Path) -> Result<RunSummary> {
     let addr = coevo_broker::free_local_addr()?;
     let payloads = delta_pool(&layout, a.uplink)?;
     let round_uplink = payloads.iter().map(Vec::len).max().unwrap_or(0) * n;
-    let broker = start_broker(
+    let mut broker = start_broker(
         a.broker,
         &fleet,
         dir,
@@ -1133,7 +1133,6 @@ async fn run_one(a: &FleetArgs, n: usize, dir: &Path) -> Result<RunSummary> {
             .chain(broker_pids.iter().copied())
             .collect::<Vec<_>>(),
     );
-    let mut broker = broker;
     let mut node_killed_ms = None;
 
     // Until every round's report is written (or the coordinator exits).
